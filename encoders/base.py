@@ -1,0 +1,131 @@
+"""Contracts shared by every modality: the encoder module, its output, and its data side.
+
+An encoder file registers two things under the same modality:
+
+* ``@encoders.register("image/vit")`` — an :class:`Encoder` (``nn.Module``) turning collated fields
+  into an :class:`EncoderOutput`;
+* ``@modalities.register("image")`` — a :class:`ModalityData` that knows the shard extensions of the
+  modality, decodes a member, applies the train/eval transform and collates a list of samples into
+  tensor fields. It is built from the same keyword arguments as the encoder (``from_encoder_config``),
+  so a recipe states ``image_size`` once.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, ClassVar, Protocol
+
+import torch
+from torch import Tensor, nn
+
+
+@dataclass
+class EncoderOutput:
+    """What an encoder returns.
+
+    tokens: (B, T, D) per-token features; mask: (B, T) bool, True where a token is real (None: all
+    real); pooled: (B, D) one vector per sample. ``embedding`` is filled by the model's projection
+    head (L2-normalised, shared embedding size) and ``extras`` carries modality-specific tensors
+    such as reconstruction targets.
+    """
+
+    tokens: Tensor
+    mask: Tensor | None
+    pooled: Tensor
+    embedding: Tensor | None = None
+    extras: dict[str, Tensor] = field(default_factory=dict)
+
+
+@dataclass
+class StemOutput:
+    """Output of a continuous modality's stem: tokens before the trunk.
+
+    positions: (B, T) long index of each token in the full grid (so masked modelling can drop
+    tokens and keep positions); targets: (B, T, P) per-token reconstruction targets (or None);
+    prefix: number of leading tokens that are not patches (CLS/register tokens).
+    """
+
+    tokens: Tensor
+    positions: Tensor
+    targets: Tensor | None = None
+    prefix: int = 0
+
+
+class Encoder(nn.Module):
+    """Base class of every modality encoder."""
+
+    modality: ClassVar[str] = ""
+    width: int
+
+    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:  # pragma: no cover - abstract
+        raise NotImplementedError
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Trade compute for memory in the trunk."""
+        self.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names (relative to this module) excluded from weight decay besides norms and biases."""
+        return set()
+
+
+class Tokenizer(Protocol):
+    """Contract of every token modality's tokenizer."""
+
+    vocab_size: int
+    pad_id: int
+    mask_id: int
+    bos_id: int | None
+    eos_id: int | None
+    context_length: int
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Return ids (B, L) long and mask (B, L) bool (True on real tokens)."""
+        ...
+
+
+class ModalityData:
+    """Data side of a modality: extensions, decode, transform and collate.
+
+    ``decode`` and ``transform`` run per sample in DataLoader workers; ``collate`` runs once per
+    batch and should do the heavy lifting as batch tensor ops. ``collate`` receives ``None`` for
+    samples lacking the modality and must produce rows for them anyway (the batch's presence mask
+    says which rows are real).
+    """
+
+    modality: ClassVar[str] = ""
+    extensions: ClassVar[tuple[str, ...]] = ()
+
+    @classmethod
+    def from_encoder_config(cls, **cfg: Any) -> ModalityData:
+        """Build from an encoder's keyword arguments, taking only the keys this class needs."""
+        import inspect
+
+        accepted = inspect.signature(cls.__init__).parameters
+        return cls(**{k: v for k, v in cfg.items() if k in accepted})
+
+    def decode(self, data: bytes, ext: str) -> Any:
+        raise NotImplementedError
+
+    def transform(self, value: Any, train: bool) -> Any:
+        return value
+
+    def collate(self, values: list[Any]) -> dict[str, Tensor]:
+        raise NotImplementedError
+
+    def prepare(self, raw: list[Any], train: bool = False) -> dict[str, Tensor]:
+        """Turn raw user inputs (PIL images, strings, arrays, tensors) into collated fields."""
+        return self.collate([self.transform(self.coerce(x), train) for x in raw])
+
+    def coerce(self, value: Any) -> Any:
+        """Convert one raw user input into what ``transform`` takes (default: unchanged)."""
+        return value
+
+
+def stack_present(values: list[Tensor | None], like: Tensor | None = None) -> Tensor:
+    """Stack per-sample tensors, filling absent samples (None) with zeros of the same shape."""
+    ref = like if like is not None else next((v for v in values if v is not None), None)
+    if ref is None:
+        raise ValueError("stack_present: every sample lacks this modality; nothing to infer a shape from")
+    zero = torch.zeros_like(ref)
+    return torch.stack([zero if v is None else v for v in values])

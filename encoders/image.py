@@ -1,0 +1,236 @@
+"""Image modality: a from-scratch ViT (``image/vit``), any timm model (``image/timm``), and the data
+side (decode JPEG/PNG/WebP, crop, uint8 tensors; normalisation happens on the batch in the model).
+"""
+
+from __future__ import annotations
+
+import io
+import math
+import random
+import warnings
+from typing import Any
+
+import numpy as np
+import torch
+from torch import Tensor, nn
+
+from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData, StemOutput, stack_present
+from mmpt.layers import Transformer, masked_mean
+from mmpt.registry import encoders, modalities
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+class DecompressionBomb(ValueError):
+    """An image whose pixel count exceeds the configured limit."""
+
+
+class PixelNorm(nn.Module):
+    """uint8 (B, 3, H, W) -> normalised float in the dtype of the first parameter downstream."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("scale", 1.0 / (255.0 * torch.tensor(std)).view(1, -1, 1, 1), persistent=False)
+        self.register_buffer("shift", (torch.tensor(mean) / torch.tensor(std)).view(1, -1, 1, 1), persistent=False)
+
+    def forward(self, pixels: Tensor, dtype: torch.dtype) -> Tensor:
+        if pixels.dtype == torch.uint8:
+            x = pixels.float() * self.scale - self.shift
+        else:  # already float in [0, 1]
+            x = pixels.float() * (self.scale * 255.0) - self.shift
+        return x.to(dtype)
+
+
+class ConvStem(nn.Module):
+    """Stride-2 3x3 convolutions down to the patch grid (Xiao et al. 2021: early convolutions help
+    small ViTs learn shape), then a 1x1 projection to the width. GroupNorm, not BatchNorm, so a
+    sample's features never depend on the rest of its batch (GradCache re-forwards chunks)."""
+
+    def __init__(self, patch_size: int, width: int, in_chans: int = 3):
+        super().__init__()
+        n = int(math.log2(patch_size))
+        if 2**n != patch_size:
+            raise ValueError(f"stem='conv' needs a power-of-two patch_size, got {patch_size}")
+        layers: list[nn.Module] = []
+        c = in_chans
+        for i in range(n):
+            out = max(width // 2 ** (n - 1 - i), 16)
+            layers += [nn.Conv2d(c, out, 3, 2, 1), nn.GroupNorm(1, out), nn.GELU()]
+            c = out
+        layers.append(nn.Conv2d(c, width, 1))
+        self.net = nn.Sequential(*layers)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.net(x)
+
+
+@encoders.register("image/vit")
+class VisionTransformer(Encoder):
+    """ViT from scratch: patch (or conv) stem -> pre-norm transformer with SDPA -> CLS or mean pool.
+
+    Args:
+        image_size: input side in pixels. patch_size: patch side. width/depth/heads/mlp_ratio: trunk.
+        stem: 'patch' (one strided conv, as in ViT/CLIP) or 'conv' (3x3 stride-2 stack).
+        pool: 'cls' or 'mean'. mean/std: normalisation applied to uint8 input on the batch.
+    """
+
+    modality = "image"
+
+    def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 768, depth: int = 12,
+                 heads: int = 12, mlp_ratio: float = 4.0, stem: str = "patch", pool: str = "cls",
+                 mean: list = OPENAI_MEAN, std: list = OPENAI_STD, in_chans: int = 3,
+                 train_crop_scale: list = (0.9, 1.0)):
+        super().__init__()
+        if image_size % patch_size:
+            raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
+        if pool not in ("cls", "mean"):
+            raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
+        self.width, self.patch_size, self.pool = width, patch_size, pool
+        self.grid = image_size // patch_size
+        self.norm_in = PixelNorm(tuple(mean), tuple(std))
+        if stem == "patch":
+            self.patch_embed: nn.Module = nn.Conv2d(in_chans, width, patch_size, patch_size)
+        elif stem == "conv":
+            self.patch_embed = ConvStem(patch_size, width, in_chans)
+        else:
+            raise ValueError(f"stem must be 'patch' or 'conv', got {stem!r}")
+        self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
+        self.pos_embed = nn.Parameter(torch.randn(1, self.grid**2 + 1, width) * 0.02)
+        self.norm_pre = nn.LayerNorm(width)
+        self.trunk = Transformer(width, depth, heads, mlp_ratio)
+        self.norm = nn.LayerNorm(width)
+
+    def patchify(self, pixels: Tensor) -> Tensor:
+        """Normalised pixels (B, 3, H, W) -> (B, N, p*p*3), the MAE reconstruction target."""
+        b, c, _, _ = pixels.shape
+        p, g = self.patch_size, self.grid
+        x = pixels.reshape(b, c, g, p, g, p)
+        return x.permute(0, 2, 4, 3, 5, 1).reshape(b, g * g, p * p * c)
+
+    def stem(self, inputs: dict[str, Tensor], with_targets: bool = False) -> StemOutput:
+        """Pixels -> CLS + patch tokens with positions (patch tokens at positions 1..N)."""
+        x = self.norm_in(inputs["pixels"], self.pos_embed.dtype)
+        targets = self.patchify(x) if with_targets else None
+        tokens = self.patch_embed(x).flatten(2).transpose(1, 2)
+        b = tokens.shape[0]
+        tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], 1) + self.pos_embed
+        positions = torch.arange(tokens.shape[1], device=tokens.device).expand(b, -1)
+        return StemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1)
+
+    def forward_trunk(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Tokens -> normalised tokens."""
+        return self.norm(self.trunk(self.norm_pre(tokens), mask))
+
+    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:
+        s = self.stem(inputs)
+        tokens = self.forward_trunk(s.tokens)
+        pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens[:, 1:], None)
+        return EncoderOutput(tokens=tokens, mask=None, pooled=pooled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"cls_token", "pos_embed"}
+
+
+@encoders.register("image/timm")
+class TimmImageEncoder(Encoder):
+    """Any timm model as the image tower; tokens from ``forward_features``, pooled from ``forward_head``.
+
+    Args: model_name: a timm name (e.g. 'vit_tiny_patch16_224', 'resnet18'); pretrained: load hub
+    weights (needs network) or ``checkpoint_path`` for a local file; image_size; model_kwargs: extra
+    arguments to ``timm.create_model``.
+    """
+
+    modality = "image"
+
+    def __init__(self, model_name: str = "vit_tiny_patch16_224", pretrained: bool = False, image_size: int = 224,
+                 checkpoint_path: str = "", mean: list = OPENAI_MEAN, std: list = OPENAI_STD,
+                 model_kwargs: dict | None = None, train_crop_scale: list = (0.9, 1.0)):
+        super().__init__()
+        import timm
+
+        kwargs = dict(model_kwargs or {})
+        if "vit" in model_name or "deit" in model_name or "eva" in model_name:
+            kwargs.setdefault("img_size", image_size)
+        self.trunk = timm.create_model(model_name, pretrained=pretrained, num_classes=0,
+                                       checkpoint_path=checkpoint_path or "", **kwargs)
+        self.width = self.trunk.num_features
+        self.norm_in = PixelNorm(tuple(mean), tuple(std))
+        self.prefix = getattr(self.trunk, "num_prefix_tokens", 0)
+
+    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:
+        x = self.norm_in(inputs["pixels"], next(self.trunk.parameters()).dtype)
+        feats = self.trunk.forward_features(x)
+        pooled = self.trunk.forward_head(feats, pre_logits=True)
+        tokens = feats.flatten(2).transpose(1, 2) if feats.ndim == 4 else feats
+        return EncoderOutput(tokens=tokens, mask=None, pooled=pooled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.set_grad_checkpointing(enable)
+
+    def no_weight_decay(self) -> set[str]:
+        fn = getattr(self.trunk, "no_weight_decay", None)
+        return {f"trunk.{n}" for n in fn()} if fn else set()
+
+
+@modalities.register("image")
+class ImageData(ModalityData):
+    """Decode image members to uint8 (3, S, S) tensors: random-resized crop for training (OpenCLIP's
+    scale 0.9-1.0, no flip: captions may say left/right), shortest-side resize + centre crop for eval.
+    """
+
+    modality = "image"
+    extensions = ("jpg", "jpeg", "png", "webp")
+
+    def __init__(self, image_size: int = 224, train_crop_scale: list = (0.9, 1.0), max_image_pixels: int = 64_000_000):
+        self.size = image_size
+        self.crop_scale = tuple(train_crop_scale)
+        self.max_pixels = max_image_pixels
+
+    def decode(self, data: bytes, ext: str) -> Any:
+        """Bytes -> RGB PIL image; rejects images above ``max_image_pixels`` before decoding pixels."""
+        from PIL import Image
+
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data))
+            w, h = img.size
+            if w * h > self.max_pixels:
+                raise DecompressionBomb(f"{w}x{h} image exceeds max_image_pixels={self.max_pixels}")
+            img.draft("RGB", (self.size, self.size))  # JPEG: decode at reduced scale when much larger
+            return img.convert("RGB")
+
+    def transform(self, img: Any, train: bool) -> Tensor:
+        from PIL import Image
+
+        w, h = img.size
+        if train:
+            area = w * h * random.uniform(*self.crop_scale)
+            ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
+            cw = min(w, int(round(math.sqrt(area * ratio))))
+            ch = min(h, int(round(math.sqrt(area / ratio))))
+            x0, y0 = random.randint(0, w - cw), random.randint(0, h - ch)
+            img = img.resize((self.size, self.size), Image.BICUBIC, box=(x0, y0, x0 + cw, y0 + ch))
+        else:
+            s = self.size / min(w, h)
+            nw, nh = max(self.size, round(w * s)), max(self.size, round(h * s))
+            left, top = (nw - self.size) / 2 / s, (nh - self.size) / 2 / s
+            img = img.resize((self.size, self.size), Image.BICUBIC,
+                             box=(left, top, left + self.size / s, top + self.size / s))
+        return torch.from_numpy(np.asarray(img, dtype=np.uint8).copy()).permute(2, 0, 1)
+
+    def coerce(self, value: Any) -> Any:
+        from PIL import Image
+
+        if isinstance(value, (str, bytes)):
+            value = Image.open(value if isinstance(value, str) else io.BytesIO(value))
+        if isinstance(value, Image.Image):
+            return value.convert("RGB")
+        raise TypeError(f"image input must be a PIL image, a path or bytes, got {type(value).__name__}")
+
+    def collate(self, values: list[Any]) -> dict[str, Tensor]:
+        like = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        return {"pixels": stack_present(values, like)}

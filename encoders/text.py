@@ -1,0 +1,161 @@
+"""Text modality: tokenizers behind one contract, a from-scratch transformer (``text/transformer``),
+and the data side (decode ``txt``, tokenize the whole batch in collate).
+"""
+
+from __future__ import annotations
+
+import functools
+import random
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData
+from mmpt.layers import Transformer, last_token, masked_mean
+from mmpt.registry import encoders, modalities
+
+
+class OpenCLIPTokenizer:
+    """OpenCLIP's BPE behind the mmpt tokenizer contract.
+
+    OpenCLIP pads with id 0 (also the real token '!') and finds EOT by argmax. Here the padding mask
+    is explicit, a mask token is appended above the BPE vocabulary (id 49408) and pooling uses the
+    last real position, so argmax-free EOT pooling survives masked tokens.
+    """
+
+    def __init__(self, context_length: int = 77):
+        from open_clip.tokenizer import SimpleTokenizer
+
+        self._bpe = SimpleTokenizer(context_length=context_length)
+        self.context_length = context_length
+        self.bos_id, self.eos_id = self._bpe.all_special_ids[:2]
+        self.pad_id = 0
+        self.mask_id = len(self._bpe.encoder)
+        self.vocab_size = self.mask_id + 1
+        self.special_ids = {self.bos_id, self.eos_id, self.mask_id}
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        """Texts -> ids (B, L) and mask (B, L); over-long texts are cut, keeping EOT last."""
+        n = self.context_length
+        ids = torch.full((len(texts), n), self.pad_id, dtype=torch.long)
+        lengths = torch.empty(len(texts), dtype=torch.long)
+        for i, text in enumerate(texts):
+            toks = [self.bos_id, *self._bpe.encode(text)][: n - 1] + [self.eos_id]
+            ids[i, : len(toks)] = torch.tensor(toks)
+            lengths[i] = len(toks)
+        mask = torch.arange(n).unsqueeze(0) < lengths.unsqueeze(1)
+        return ids, mask
+
+    def decode(self, ids: list[int]) -> str:
+        """Ids -> text, dropping special and padding ids."""
+        return self._bpe.decode([i for i in ids if i not in self.special_ids and i < self.mask_id]).strip()
+
+
+class HFTokenizer:
+    """A Hugging Face tokenizer from a local folder (``hf:/path``) behind the same contract."""
+
+    def __init__(self, path: str, context_length: int = 77):
+        from transformers import AutoTokenizer
+
+        self._tok = AutoTokenizer.from_pretrained(path)
+        self.context_length = context_length
+        self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
+        self.mask_id = self._tok.mask_token_id if self._tok.mask_token_id is not None else len(self._tok)
+        self.bos_id = self._tok.cls_token_id if self._tok.cls_token_id is not None else self._tok.bos_token_id
+        self.eos_id = self._tok.sep_token_id if self._tok.sep_token_id is not None else self._tok.eos_token_id
+        self.vocab_size = max(len(self._tok), self.mask_id + 1)
+        self.special_ids = set(self._tok.all_special_ids)
+
+    def encode(self, texts: list[str]) -> tuple[Tensor, Tensor]:
+        out = self._tok(list(texts), padding="max_length", truncation=True, max_length=self.context_length,
+                        return_tensors="pt")
+        return out["input_ids"].long(), out["attention_mask"].bool()
+
+    def decode(self, ids: list[int]) -> str:
+        return self._tok.decode(ids, skip_special_tokens=True)
+
+
+@functools.lru_cache(maxsize=8)
+def build_tokenizer(name: str = "openclip-bpe", context_length: int = 77) -> OpenCLIPTokenizer | HFTokenizer:
+    """'openclip-bpe' or 'hf:<local folder>'; cached per process (loading BPE merges takes time)."""
+    if name == "openclip-bpe":
+        return OpenCLIPTokenizer(context_length)
+    if name.startswith("hf:"):
+        return HFTokenizer(name[3:], context_length)
+    raise ValueError(f"unknown tokenizer {name!r}: expected 'openclip-bpe' or 'hf:<folder>'")
+
+
+@encoders.register("text/transformer")
+class TextTransformer(Encoder):
+    """Text transformer from scratch (CLIP's text tower when causal with EOT pooling).
+
+    Args: context_length, width, depth, heads, mlp_ratio; causal: causal attention (CLIP) or
+    bidirectional (BERT-style, for MLM); pool: 'eot' (last real token), 'cls' (first) or 'mean';
+    tokenizer: 'openclip-bpe' or 'hf:<folder>'; vocab_size: defaults to the tokenizer's.
+    """
+
+    modality = "text"
+
+    def __init__(self, context_length: int = 77, width: int = 512, depth: int = 12, heads: int = 8,
+                 mlp_ratio: float = 4.0, causal: bool = True, pool: str = "eot",
+                 tokenizer: str = "openclip-bpe", vocab_size: int | None = None):
+        super().__init__()
+        if pool not in ("eot", "cls", "mean"):
+            raise ValueError(f"pool must be eot|cls|mean, got {pool!r}")
+        tok = build_tokenizer(tokenizer, context_length)
+        self.width, self.pool, self.context_length = width, pool, context_length
+        self.token_embed = nn.Embedding(vocab_size or tok.vocab_size, width)
+        self.pos_embed = nn.Parameter(torch.randn(1, context_length, width) * 0.01)
+        nn.init.normal_(self.token_embed.weight, std=0.02)
+        self.trunk = Transformer(width, depth, heads, mlp_ratio, causal=causal)
+        self.norm = nn.LayerNorm(width)
+
+    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:
+        ids, mask = inputs["ids"], inputs["mask"]
+        x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]
+        tokens = self.norm(self.trunk(x, mask))
+        if self.pool == "eot":
+            pooled = last_token(tokens, mask)
+        elif self.pool == "cls":
+            pooled = tokens[:, 0]
+        else:
+            pooled = masked_mean(tokens, mask)
+        return EncoderOutput(tokens=tokens, mask=mask, pooled=pooled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.grad_checkpointing = enable
+
+    def no_weight_decay(self) -> set[str]:
+        return {"pos_embed", "token_embed.weight"}
+
+
+@modalities.register("text")
+class TextData(ModalityData):
+    """``txt`` members: one caption per line; training picks one line at random, eval keeps the first
+    (retrieval reads every line from the sample's raw text). Tokenized per batch in ``collate``."""
+
+    modality = "text"
+    extensions = ("txt", "text", "caption")
+
+    def __init__(self, tokenizer: str = "openclip-bpe", context_length: int = 77):
+        self.tokenizer = build_tokenizer(tokenizer, context_length)
+
+    def decode(self, data: bytes, ext: str) -> str:
+        text = data.decode("utf-8").strip()
+        if not text:
+            raise ValueError("empty caption")
+        return text
+
+    def transform(self, text: str, train: bool) -> str:
+        lines = [line for line in text.splitlines() if line.strip()] or [text]
+        return random.choice(lines) if train and len(lines) > 1 else lines[0]
+
+    def coerce(self, value: Any) -> str:
+        if not isinstance(value, str):
+            raise TypeError(f"text input must be str, got {type(value).__name__}")
+        return value
+
+    def collate(self, values: list[Any]) -> dict[str, Tensor]:
+        ids, mask = self.tokenizer.encode(["" if v is None else v for v in values])
+        return {"ids": ids, "mask": mask}

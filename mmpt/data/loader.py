@@ -1,0 +1,343 @@
+"""From shards to Batches: per-worker deterministic sample streams, decode, collate, resume.
+
+Each (rank, DataLoader worker) pair is a *logical worker* whose sample stream is a pure function of
+(seed, logical worker id, sources). Stages inside a worker, in order::
+
+    shard order (seeded) -> tar members grouped by key -> shuffle buffer (seeded) -> [resume skip]
+    -> decode + transform (per sample, reseeded by sample index) -> collate a batch (batch ops)
+
+Resume skips the first N raw samples of each logical worker *before* decoding, so a resumed run
+sees the same samples in the same order as an uninterrupted one. Training streams never end (shards
+repeat, reshuffled each pass), so every rank runs the same number of steps however uneven the
+shards are; eval/embedding streams are finite.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from mmpt.data.batch import Batch
+from mmpt.data.shards import DataError, ShardEvent, assign, expand_urls, iter_samples
+from mmpt.encoders.base import ModalityData
+
+
+@dataclass
+class LoaderState:
+    """Where a rank's loader stands: batches taken, raw samples consumed and skip counts per logical worker."""
+
+    batches: int = 0
+    consumed: list[int] = field(default_factory=list)
+    skips: list[dict[str, int]] = field(default_factory=list)
+
+    def total_skips(self) -> dict[str, int]:
+        """Skip counts summed over logical workers."""
+        out: dict[str, int] = {}
+        for s in self.skips:
+            for k, v in s.items():
+                out[k] = out.get(k, 0) + v
+        return out
+
+
+@dataclass
+class StreamSpec:
+    """Everything a logical worker needs to produce its stream (picklable for worker processes)."""
+
+    sources: list[tuple[list[str], float]]
+    modalities: dict[str, ModalityData]
+    batch_size: int
+    train: bool
+    seed: int = 0
+    rank: int = 0
+    world: int = 1
+    workers: int = 1
+    resampled: bool = False
+    shuffle_buffer: int = 0
+    required: tuple[str, ...] = ()
+    keep: tuple[str, ...] = ()
+    split_by_rank: bool = True
+    repeat: bool = True
+    drop_last: bool = True
+    by_shard: bool = False
+
+
+def _skip_reason(exc: BaseException, modality: str) -> str:
+    name = type(exc).__name__
+    return "decompression_bomb" if "DecompressionBomb" in name else f"decode_error_{modality}"
+
+
+class WorkerStream:
+    """The stream of one logical worker."""
+
+    def __init__(self, spec: StreamSpec, logical: int, skip: int = 0, skips: dict[str, int] | None = None):
+        self.spec = spec
+        self.logical = logical
+        w = max(spec.workers, 1)
+        self.gw = spec.rank * w + logical if spec.split_by_rank else logical
+        self.gworkers = spec.world * w if spec.split_by_rank else w
+        self.skip_target = skip
+        self.consumed = 0
+        self.skips: dict[str, int] = dict(skips or {})
+        self.rng = random.Random(f"{spec.seed}-{self.gw}-stream")
+
+    def _count(self, reason: str) -> None:
+        if self.consumed >= self.skip_target:  # during a resume replay these were counted already
+            self.skips[reason] = self.skips.get(reason, 0) + 1
+
+    def _source(self, urls: list[str]) -> Iterator[dict | ShardEvent]:
+        mine, stride, offset = assign(urls, self.gw, self.gworkers)
+        while True:
+            if self.spec.resampled:
+                order = [self.rng.choice(urls) for _ in range(max(len(mine), 1))]
+                stride = 1
+            else:
+                order = list(mine)
+                if self.spec.train:
+                    self.rng.shuffle(order)
+            produced, idx = 0, 0
+            for url in order:
+                for s in iter_samples(url):
+                    if isinstance(s, ShardEvent):
+                        yield s
+                        continue
+                    idx += 1
+                    if stride == 1 or (idx - 1) % stride == offset:
+                        produced += 1
+                        yield s
+            if not self.spec.repeat:
+                return
+            if produced == 0:  # every shard of this worker is broken: stop rather than spin
+                yield ShardEvent("no_readable_samples", ",".join(mine[:3]))
+                return
+
+    def _mixed(self) -> Iterator[dict | ShardEvent]:
+        streams = [self._source(urls) for urls, _ in self.spec.sources]
+        if not streams:
+            return
+        if len(streams) == 1:
+            yield from streams[0]
+            return
+        weights = [w for _, w in self.spec.sources]
+        alive = list(range(len(streams)))
+        while alive:
+            i = self.rng.choices(alive, weights=[weights[j] for j in alive])[0]
+            try:
+                yield next(streams[i])
+            except StopIteration:
+                alive.remove(i)
+
+    def _shuffled(self) -> Iterator[dict | ShardEvent]:
+        size = self.spec.shuffle_buffer if self.spec.train else 0
+        if size <= 1:
+            yield from self._mixed()
+            return
+        buf: list[dict] = []
+        for s in self._mixed():
+            if isinstance(s, ShardEvent):
+                yield s
+                continue
+            if len(buf) < size:
+                buf.append(s)
+                if len(buf) < size:
+                    continue
+            i = self.rng.randrange(len(buf))
+            out, buf[i] = buf[i], s
+            yield out
+        self.rng.shuffle(buf)
+        yield from buf
+
+    def decode(self, raw: dict) -> dict | str:
+        """Decode + transform one raw sample; returns the sample or the reason it was skipped."""
+        random.seed(f"{self.spec.seed}-{self.gw}-{self.consumed}")  # per-sample: resume-exact augmentation
+        sample: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw["__url__"]}
+        for modality, spec in self.spec.modalities.items():
+            ext = next((e for e in spec.extensions if e in raw), None)
+            required = modality in self.spec.required
+            if ext is None:
+                if required:
+                    return f"missing_{modality}"
+                sample[modality] = None
+                continue
+            if not raw[ext]:
+                return f"empty_{ext}"
+            try:
+                sample[modality] = spec.transform(spec.decode(raw[ext], ext), self.spec.train)
+            except Exception as exc:  # any decoder failure is a bad sample, not a crashed run
+                if required:
+                    return _skip_reason(exc, modality)
+                self._count(_skip_reason(exc, modality))
+                sample[modality] = None
+        for ext in self.spec.keep:
+            if ext in raw:
+                sample[f"__{ext}__"] = _decode_extra(raw[ext], ext)
+        return sample
+
+    def samples(self) -> Iterator[dict]:
+        """Decoded samples after the resume skip; skipped samples are counted by reason."""
+        for raw in self._shuffled():
+            if isinstance(raw, ShardEvent):
+                self._count(raw.reason)
+                continue
+            if self.consumed < self.skip_target:
+                self.consumed += 1
+                continue
+            out = self.decode(raw)
+            self.consumed += 1
+            if isinstance(out, str):
+                self._count(out)
+                continue
+            yield out
+
+    def batches(self) -> Iterator[Batch]:
+        """Collated batches; in by_shard mode a batch never spans two shards and the batch ending a
+        shard lists it in ``meta['_loader']['shards_done']`` (possibly with no samples)."""
+        pending: list[dict] = []
+        url = None
+        for s in self.samples():
+            if self.spec.by_shard and url is not None and s["__url__"] != url:
+                yield self.collate(pending, shards_done=[url])
+                pending = []
+            url = s["__url__"]
+            pending.append(s)
+            if len(pending) == self.spec.batch_size:
+                yield self.collate(pending)
+                pending = []
+        if self.spec.by_shard and url is not None:
+            yield self.collate(pending, shards_done=[url])
+        elif pending and not self.spec.drop_last:
+            yield self.collate(pending)
+
+    def collate(self, samples: list[dict], shards_done: list[str] | None = None) -> Batch:
+        """Per-modality batch collation plus presence masks and loader bookkeeping."""
+        fields, present = {}, {}
+        if samples:
+            for modality, spec in self.spec.modalities.items():
+                values = [s.get(modality) for s in samples]
+                present[modality] = torch.tensor([v is not None for v in values], dtype=torch.bool)
+                fields[modality] = spec.collate(values)
+        meta: dict[str, Any] = {
+            "url": [s["__url__"] for s in samples],
+            "_loader": {"worker": self.logical, "consumed": self.consumed, "skips": dict(self.skips),
+                        "shards_done": shards_done or []},
+        }
+        for ext in self.spec.keep:
+            meta[ext] = [s.get(f"__{ext}__") for s in samples]
+        return Batch(fields=fields, present=present, keys=[s["__key__"] for s in samples], meta=meta)
+
+
+def _decode_extra(data: bytes, ext: str) -> Any:
+    if ext == "json":
+        try:
+            return json.loads(data)
+        except ValueError:
+            return None
+    return data.decode("utf-8", errors="replace")
+
+
+class ShardDataset(IterableDataset):
+    """IterableDataset mapping physical DataLoader workers to logical workers (rotated on resume)."""
+
+    def __init__(self, spec: StreamSpec, state: LoaderState | None = None):
+        self.spec = spec
+        w = max(spec.workers, 1)
+        self.state = state or LoaderState(0, [0] * w, [{} for _ in range(w)])
+        if len(self.state.consumed) != w:
+            raise DataError(f"resume state has {len(self.state.consumed)} data workers per rank, this run {w}: "
+                            f"resume with data.workers={len(self.state.consumed)}")
+
+    def __iter__(self) -> Iterator[Batch]:
+        info = get_worker_info()
+        w = max(self.spec.workers, 1)
+        phys = info.id if info is not None else 0
+        # DataLoader takes batches from physical workers round robin starting at 0; the next batch of
+        # the interrupted run belonged to logical worker (batches % w).
+        logical = (phys + self.state.batches) % w
+        stream = WorkerStream(self.spec, logical, self.state.consumed[logical], self.state.skips[logical])
+        if info is None and w > 1:
+            raise DataError("ShardDataset with workers > 1 must run inside a DataLoader with as many workers")
+        yield from stream.batches()
+
+
+class Loader:
+    """Iterable of Batches for one rank, tracking a resumable :class:`LoaderState`."""
+
+    def __init__(self, spec: StreamSpec, state: LoaderState | None = None, pin_memory: bool = False,
+                 prefetch: int = 2):
+        self.spec = spec
+        self.dataset = ShardDataset(spec, state)
+        self.state = LoaderState(self.dataset.state.batches, list(self.dataset.state.consumed),
+                                 [dict(s) for s in self.dataset.state.skips])
+        self.pin_memory = pin_memory
+        self.prefetch = prefetch
+
+    def __iter__(self) -> Iterator[Batch]:
+        workers = self.spec.workers
+        loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
+                            prefetch_factor=self.prefetch if workers > 0 else None,
+                            persistent_workers=False, multiprocessing_context="fork" if workers > 0 else None)
+        for batch in loader:
+            info = batch.meta["_loader"]
+            self.state.consumed[info["worker"]] = info["consumed"]
+            self.state.skips[info["worker"]] = info["skips"]
+            self.state.batches += 1
+            yield batch
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-serialisable loader position."""
+        return {"batches": self.state.batches, "consumed": self.state.consumed, "skips": self.state.skips}
+
+    @staticmethod
+    def state_from_dict(d: dict[str, Any]) -> LoaderState:
+        return LoaderState(int(d["batches"]), [int(c) for c in d["consumed"]], [dict(s) for s in d["skips"]])
+
+
+def resolve_sources(sources: list[Any]) -> list[tuple[list[str], float]]:
+    """Expand each source pattern (a string or an object with url/weight) to its shard list."""
+    out = []
+    for s in sources:
+        url, weight = (s, 1.0) if isinstance(s, str) else (s.url, s.weight)
+        out.append((expand_urls(url), float(weight)))
+    if not out:
+        raise DataError("data.sources: no training shards given (set data.sources or --set data.sources=PATTERN)")
+    return out
+
+
+def eval_loader(pattern: str | list[str], modalities: dict[str, ModalityData], batch_size: int, *,
+                keep: tuple[str, ...] = (), workers: int = 1, rank: int = 0, world: int = 1,
+                split_by_rank: bool = False, by_shard: bool = False) -> Loader:
+    """A finite, unshuffled loader (eval and embedding export). Keeps every sample (no drop_last)."""
+    urls = expand_urls(pattern) if isinstance(pattern, str) else list(pattern)
+    if split_by_rank:
+        urls = urls[rank::world]
+    n_workers = min(workers, len(urls))
+    spec = StreamSpec(sources=[(urls, 1.0)], modalities=modalities, batch_size=batch_size, train=False,
+                      workers=n_workers, keep=keep, split_by_rank=False, repeat=False, drop_last=False,
+                      by_shard=by_shard)
+    if not urls:
+        spec.sources = []
+    return Loader(spec)
+
+
+def train_loader(cfg: Any, modalities: dict[str, ModalityData], rank: int, world: int,
+                 state: LoaderState | None = None) -> tuple[Loader, int]:
+    """The training loader of one rank and the epoch length in samples (``data.samples_per_epoch``
+    or the count of local shard members). Fails before training on impossible settings."""
+    from mmpt.data.shards import count_samples
+
+    d = cfg.data
+    sources = resolve_sources(d.sources)
+    per_epoch = d.samples_per_epoch or count_samples([u for urls, _ in sources for u in urls])
+    global_batch = d.batch_size * world * cfg.train.grad_accum
+    if per_epoch < global_batch:
+        raise DataError(f"data.batch_size: {d.batch_size} x {world} ranks x {cfg.train.grad_accum} accumulation "
+                        f"= {global_batch} samples per step, but an epoch has only {per_epoch} samples")
+    spec = StreamSpec(sources=sources, modalities=modalities, batch_size=d.batch_size, train=True, seed=cfg.seed,
+                      rank=rank, world=world, workers=d.workers, resampled=d.resampled,
+                      shuffle_buffer=d.shuffle_buffer, required=tuple(d.required), repeat=True)
+    return Loader(spec, state, pin_memory=torch.cuda.is_available(), prefetch=d.prefetch), per_epoch

@@ -1,0 +1,116 @@
+"""Pretrainer: the one module DeepSpeed wraps — model + objectives + loss weights.
+
+``forward(batch) = loss(embed(batch), batch)``; eval, embedding export and step strategies such as
+GradCache call the two phases separately.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import Tensor, nn
+
+from mmpt.config import Config
+from mmpt.data.batch import Batch
+from mmpt.encoders.base import EncoderOutput, ModalityData
+from mmpt.model import MultimodalModel
+from mmpt.objectives.base import Objective
+from mmpt.registry import encoders as encoder_registry
+from mmpt.registry import modalities as modality_registry
+from mmpt.registry import objectives as objective_registry
+
+
+class Pretrainer(nn.Module):
+    """Model + objectives; returns ``{"loss", "losses", "metrics"}``."""
+
+    def __init__(self, model: MultimodalModel, objectives: dict[str, Objective], weights: dict[str, float] | None = None):
+        super().__init__()
+        self.model = model
+        self.objectives = nn.ModuleDict(objectives)
+        self.weights = {k: float((weights or {}).get(k, 1.0)) for k in objectives}
+        needed: list[str] = []
+        for obj in objectives.values():
+            needed += [m for m in obj.modalities if m not in needed]
+        self.needed = needed or model.modalities
+
+    def embed(self, batch: Batch) -> dict[str, EncoderOutput]:
+        """Encode the modalities the objectives read."""
+        return self.model(batch.fields, self.needed)
+
+    def loss(self, outputs: dict[str, EncoderOutput], batch: Batch) -> dict[str, Any]:
+        """Weighted sum of objective losses plus per-objective losses and metrics (all tensors)."""
+        losses: dict[str, Tensor] = {}
+        metrics: dict[str, Tensor] = {}
+        total: Tensor | None = None
+        for name, obj in self.objectives.items():
+            out = obj(outputs, batch)
+            losses[name] = out.loss.detach()
+            metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
+            term = self.weights[name] * out.loss
+            total = term if total is None else total + term
+        assert total is not None, "a Pretrainer needs at least one objective"
+        return {"loss": total, "losses": losses, "metrics": metrics}
+
+    def forward(self, batch: Batch) -> dict[str, Any]:
+        return self.loss(self.embed(batch), batch)
+
+    def encode(self, modality: str, inputs: Any, normalize: bool = True) -> Tensor:
+        """Shortcut to :meth:`MultimodalModel.encode`."""
+        return self.model.encode(modality, inputs, normalize)
+
+    def no_weight_decay(self) -> set[str]:
+        """Full parameter names excluded from weight decay by the parts themselves."""
+        names: set[str] = set()
+        for m, enc in self.model.encoders.items():
+            names |= {f"model.encoders.{m}.{n}" for n in enc.no_weight_decay()}
+        for k, obj in self.objectives.items():
+            fn = getattr(obj, "no_weight_decay", None)
+            names |= {f"objectives.{k}.{n}" for n in (fn() if fn else ())}
+        return names
+
+
+def build_data_specs(cfg: Config) -> dict[str, ModalityData]:
+    """The data side of every configured modality, built from the encoder's own keyword arguments."""
+    specs = {}
+    for modality, enc in cfg.model.encoders.items():
+        cls = encoder_registry.get(enc["name"], path=f"model.encoders.{modality}.name")
+        data_cls = modality_registry.get(cls.modality)
+        kwargs = {k: v for k, v in enc.items() if k != "name"}
+        if cls.modality == "image":
+            kwargs.setdefault("max_image_pixels", cfg.data.max_image_pixels)
+        specs[modality] = data_cls.from_encoder_config(**kwargs)
+    return specs
+
+
+def build_pretrainer(cfg: Config) -> Pretrainer:
+    """Build the whole trainable module from a validated config."""
+    towers = {}
+    for modality, enc in cfg.model.encoders.items():
+        kwargs = {k: v for k, v in enc.items() if k != "name"}
+        towers[modality] = encoder_registry.build(enc["name"], path=f"model.encoders.{modality}", **kwargs)
+        if cfg.model.grad_checkpointing:
+            towers[modality].set_grad_checkpointing(True)
+    model = MultimodalModel(towers, cfg.model.embed_dim, cfg.model.head, build_data_specs(cfg))
+    objs, weights = {}, {}
+    for name, obj in cfg.objectives.items():
+        kwargs = {k: v for k, v in obj.items() if k not in ("name", "weight")}
+        objs[name] = objective_registry.build(obj.get("name", name), path=f"objectives.{name}", **kwargs)
+        weights[name] = obj.get("weight", 1.0)
+    return Pretrainer(model, objs, weights)
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Number of parameters (ZeRO-3 aware: uses ds_numel where partitioned)."""
+    return sum(int(getattr(p, "ds_numel", p.numel())) for p in module.parameters())
+
+
+def set_seed(seed: int) -> None:
+    """Seed python, numpy and torch."""
+    import random
+
+    import numpy as np
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)

@@ -1,0 +1,171 @@
+"""Distributed set-up and ``deepspeed.initialize``: ZeRO stage, precision, optimizer, schedule.
+
+Accumulation, clipping, precision, ZeRO stage and offload are DeepSpeed config, not loop code.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import math
+import os
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+from mmpt.config import Config
+from mmpt.pretrainer import Pretrainer, build_pretrainer
+from mmpt.registry import ConfigError
+
+log = logging.getLogger("mmpt")
+
+
+@dataclass
+class DistInfo:
+    """Rank, world size and device of this process."""
+
+    rank: int
+    world: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+
+def free_port() -> int:
+    """An unused TCP port on loopback."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def init_distributed(timeout_s: int | None = None) -> DistInfo:
+    """Join (or create) the process group: gloo on CPU, NCCL on CUDA; no launcher needed for one rank."""
+    import deepspeed
+    import torch.distributed as dist
+
+    if "RANK" not in os.environ:  # a single process without torchrun: set the rendezvous ourselves
+        os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
+                          MASTER_PORT=str(free_port()))
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    cuda = torch.cuda.is_available()
+    if cuda:
+        torch.cuda.set_device(local_rank)
+    if not dist.is_initialized():
+        timeout = datetime.timedelta(seconds=timeout_s or int(os.environ.get("MMPT_DIST_TIMEOUT", 1800)))
+        deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
+                                   timeout=timeout, verbose=False)
+    device = torch.device("cuda", local_rank) if cuda else torch.device("cpu")
+    return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
+
+
+def resolve_precision(precision: str) -> str:
+    """'auto' -> bf16 on CUDA with bf16 support, fp16 on older GPUs, fp32 on CPU."""
+    if precision != "auto":
+        if precision in ("bf16", "fp16") and not torch.cuda.is_available():
+            raise ConfigError(f"train.precision: {precision} needs a CUDA device; use fp32 or auto on CPU")
+        return precision
+    if not torch.cuda.is_available():
+        return "fp32"
+    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+
+
+def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
+    """The DeepSpeed config dict derived from the recipe (``train.deepspeed`` entries override it)."""
+    t = cfg.train
+    precision = resolve_precision(t.precision)
+    zero: dict[str, Any] = {"stage": t.zero_stage}
+    if t.zero_stage == 3:
+        zero.update(stage3_param_persistence_threshold=t.stage3_param_persistence_threshold,
+                    stage3_gather_16bit_weights_on_model_save=True)
+    if t.offload_optimizer:
+        zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    if t.offload_param:
+        if t.zero_stage != 3:
+            raise ConfigError("train.offload_param: parameter offload needs train.zero_stage=3")
+        zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    ds: dict[str, Any] = {
+        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
+        "gradient_accumulation_steps": t.grad_accum,
+        "train_batch_size": cfg.data.batch_size * t.grad_accum * world,
+        "gradient_clipping": t.grad_clip,
+        "zero_optimization": zero,
+        "bf16": {"enabled": precision == "bf16"},
+        "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
+        "steps_per_print": 10**9,
+        "wall_clock_breakdown": False,
+        # A torch optimizer is passed in; with CPU offload DeepSpeed would swap it for its C++ CPU Adam.
+        "zero_allow_untested_optimizer": True,
+        "zero_force_ds_cpu_optimizer": False,
+    }
+    _merge(ds, t.deepspeed)
+    return ds
+
+
+def _merge(base: dict[str, Any], extra: dict[str, Any]) -> None:
+    for k, v in extra.items():
+        if isinstance(v, dict) and isinstance(base.get(k), dict):
+            _merge(base[k], v)
+        else:
+            base[k] = v
+
+
+def param_groups(module: Pretrainer, cfg: Config) -> list[dict[str, Any]]:
+    """AdamW groups: no decay for 1-d params (norms, biases), logit scales, embeddings and whatever
+    the parts list in ``no_weight_decay``; per-prefix lr multipliers from ``optim.lr_scale``."""
+    o = cfg.optim
+    no_wd = module.no_weight_decay()
+    groups: dict[tuple[bool, float], list[torch.nn.Parameter]] = {}
+    unknown = set(o.lr_scale)
+    for name, p in module.named_parameters():
+        if not p.requires_grad:
+            continue
+        shape = getattr(p, "ds_shape", p.shape)
+        decay = len(shape) >= 2 and name not in no_wd
+        scale = 1.0
+        best = -1
+        for prefix, s in o.lr_scale.items():
+            if name.startswith(prefix) and len(prefix) > best:
+                scale, best = s, len(prefix)
+                unknown.discard(prefix)
+        groups.setdefault((decay, scale), []).append(p)
+    if unknown:
+        raise ConfigError(f"optim.lr_scale: prefix {sorted(unknown)[0]!r} matches no parameter "
+                          f"(names start with e.g. model.encoders.image, model.encoders.text, objectives)")
+    return [{"params": ps, "weight_decay": o.weight_decay if d else 0.0, "lr": o.lr * s, "lr_scale": s}
+            for (d, s), ps in groups.items()]
+
+
+def lr_lambda(cfg: Config, total_steps: int):
+    """Linear warmup then cosine (or constant) decay to ``min_lr_ratio`` of the base lr."""
+    o = cfg.optim
+    warm = max(o.warmup_steps, 0)
+
+    def fn(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if o.schedule == "constant":
+            return 1.0
+        progress = min(1.0, (step - warm) / max(1, total_steps - warm))
+        return o.min_lr_ratio + (1 - o.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return fn
+
+
+def build_engine(cfg: Config, dist_info: DistInfo, total_steps: int):
+    """Construct the Pretrainer (under ``zero.Init`` for stage 3, so no rank holds the whole model) and
+    wrap it with DeepSpeed. Returns (engine, ds_config)."""
+    import deepspeed
+
+    ds = deepspeed_config(cfg, dist_info.world)
+    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=cfg.train.zero_stage == 3):
+        module = build_pretrainer(cfg)
+    o = cfg.optim
+    optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
+    engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    return engine, ds

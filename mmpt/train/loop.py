@@ -1,0 +1,177 @@
+"""The training loop. Accumulation, clipping, precision and ZeRO live in the DeepSpeed config."""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.distributed as dist
+
+from mmpt.config import Config, dump_config
+from mmpt.data.loader import Loader, train_loader
+from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
+from mmpt.train import checkpoint
+from mmpt.train.engine import build_engine, init_distributed
+from mmpt.train.logger import RunLogger, plot_losses
+
+
+@dataclass
+class RunSummary:
+    """What a finished run reports."""
+
+    run_dir: str
+    steps: int
+    seconds: float
+    samples_per_s: float
+    final_loss: float
+    skips: dict[str, int] = field(default_factory=dict)
+    checkpoint: str = ""
+    eval: dict[str, Any] = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        skipped = sum(self.skips.values())
+        detail = f" ({', '.join(f'{k}={v}' for k, v in sorted(self.skips.items()))})" if skipped else ""
+        return (f"done: {self.steps} steps in {self.seconds:.0f} s, {self.samples_per_s:.0f} samples/s, "
+                f"final loss {self.final_loss:.4f}, skipped {skipped} samples{detail}, checkpoint {self.checkpoint}")
+
+
+def total_steps(cfg: Config, per_epoch: int, world: int) -> int:
+    """train.steps, or train.epochs worth of optimizer steps."""
+    if cfg.train.epochs is None:
+        return cfg.train.steps
+    return max(1, int(cfg.train.epochs * per_epoch // (cfg.data.batch_size * world * cfg.train.grad_accum)))
+
+
+def train(cfg: Config, resume: str | None = None) -> RunSummary:
+    """Train ``cfg`` (optionally resuming) and return the run summary; every rank calls this."""
+    d = init_distributed()
+    set_seed(cfg.seed + d.rank)
+    run_dir, t = Path(cfg.train.out_dir), cfg.train
+    specs = build_data_specs(cfg)
+    ckpt = checkpoint.resolve(resume, run_dir) if resume else None
+    probe, per_epoch = train_loader(cfg, specs, d.rank, d.world)  # validates data before building the model
+    steps = total_steps(cfg, per_epoch, d.world)
+    engine, ds_config = build_engine(cfg, d, steps)
+    start, loader_state = 0, None
+    if ckpt is not None:
+        client, rank_state = checkpoint.load(engine, ckpt)
+        start, loader_state = int(client["step"]), Loader.state_from_dict(rank_state["loader"])
+    loader = probe if loader_state is None else train_loader(cfg, specs, d.rank, d.world, loader_state)[0]
+    logger = RunLogger(run_dir, enabled=d.is_main)
+    if d.is_main:
+        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
+        print(f"mmpt: {cfg.name}: {count_parameters(engine.module) / 1e6:.2f} M params, {d.world} rank(s), "
+              f"ZeRO {t.zero_stage}, {ds_config['train_batch_size']} samples/step, steps {start}->{steps}", flush=True)
+    keys_log = open(run_dir / f"keys_rank{d.rank}.jsonl", "a") if t.log_sample_keys else None
+    bar = _progress(d.is_main and t.progress, start, steps)
+    it, last_ckpt, meter = iter(loader), ckpt, _Meter(time.perf_counter())
+    last, evals = {}, {}
+    for step in range(start, steps):
+        for micro in range(t.grad_accum):
+            t0 = time.perf_counter()
+            batch = next(it).to(d.device)
+            meter.wait += time.perf_counter() - t0
+            out = engine(batch)
+            engine.backward(out["loss"])
+            engine.step()
+            meter.samples += len(batch) * d.world
+            if keys_log:
+                keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch.keys,
+                                           "loss": out["loss"].item()}) + "\n")
+        done = step + 1
+        if done % t.log_every == 0 or done == steps:
+            last = _log_step(logger, engine, out, loader, meter, done, d.world)
+            bar.set_postfix(loss=f"{last['loss']:.4f}")
+        if t.eval_every and cfg.eval and (done % t.eval_every == 0 or done == steps):
+            evals = run_eval(engine.module, cfg, specs, d, logger, done)
+        if done % t.checkpoint_every == 0 or done == steps:
+            last_ckpt = checkpoint.save(engine, run_dir, done, {"step": done}, {"loader": loader.state_dict()},
+                                        t.keep_last, crash_in_save=t.crash_in_save)
+        bar.update(1)
+        if t.crash_at_step == done:
+            raise checkpoint.InjectedFault(f"injected crash at step {done}")
+    bar.close()
+    if keys_log:
+        keys_log.close()
+    elapsed = time.perf_counter() - meter.start
+    summary = RunSummary(str(run_dir), steps, elapsed, meter.total_samples / max(elapsed, 1e-9),
+                         last.get("loss", math.nan), _global_skips(loader), str(last_ckpt or ""), evals)
+    if d.is_main:
+        plot_losses(run_dir)
+        logger.log(steps, {"summary": str(summary)}, kind="summary")
+        print(summary, flush=True)
+    logger.close()
+    return summary
+
+
+class _Meter:
+    """Throughput and data-wait accounting between two log lines."""
+
+    def __init__(self, now: float):
+        self.start = self.mark = now
+        self.samples = self.total_samples = 0
+        self.wait = 0.0
+
+    def take(self) -> tuple[float, float]:
+        now = time.perf_counter()
+        span = max(now - self.mark, 1e-9)
+        rate, wait = self.samples / span, self.wait / span
+        self.total_samples += self.samples
+        self.samples, self.wait, self.mark = 0, 0.0, now
+        return rate, wait
+
+
+def _log_step(logger: RunLogger, engine: Any, out: dict[str, Any], loader: Loader, meter: _Meter,
+              step: int, world: int) -> dict[str, Any]:
+    """Average loss/metrics over ranks with one all-reduce, then log (host sync only here)."""
+    names = ["loss", *(f"loss/{k}" for k in out["losses"]), *out["metrics"]]
+    values = [out["loss"].detach(), *out["losses"].values(), *out["metrics"].values()]
+    vec = torch.stack([v.float().reshape(()) for v in values])
+    if world > 1:
+        dist.all_reduce(vec)
+        vec /= world
+    rate, wait = meter.take()
+    rec = dict(zip(names, vec.tolist(), strict=True))
+    rec.update(lr=engine.get_lr()[0], samples_per_s=round(rate, 2), data_wait=round(wait, 4))
+    rec.update({f"skipped/{k}": v for k, v in _global_skips(loader).items()})
+    logger.log(step, rec)
+    return rec
+
+
+def _global_skips(loader: Loader) -> dict[str, int]:
+    """Skip counts summed over every rank (a collective: all ranks call it at the same steps)."""
+    local = loader.state.total_skips()
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return local
+    gathered: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
+    dist.all_gather_object(gathered, local)
+    total: dict[str, int] = {}
+    for g in gathered:
+        for k, v in g.items():
+            total[k] = total.get(k, 0) + v
+    return total
+
+
+def run_eval(module: Any, cfg: Config, specs: dict, d: Any, logger: RunLogger, step: int) -> dict[str, Any]:
+    """Every rank runs the same eval (ZeRO-3 forwards are collectives); rank 0 logs."""
+    from mmpt.eval import run_tasks
+
+    module.eval()
+    with torch.no_grad():
+        results = run_tasks(module.model, specs, cfg.eval, device=d.device, progress=False)
+    module.train()
+    for task, metrics in results.items():
+        logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, kind=f"eval/{task}")
+    return results
+
+
+def _progress(enabled: bool, start: int, total: int) -> Any:
+    from tqdm import tqdm
+
+    return tqdm(total=total, initial=start, disable=not enabled, desc="train", unit="step", dynamic_ncols=True)

@@ -1,0 +1,107 @@
+"""Rank worker for test_contrastive: every 2-rank clip_loss scenario in one torchrun launch.
+
+Usage: python -m torch.distributed.run --nproc_per_node 2 tests/objectives/_clip_ranks.py OUTDIR
+Writes OUTDIR/rank{r}.pt: {scenario: {name: tensor}}. Inputs are seeded identically on every rank;
+each rank takes its slice of the global batch, so the test can rebuild the global batch itself.
+"""
+
+from __future__ import annotations
+
+import sys
+from datetime import timedelta
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+WORLD, LOCAL_BATCH, DIM, SCALE = 2, 4, 8, 10.0
+MODES = [("local", False), ("no_grad", False), ("no_grad", True), ("with_grad", False), ("with_grad", True)]
+
+
+def global_inputs() -> tuple[torch.Tensor, torch.Tensor]:
+    """The concatenated batch of all ranks, (WORLD * LOCAL_BATCH, DIM) each, unit rows."""
+    g = torch.Generator().manual_seed(1234)
+    n = WORLD * LOCAL_BATCH
+    a = F.normalize(torch.randn(n, DIM, generator=g), dim=-1)
+    # Correlate b with a so accuracies are neither 0 nor 1 everywhere.
+    b = F.normalize(a + 0.8 * torch.randn(n, DIM, generator=g), dim=-1)
+    return a, b
+
+
+def global_masks() -> dict[str, torch.Tensor | None]:
+    """Validity masks of the global batch: None (unmasked path) and several absent patterns."""
+    n = WORLD * LOCAL_BATCH
+    some = torch.ones(n, dtype=torch.bool)
+    some[[1, 4, 7]] = False
+    rank1_absent = torch.ones(n, dtype=torch.bool)
+    rank1_absent[LOCAL_BATCH:] = False
+    return {
+        "unmasked": None,
+        "all": torch.ones(n, dtype=torch.bool),
+        "some": some,
+        "rank1_absent": rank1_absent,
+        "none": torch.zeros(n, dtype=torch.bool),
+    }
+
+
+def _leaves(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    scale = torch.tensor([SCALE], requires_grad=True)
+    return a.clone().requires_grad_(True), b.clone().requires_grad_(True), scale
+
+
+def main(outdir: Path) -> None:
+    from open_clip.loss import ClipLoss
+
+    from mmpt.data.batch import Batch
+    from mmpt.encoders.base import EncoderOutput
+    from mmpt.objectives.contrastive import CLIP, GatherMode, clip_loss
+
+    dist.init_process_group("gloo", timeout=timedelta(seconds=60))
+    rank, world = dist.get_rank(), dist.get_world_size()
+    assert world == WORLD, world
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    a_glob, b_glob = global_inputs()
+    a_loc, b_loc = a_glob[rows], b_glob[rows]
+
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for gather, local_loss in MODES:
+        mode = GatherMode(gather, local_loss)
+        for mask_name, mask in global_masks().items():
+            a, b, s = _leaves(a_loc, b_loc)
+            valid = None if mask is None else mask[rows]
+            loss, metrics = clip_loss(a, b, s, gather=mode, valid=valid)
+            loss.backward()
+            res = {"loss": loss.detach(), "grad_a": a.grad, "grad_b": b.grad, "grad_scale": s.grad,
+                   "acc": metrics["acc"], "acc_ba": metrics["acc_ba"]}
+            if mask is None:
+                ref = ClipLoss(local_loss=local_loss, gather_with_grad=gather == "with_grad", rank=rank,
+                               world_size=1 if gather == "local" else world)
+                ra, rb, rs = _leaves(a_loc, b_loc)
+                ref_loss = ref(ra, rb, rs)
+                ref_loss.backward()
+                res.update(ref_loss=ref_loss.detach(), ref_grad_a=ra.grad, ref_grad_b=rb.grad,
+                           ref_grad_scale=rs.grad)
+            results[f"{gather}/{int(local_loss)}/{mask_name}"] = res
+
+    # The module end to end: presence masks from a Batch, scale from its parameter.
+    some = global_masks()["some"]
+    assert some is not None
+    objective = CLIP(pairs=[["image", "text"]], gather="with_grad", local_loss=True)
+    a, b, _ = _leaves(a_loc, b_loc)
+    out = objective(
+        {"image": EncoderOutput(tokens=a[:, None], mask=None, pooled=a, embedding=a),
+         "text": EncoderOutput(tokens=b[:, None], mask=None, pooled=b, embedding=b)},
+        Batch(fields={}, present={"image": some[rows], "text": torch.ones(LOCAL_BATCH, dtype=torch.bool)},
+              keys=[str(i) for i in range(LOCAL_BATCH)]),
+    )
+    out.loss.backward()
+    results["module"] = {"loss": out.loss.detach(), "grad_a": a.grad, "grad_scale": objective.logit_scale.grad}
+
+    torch.save(results, outdir / f"rank{rank}.pt")
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main(Path(sys.argv[1]))
