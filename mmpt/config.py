@@ -9,6 +9,8 @@ path and the closest valid key.
 from __future__ import annotations
 
 import dataclasses
+import os
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -16,7 +18,7 @@ from typing import Any
 
 import yaml
 
-from mmpt.registry import ConfigError, _type_ok, _type_name, closest
+from mmpt.registry import ConfigError, _type_name, _type_ok, closest
 
 
 @dataclass
@@ -88,6 +90,7 @@ class TrainConfig:
     precision: 'auto' (fp32 on CPU, bf16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
     zero_stage: 0-3. offload_optimizer / offload_param: CPU offload (needs DeepSpeed's CPU Adam
     build; see docs/design.md). steps: optimizer steps in total (epochs: alternatively, whole epochs).
+    crash_at_step / crash_in_save: fault injection for resume tests (crash after that step / inside its save).
     """
 
     out_dir: str = "runs/run"
@@ -107,7 +110,7 @@ class TrainConfig:
     log_sample_keys: bool = False
     progress: bool = True
     crash_at_step: int | None = None
-    crash_in_save: bool = False
+    crash_in_save: int | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)
 
 
@@ -168,7 +171,7 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(raw) if raw.strip() else ""
+    return key.strip().split("."), yaml.load(raw, Loader=_float_yaml_loader()) if raw.strip() else ""
 
 
 def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
@@ -194,8 +197,6 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
 
 def _float_yaml_loader() -> type:
     """YAML 1.1 reads '1e-3' as a string; accept it as a float like every other config system."""
-    import re
-
     class Loader(yaml.SafeLoader):
         pass
 
@@ -207,10 +208,18 @@ def _float_yaml_loader() -> type:
     return Loader
 
 
+_ENV_REF = re.compile(r"\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+
+
+def expand_env(text: str) -> str:
+    """Expand ``${VAR}`` and ``${VAR:-default}`` (so one recipe serves any data location)."""
+    return _ENV_REF.sub(lambda m: os.environ.get(m.group(1), m.group(2) if m.group(2) is not None else m.group(0)), text)
+
+
 def load_yaml(path: str | Path) -> dict[str, Any]:
-    """Read a YAML file into a dict."""
+    """Read a YAML file into a dict, expanding ``${VAR:-default}`` environment references."""
     with open(path) as f:
-        data = yaml.load(f, Loader=_float_yaml_loader()) or {}
+        data = yaml.load(expand_env(f.read()), Loader=_float_yaml_loader()) or {}
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data

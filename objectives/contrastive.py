@@ -14,11 +14,11 @@ from typing import Literal
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
-from mmpt.encoders.base import EncoderOutput
-from mmpt.objectives.base import Objective, ObjectiveOutput
 from torch import Tensor, nn
 
 from mmpt.data.batch import Batch
+from mmpt.encoders.base import EncoderOutput
+from mmpt.objectives.base import Objective, ObjectiveOutput
 from mmpt.registry import ConfigError, closest, objectives
 
 GATHER_MODES = ("local", "no_grad", "with_grad")

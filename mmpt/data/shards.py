@@ -13,6 +13,7 @@ import os
 import tarfile
 from collections.abc import Iterator
 from dataclasses import dataclass
+from typing import Any
 
 from mmpt.registry import ConfigError
 
@@ -70,7 +71,7 @@ def iter_samples(url: str) -> Iterator[dict | ShardEvent]:
     import webdataset as wds
 
     try:
-        stream = wds.gopen(url)
+        stream = _CountingReader(wds.gopen(url))
     except Exception:
         yield ShardEvent("unreadable_shard", url)
         return
@@ -94,6 +95,11 @@ def iter_samples(url: str) -> Iterator[dict | ShardEvent]:
                         yield current
                     current = {"__key__": key, "__url__": url}
                 current[ext] = data
+            # tarfile treats a header cut short as a clean end; a real end has a zero block after it
+            while stream.read(1 << 16):
+                pass
+            if stream.count < tar.offset + tarfile.BLOCKSIZE:
+                raise EOFError("archive ends without an end-of-archive block")
         if current is not None:
             yield current
     except (tarfile.TarError, EOFError, OSError, ValueError):
@@ -105,6 +111,22 @@ def iter_samples(url: str) -> Iterator[dict | ShardEvent]:
                 close()
             except Exception:  # a pipe: whose process failed; already counted
                 pass
+
+
+class _CountingReader:
+    """File-like wrapper counting the bytes read (to tell a truncated tar from a complete one)."""
+
+    def __init__(self, raw: Any):
+        self.raw = raw
+        self.count = 0
+
+    def read(self, n: int = -1) -> bytes:
+        data = self.raw.read(n)
+        self.count += len(data)
+        return data
+
+    def close(self) -> None:
+        self.raw.close()
 
 
 def count_samples(urls: list[str]) -> int:

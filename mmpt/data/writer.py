@@ -151,6 +151,7 @@ class WriteSummary:
 
     @property
     def total_skipped(self) -> int:
+        """Rows skipped for any reason."""
         return sum(self.skipped.values())
 
     def __str__(self) -> str:
@@ -191,6 +192,8 @@ def write_shards(
 
     table = Path(table).expanduser()
     if table.is_dir():
+        if path_column or caption_column:
+            raise ValueError(f"{table} is an image folder: path_column/caption_column apply only to tables")
         source = _folder_source(table)
     else:
         source = _table_source(table, path_column, caption_column)

@@ -1,0 +1,105 @@
+"""Eval tasks (zero-shot, retrieval, linear probe) run from a recipe's ``eval:`` list.
+
+Each entry is ``{name: <registered task>, id: <result name>, ...task keys}``; the keys are the task
+class's fields, so a typo fails with the closest valid key before anything runs. Every rank of a
+multi-rank job calls :func:`run_tasks` with the same inputs and runs the same forwards (ZeRO-3
+forwards are collectives), so nothing here depends on the rank.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from mmpt.encoders.base import ModalityData
+from mmpt.eval.common import Embedded, Task, embed_images, embed_texts
+from mmpt.model import MultimodalModel
+from mmpt.registry import ConfigError
+from mmpt.registry import tasks as task_registry
+
+__all__ = ["Embedded", "Task", "build_tasks", "embed_images", "embed_texts", "format_table", "run_tasks",
+           "write_results"]
+
+
+def build_tasks(entries: Sequence[dict[str, Any]]) -> list[tuple[str, Task]]:
+    """Validate and build every task of a recipe's ``eval:`` list; returns (result name, task) pairs."""
+    built: list[tuple[str, Task]] = []
+    where: dict[str, str] = {}
+    for i, entry in enumerate(entries):
+        path = f"eval[{i}]"
+        if not isinstance(entry, dict) or "name" not in entry:
+            raise ConfigError(f"{path}: expected a mapping with 'name' (one of: {', '.join(task_registry.names())})")
+        kwargs = {k: v for k, v in entry.items() if k not in ("name", "id")}
+        try:
+            task = task_registry.build(entry["name"], path=path, **kwargs)
+        except ConfigError as exc:
+            # Tasks name the key in their own checks; the registry already prefixes the path.
+            if str(exc).startswith(path):
+                raise
+            raise ConfigError(f"{path}.{exc}") from exc
+        name = str(entry.get("id") or task.default_id())
+        if name in where:
+            raise ConfigError(f"{path}: result name '{name}' is also {where[name]}'s; give one of them an 'id'")
+        where[name] = path
+        built.append((name, task))
+    return built
+
+
+def run_tasks(model: MultimodalModel, specs: dict[str, ModalityData], tasks: Sequence[dict[str, Any]],
+              device: torch.device | str, progress: bool = True) -> dict[str, dict[str, Any]]:
+    """Run every eval task in eval mode without gradients; returns {result name: metrics}."""
+    built = build_tasks(tasks)  # every config error surfaces before any task spends time
+    was_training = model.training
+    model.eval()
+    results: dict[str, dict[str, Any]] = {}
+    try:
+        with torch.no_grad():
+            for name, task in built:
+                results[name] = task.run(model, specs, device, progress)
+    finally:
+        model.train(was_training)
+    return results
+
+
+def _chance(metrics: dict[str, Any], metric: str) -> float | None:
+    # ``<metric>_chance`` belongs to that metric; a bare ``chance`` is the chance of the headline top1.
+    value = metrics.get(f"{metric}_chance", metrics.get("chance") if metric == "top1" else None)
+    return value if isinstance(value, (int, float)) else None
+
+
+def _fmt(value: float | int | None) -> str:
+    if value is None:
+        return ""
+    if isinstance(value, bool) or isinstance(value, int):
+        return str(value)
+    return "nan" if math.isnan(value) else f"{value:.4f}"
+
+
+def format_table(results: dict[str, dict[str, Any]]) -> str:
+    """Fixed-width text table: task, metric, value and chance level where known (tables are left out)."""
+    rows = [("task", "metric", "value", "chance")]
+    for task, metrics in results.items():
+        for metric, value in metrics.items():
+            if metric == "chance" or metric.endswith("_chance") or not isinstance(value, (int, float)):
+                continue
+            rows.append((task, metric, _fmt(value), _fmt(_chance(metrics, metric))))
+    widths = [max(len(r[c]) for r in rows) for c in range(4)]
+    lines = [f"{r[0]:<{widths[0]}}  {r[1]:<{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]:>{widths[3]}}".rstrip()
+             for r in rows]
+    lines.insert(1, "-" * len(lines[0]))
+    return "\n".join(lines)
+
+
+def write_results(results: dict[str, dict[str, Any]], path: str | Path) -> None:
+    """Write results as JSON (atomically: a reader never sees half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(results, indent=2) + "\n", encoding="utf-8")
+    os.replace(tmp, path)

@@ -92,7 +92,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
             evals = run_eval(engine.module, cfg, specs, d, logger, done)
         if done % t.checkpoint_every == 0 or done == steps:
             last_ckpt = checkpoint.save(engine, run_dir, done, {"step": done}, {"loader": loader.state_dict()},
-                                        t.keep_last, crash_in_save=t.crash_in_save)
+                                        t.keep_last, crash_in_save=t.crash_in_save == done)
         bar.update(1)
         if t.crash_at_step == done:
             raise checkpoint.InjectedFault(f"injected crash at step {done}")

@@ -139,16 +139,19 @@ def test_accuracy_metric() -> None:
     a, _ = features()
     perfect = clip_loss(a, a, torch.tensor([20.0]), gather=GatherMode())[1]
     assert perfect["acc"].item() == 1.0 and perfect["acc_ba"].item() == 1.0
-    # b row i is a row i+1: every a row retrieves the wrong b, except through the absent masking below.
-    shifted = a.roll(1, dims=0)
-    wrong = clip_loss(a, shifted, torch.tensor([20.0]), gather=GatherMode())[1]
+    wrong = clip_loss(a, a.roll(1, dims=0), torch.tensor([20.0]), gather=GatherMode())[1]
     assert wrong["acc"].item() == 0.0
-    # With rows 1.. absent except row 0 and 5, only columns 0 and 5 compete.
+    # Only rows 0 and 5 present. Row 0's best column overall is absent column 3, so it is right only
+    # if absent columns leave the argmax; row 5 is wrong; absent rows (all right) leave the mean.
     valid = torch.zeros(a.shape[0], dtype=torch.bool)
     valid[[0, 5]] = True
-    half, half_b = a.clone(), a.clone()
-    half_b[5] = a[0]  # row 5 now retrieves column 0 (tie broken toward the first index)
-    masked = clip_loss(half, half_b, torch.tensor([20.0]), gather=GatherMode(), valid=valid)[1]
+    b = a.clone()
+    b[0] = F.normalize(a[0] + 0.3 * a[1], dim=0)
+    b[3] = a[0]
+    b[5] = -a[5]
+    unmasked = clip_loss(a, b, torch.tensor([20.0]), gather=GatherMode())[1]
+    assert unmasked["acc"].item() == 5 / 8  # rows 0, 3 (its match moved) and 5 miss
+    masked = clip_loss(a, b, torch.tensor([20.0]), gather=GatherMode(), valid=valid)[1]
     assert masked["acc"].item() == 0.5
 
 
@@ -294,10 +297,11 @@ def test_two_ranks(rank_results: list[dict[str, dict[str, torch.Tensor]]]) -> No
                     assert_close(r["loss"], ref, f"{key} rank {rank} local loss")
                 continue
 
-            ref_loss, ref_ga, ref_gb, ref_gs = _single_reference(mask)
             if mask is not None and not mask.any():
-                ref_loss = torch.tensor(0.0)
-                ref_ga, ref_gb, ref_gs = torch.zeros_like(ref_ga), torch.zeros_like(ref_gb), torch.zeros_like(ref_gs)
+                ref_loss, ref_ga, ref_gb, ref_gs = (torch.tensor(0.0), torch.zeros_like(a_glob),
+                                                    torch.zeros_like(b_glob), torch.zeros(1))
+            else:
+                ref_loss, ref_ga, ref_gb, ref_gs = _single_reference(mask)
             # The full loss on every rank; with local_loss each rank holds its share of it.
             if local_loss:
                 assert_close(torch.stack([r["loss"] for r in res]).mean(), ref_loss, f"{key} mean loss")

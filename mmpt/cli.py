@@ -1,0 +1,201 @@
+"""``mmpt`` command line: thin parsing over the Python API.
+
+    mmpt train RECIPE [--set key=value ...] [--resume latest|PATH]
+    mmpt eval MODEL [--task ID ...] [--set key=value ...] [--out FILE]
+    mmpt embed MODEL --data SHARDS --modality M --out DIR
+    mmpt export RUN_DIR --out FILE
+    mmpt data demo|write|inspect ...
+    mmpt demo [--out DIR] [--smoke]
+    mmpt info
+
+Multi-rank: ``torchrun --nproc_per_node N -m mmpt.cli train RECIPE`` (or the ``deepspeed`` launcher).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+EPILOG = """examples:
+  mmpt demo                                   # generate demo data, train clip-tiny, eval, export, embed
+  mmpt train clip-tiny --set train.steps=200 --set optim.lr=5e-4
+  torchrun --nproc_per_node 2 -m mmpt.cli train clip-tiny --set train.zero_stage=3
+  mmpt train clip-tiny --resume latest        # continue the run in train.out_dir
+  mmpt export runs/demo/clip-tiny --out model.safetensors
+  mmpt eval model.safetensors --task zero_shot/color
+  mmpt embed model.safetensors --data 'shards/{000..009}.tar' --modality image --out emb/
+  mmpt data inspect 'shards/*.tar'
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="mmpt", description="Multimodal pretraining: pluggable encoders, shared "
+                                "objectives, DeepSpeed ZeRO, WebDataset shards.", epilog=EPILOG,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train a recipe (shipped name or YAML path)")
+    t.add_argument("recipe", help="shipped recipe name (see `mmpt info`) or path to a YAML file")
+    t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
+    t.add_argument("--resume", metavar="latest|PATH",
+                   help="resume from the newest checkpoint of train.out_dir ('latest') or a given run/checkpoint")
+
+    e = sub.add_parser("eval", help="run eval tasks on an exported model or a run directory")
+    e.add_argument("model", help="exported .safetensors file or run directory (its latest checkpoint)")
+    e.add_argument("--task", action="append", default=[], metavar="ID",
+                   help="task id or name from the model's recipe (e.g. zero_shot/color, retrieval); default: all")
+    e.add_argument("--tasks-file", help="YAML list of task configs to run instead of the recipe's")
+    e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
+                   help="set a key on every selected task, e.g. --set data=/path/to/eval")
+    e.add_argument("--out", help="write results JSON here")
+
+    m = sub.add_parser("embed", help="extract embeddings (clip-retrieval layout), resumable, multi-rank")
+    m.add_argument("model", help="exported .safetensors file or run directory")
+    m.add_argument("--data", required=True, help="shards: path, glob, brace list or pipe: URL")
+    m.add_argument("--modality", required=True, help="which tower to run, e.g. image or text")
+    m.add_argument("--out", required=True, help="output folder")
+    m.add_argument("--batch-size", type=int, default=256)
+    m.add_argument("--workers", type=int, default=1)
+    m.add_argument("--no-normalize", action="store_true", help="write unnormalised projections")
+    m.add_argument("--dtype", default="float16", choices=["float16", "float32"])
+
+    x = sub.add_parser("export", help="consolidate a run (any ZeRO stage) into one .safetensors file")
+    x.add_argument("run_dir", help="run directory or checkpoint folder")
+    x.add_argument("--out", required=True, help="output .safetensors path")
+
+    d = sub.add_parser("data", help="demo data, shard writing and inspection")
+    dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    dd = dsub.add_parser("demo", help="generate the embedded synthetic shapes/colours set")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--train-samples", type=int, default=20000)
+    dd.add_argument("--eval-samples", type=int, default=1000)
+    dd.add_argument("--image-size", type=int, default=64)
+    dd.add_argument("--seed", type=int, default=0)
+    dw = dsub.add_parser("write", help="write shards from a CSV/Parquet/JSONL table or an image folder")
+    dw.add_argument("input", help="table of (file path, caption) rows, or a folder of images with .txt sidecars")
+    dw.add_argument("--out", required=True, help="output pattern, e.g. shards/train-%%06d.tar")
+    dw.add_argument("--max-size", type=float, default=256, help="target shard size in MB")
+    dw.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+    di = dsub.add_parser("inspect", help="count samples, keys, modalities and decode errors of shards")
+    di.add_argument("shards", help="path, glob, brace list or pipe: URL")
+    di.add_argument("--decode", action="store_true", help="also decode every member to find bad ones")
+
+    demo = sub.add_parser("demo", help="the whole path on generated data: data, train, eval, export, embed")
+    demo.add_argument("--out", default="runs/demo")
+    demo.add_argument("--smoke", action="store_true", help="tiny data and few steps (about a minute)")
+    demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+
+    sub.add_parser("info", help="versions and registered encoders, objectives, recipes, eval tasks")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the ``mmpt`` command."""
+    args = _parser().parse_args(argv)
+    from mmpt.registry import ConfigError
+
+    try:
+        return _dispatch(args)
+    except ConfigError as exc:  # bad config or data location: one clear line, no traceback
+        print(f"mmpt: error: {exc}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "train":
+        from mmpt.config import load_config
+        from mmpt.train.loop import train
+
+        train(load_config(args.recipe, args.overrides), resume=args.resume)
+    elif args.command == "eval":
+        _eval(args)
+    elif args.command == "embed":
+        from mmpt.embed import embed
+
+        print(embed(args.model, args.data, args.modality, args.out, batch_size=args.batch_size,
+                    workers=args.workers, normalize=not args.no_normalize, dtype=args.dtype))
+    elif args.command == "export":
+        from mmpt.export import export
+
+        print(f"exported {export(args.run_dir, args.out)}")
+    elif args.command == "data":
+        _data(args)
+    elif args.command == "demo":
+        from mmpt.demo import run_demo
+
+        run_demo(args.out, smoke=args.smoke, overrides=args.overrides)
+    elif args.command == "info":
+        _info()
+    return 0
+
+
+def _eval(args: argparse.Namespace) -> None:
+    import mmpt
+    from mmpt.config import apply_overrides, load_yaml
+    from mmpt.eval import format_table, run_tasks, task_id, write_results
+
+    model, transforms, _ = mmpt.load(args.model)
+    if args.tasks_file:
+        tasks = load_yaml(args.tasks_file) if args.tasks_file.endswith((".yaml", ".yml")) else None
+        tasks = tasks.get("eval", tasks) if isinstance(tasks, dict) else tasks
+    else:
+        import yaml
+        from safetensors import safe_open
+
+        if Path(args.model).is_dir():
+            tasks = load_yaml(Path(args.model) / "config.yaml").get("eval", [])
+        else:
+            with safe_open(args.model, framework="pt") as f:
+                tasks = yaml.safe_load(f.metadata()["config"]).get("eval", [])
+    if args.task:
+        tasks = [t for t in tasks if t["name"] in args.task or task_id(t) in args.task]
+    if not tasks:
+        raise SystemExit("mmpt eval: no tasks selected (see --task / --tasks-file)")
+    tasks = [apply_overrides(dict(t), args.overrides) for t in tasks]
+    results = run_tasks(model.model, transforms, tasks, device="cpu")
+    print(format_table(results))
+    if args.out:
+        write_results(results, args.out)
+
+
+def _data(args: argparse.Namespace) -> None:
+    if args.data_command == "demo":
+        from mmpt.data.demo import generate_demo
+
+        info = generate_demo(args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
+                             image_size=args.image_size, seed=args.seed)
+        print(f"demo data written to {args.out}: {info}")
+    elif args.data_command == "write":
+        from mmpt.data.writer import write_shards
+
+        print(write_shards(args.input, args.out, max_size=int(args.max_size * 2**20), max_count=args.max_count))
+    elif args.data_command == "inspect":
+        from mmpt.data.inspect import inspect_shards
+
+        report = inspect_shards(args.shards, decode=args.decode)
+        print(json.dumps(report, indent=1))
+
+
+def _info() -> None:
+    import importlib.metadata as md
+
+    from mmpt.registry import encoders, modalities, objectives, tasks
+
+    for pkg in ("mmpt", "torch", "torchaudio", "timm", "open_clip_torch", "transformers", "webdataset", "deepspeed"):
+        try:
+            print(f"{pkg:16s} {md.version(pkg)}")
+        except md.PackageNotFoundError:
+            print(f"{pkg:16s} not installed")
+    from importlib import resources
+
+    recipes = sorted(f.name[:-5] for f in resources.files("mmpt.recipes").iterdir() if f.name.endswith(".yaml"))
+    for title, names in (("encoders", encoders.names()), ("modalities", modalities.names()),
+                         ("objectives", objectives.names()), ("eval tasks", tasks.names()), ("recipes", recipes)):
+        print(f"{title:16s} {', '.join(names)}")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

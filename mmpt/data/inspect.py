@@ -1,0 +1,47 @@
+"""``mmpt data inspect``: what is in a set of shards, and which members fail to decode."""
+
+from __future__ import annotations
+
+from collections import Counter
+from typing import Any
+
+from mmpt.data.shards import ShardEvent, expand_urls, iter_samples
+
+
+def inspect_shards(pattern: str, decode: bool = False, progress: bool = True) -> dict[str, Any]:
+    """Counts of samples, extensions and modalities per shard set; with ``decode``, decode errors
+    per reason using each registered modality's default decoder."""
+    from tqdm import tqdm
+
+    from mmpt.registry import modalities
+
+    urls = expand_urls(pattern)
+    specs = {name: modalities.get(name)() for name in modalities.names()}
+    by_ext = {ext: name for name, spec in specs.items() for ext in spec.extensions}
+    exts: Counter[str] = Counter()
+    mods: Counter[str] = Counter()
+    problems: Counter[str] = Counter()
+    samples, example_keys = 0, []
+    for url in tqdm(urls, disable=not progress, desc="inspect", unit="shard"):
+        for s in iter_samples(url):
+            if isinstance(s, ShardEvent):
+                problems[s.reason] += 1
+                continue
+            samples += 1
+            if len(example_keys) < 5:
+                example_keys.append(s["__key__"])
+            members = [k for k in s if not k.startswith("__")]
+            exts.update(members)
+            present = {by_ext[e] for e in members if e in by_ext}
+            mods.update(present)
+            for ext in members:
+                if not s[ext]:
+                    problems[f"empty_{ext}"] += 1
+                elif decode and ext in by_ext:
+                    try:
+                        specs[by_ext[ext]].decode(s[ext], ext)
+                    except Exception as exc:  # report, never stop: the point is to find every bad member
+                        reason = "decompression_bomb" if "DecompressionBomb" in type(exc).__name__ else "decode_error"
+                        problems[f"{reason}_{by_ext[ext]}"] += 1
+    return {"shards": len(urls), "samples": samples, "example_keys": example_keys,
+            "extensions": dict(exts), "modalities": dict(mods), "problems": dict(problems)}

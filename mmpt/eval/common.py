@@ -1,0 +1,264 @@
+"""What every eval task shares: the Task base, embedding a dataset or a list of texts, labels and top-k.
+
+Tasks never loop over batches themselves: :func:`embed_images` turns shards (or an ImageFolder-style
+directory) into one embedding matrix plus per-sample metadata, and :func:`embed_texts` does the same
+for strings, so a task is only its scoring.
+"""
+
+from __future__ import annotations
+
+import functools
+import glob
+import os
+from collections.abc import Iterable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmpt.data.batch import Batch
+from mmpt.data.loader import Loader, eval_loader
+from mmpt.data.shards import DataError, expand_urls
+from mmpt.encoders.base import ModalityData
+from mmpt.model import MultimodalModel
+from mmpt.registry import ConfigError
+
+IMAGE_FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
+
+
+@dataclass(kw_only=True)
+class Task:
+    """Base of every eval task: the dataclass fields are the recipe keys, validated by the registry.
+
+    data: shard pattern (path, glob, brace list, ``pipe:``) or, where a task says so, a directory of
+    class subfolders of images. batch_size: samples per forward. workers: data loading processes.
+    """
+
+    data: str
+    batch_size: int = 256
+    workers: int = 1
+
+    def __post_init__(self) -> None:
+        if self.batch_size < 1:
+            raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
+        if self.workers < 0:
+            raise ConfigError(f"workers: must be >= 0, got {self.workers}")
+        check_source(self.data, "data")
+
+    def default_id(self) -> str:
+        """Result name used when the task dict sets no ``id``."""
+        return str(getattr(type(self), "registry_name", type(self).__name__))
+
+    def run(self, model: MultimodalModel, specs: dict[str, ModalityData], device: torch.device | str,
+            progress: bool = True) -> dict[str, Any]:  # pragma: no cover - abstract
+        """Evaluate ``model``; returns a flat dict of metrics (numbers, plus maybe a small table)."""
+        raise NotImplementedError
+
+
+def is_image_folder(path: str) -> bool:
+    """True for a directory holding no shards (``.tar``): read as ``class_name/image`` files."""
+    return os.path.isdir(path) and not glob.glob(os.path.join(path, "*.tar"))
+
+
+def check_source(pattern: str, key: str) -> None:
+    """Fail at build time, naming ``key``, when ``pattern`` matches no shards and is no image folder."""
+    if is_image_folder(pattern):
+        return
+    try:
+        expand_urls(pattern)
+    except DataError as exc:
+        raise ConfigError(f"{key}: {exc}") from exc
+
+
+def require_modality(specs: dict[str, ModalityData], modality: str, why: str) -> ModalityData:
+    """The data side of ``modality``, or a ConfigError saying which towers the model has."""
+    if modality not in specs:
+        raise ConfigError(f"{why} needs a '{modality}' tower; the model has {', '.join(specs) or 'none'}")
+    return specs[modality]
+
+
+@dataclass
+class Embedded:
+    """Embeddings of a dataset with per-sample metadata, in loader order.
+
+    embeddings: (N, E) L2-normalised, on the eval device. keys: sample keys (file paths for image
+    folders). meta: per-sample extras: the ``keep`` extensions of shards (decoded ``json`` dicts,
+    ``txt`` strings; None where absent) or ``label`` (folder name) for image folders. skipped:
+    samples without a decodable input, which have no row.
+    """
+
+    embeddings: Tensor
+    keys: list[str]
+    meta: dict[str, list[Any]] = field(default_factory=dict)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@torch.no_grad()
+def embed_images(model: MultimodalModel, specs: dict[str, ModalityData], pattern: str, batch_size: int,
+                 keep: tuple[str, ...] = ("json", "txt"), device: torch.device | str = "cpu",
+                 progress: bool = True, *, workers: int = 1, modality: str = "image",
+                 desc: str = "embed") -> Embedded:
+    """Embed every sample of ``pattern`` (shards, or an image folder) with the ``modality`` tower."""
+    spec = require_modality(specs, modality, f"embedding '{pattern}'")
+    if modality == "image" and is_image_folder(pattern):
+        loader: Iterable[Batch] = image_folder_batches(spec, pattern, batch_size, workers)
+        extras: tuple[str, ...] = ("label",)
+    else:
+        loader = eval_loader(pattern, {modality: spec}, batch_size, keep=keep, workers=workers)
+        extras = keep
+    chunks: list[Tensor] = []
+    keys: list[str] = []
+    meta: dict[str, list[Any]] = {ext: [] for ext in extras}
+    absent = 0
+    from tqdm import tqdm
+
+    for batch in tqdm(loader, disable=not progress, desc=desc, unit="batch", leave=False):
+        if not len(batch):
+            continue
+        fields = {k: v.to(device, non_blocking=True) for k, v in batch.fields[modality].items()}
+        # The whole batch goes through the tower (absent rows are zero-filled by collate) so every rank
+        # runs the same forwards; absent rows are dropped afterwards.
+        emb = model.encode_fields(modality, fields).embedding
+        rows = batch.present[modality].nonzero().squeeze(1).tolist()
+        absent += len(batch) - len(rows)
+        chunks.append(emb[rows])
+        keys += [batch.keys[i] for i in rows]
+        for ext in extras:
+            values = batch.meta.get(ext, [None] * len(batch))
+            meta[ext] += [values[i] for i in rows]
+    # Samples the shard loader could not decode never reach a batch; it counts them by reason.
+    skipped = absent + (sum(loader.state.total_skips().values()) if isinstance(loader, Loader) else 0)
+    embeddings = torch.cat(chunks) if chunks else torch.zeros(0, model.embed_dim, device=device)
+    return Embedded(embeddings.float(), keys, meta, skipped=skipped)
+
+
+@torch.no_grad()
+def embed_texts(model: MultimodalModel, specs: dict[str, ModalityData], texts: list[str], batch_size: int,
+                device: torch.device | str = "cpu", *, modality: str = "text") -> Tensor:
+    """(len(texts), E) L2-normalised embeddings of strings, ``batch_size`` at a time."""
+    spec = require_modality(specs, modality, "embedding texts")
+    out = []
+    for start in range(0, len(texts), batch_size):
+        fields = spec.prepare(texts[start:start + batch_size], train=False)
+        out.append(model.encode_fields(modality, {k: v.to(device) for k, v in fields.items()}).embedding)
+    return torch.cat(out).float() if out else torch.zeros(0, model.embed_dim, device=device)
+
+
+# ImageFolder-style data (``root/class_name/*.jpg``), the layout of ImageNet's validation set.
+
+class _ImageFiles(torch.utils.data.Dataset):
+    """(path, folder label, transformed image or None) per file."""
+
+    def __init__(self, files: list[tuple[str, str]], spec: ModalityData):
+        self.files, self.spec = files, spec
+
+    def __len__(self) -> int:
+        return len(self.files)
+
+    def __getitem__(self, i: int) -> tuple[str, str, Any]:
+        path, label = self.files[i]
+        try:
+            with open(path, "rb") as f:
+                data = f.read()
+            # decode() applies the modality's own limits (decompression bombs, draft-mode JPEG).
+            value = self.spec.transform(self.spec.decode(data, Path(path).suffix[1:].lower()), False)
+        except Exception:  # an unreadable file is a skipped sample, not a crashed eval
+            value = None
+        return path, label, value
+
+
+def _collate_files(items: list[tuple[str, str, Any]], spec: ModalityData, modality: str) -> Batch:
+    values = [v for _, _, v in items]
+    return Batch(fields={modality: spec.collate(values)},
+                 present={modality: torch.tensor([v is not None for v in values], dtype=torch.bool)},
+                 keys=[p for p, _, _ in items], meta={"label": [label for _, label, _ in items]})
+
+
+def image_folder_files(root: str) -> list[tuple[str, str]]:
+    """(path, class folder name) of every image under ``root/<class>/``, sorted (torchvision's order)."""
+    files = []
+    for class_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
+        for path in sorted(class_dir.rglob("*")):
+            if path.suffix.lower() in IMAGE_FOLDER_SUFFIXES and path.is_file():
+                files.append((str(path), class_dir.name))
+    if not files:
+        raise DataError(f"{root!r} has neither shards (*.tar) nor class subfolders of images")
+    return files
+
+
+def image_folder_batches(spec: ModalityData, root: str, batch_size: int, workers: int = 1) -> Iterator[Batch]:
+    """Batches of an image folder: ``meta['label']`` is each image's class folder name."""
+    dataset = _ImageFiles(image_folder_files(root), spec)
+    loader = torch.utils.data.DataLoader(
+        dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
+        collate_fn=functools.partial(_collate_files, spec=spec, modality=spec.modality or "image"),
+        multiprocessing_context="fork" if workers > 0 else None)
+    yield from loader
+
+
+# Labels and accuracy, shared by classification tasks.
+
+def sample_labels(emb: Embedded, label_key: str | None) -> list[str | None]:
+    """Each sample's class name: its folder (image folders) or ``json[label_key]`` (shards)."""
+    if "label" in emb.meta:
+        return list(emb.meta["label"])
+    if not label_key:
+        raise ConfigError("label_key: required for shard data (the json field holding each sample's class)")
+    out: list[str | None] = []
+    for meta in emb.meta.get("json", [None] * len(emb)):
+        value = meta.get(label_key) if isinstance(meta, dict) else None
+        out.append(None if value is None else str(value))
+    return out
+
+
+def label_indices(labels: list[str | None], classes: list[str]) -> tuple[Tensor, list[str | None]]:
+    """Class index per sample (-1 where the label is missing or not in ``classes``) and those labels."""
+    index = {name: i for i, name in enumerate(classes)}
+    ids = torch.tensor([index.get(label, -1) if label is not None else -1 for label in labels], dtype=torch.long)
+    unknown = [label for label in labels if label is None or label not in index]
+    return ids, unknown
+
+
+def no_label_error(emb: Embedded, label_key: str | None, unknown: list[str | None], classes: list[str]) -> ConfigError:
+    """A ConfigError explaining why no sample could be scored (wrong label_key or class list)."""
+    from mmpt.registry import closest
+
+    first = next((m for m in emb.meta.get("json", []) if isinstance(m, dict)), None)
+    if first is not None and label_key not in first:
+        return ConfigError(f"label_key: '{label_key}' is in no sample's json{closest(str(label_key), list(first))}; "
+                           f"keys: {', '.join(first)}")
+    seen = sorted({str(u) for u in unknown})[:5]
+    return ConfigError(f"classnames: no sample's label is a class name (labels seen: {', '.join(seen) or 'none'}; "
+                       f"classes: {', '.join(classes[:5])}{', ...' if len(classes) > 5 else ''})")
+
+
+def accuracy_metrics(top: Tensor, labels: Tensor, classes: list[str]) -> dict[str, Any]:
+    """Top-1/top-5, chance levels and per-class top-1 from ranked predictions ``top`` (N, k) and labels (N,).
+
+    ``top5`` ranks min(5, classes) classes, so with fewer than five classes it is 1.0 and so is its chance.
+    """
+    num_classes = len(classes)
+    hits = top == labels.to(top.device).unsqueeze(1)
+    top1 = hits[:, 0].float()
+    k5 = min(5, num_classes, top.shape[1])
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).float()
+    per_class = torch.bincount(labels.cpu(), weights=top1.cpu(), minlength=num_classes) / counts.clamp_min(1)
+    seen = counts > 0
+    chance = 1.0 / num_classes
+    out: dict[str, Any] = {
+        "top1": top1.mean().item(),
+        "top5": hits[:, :k5].any(1).float().mean().item(),
+        "chance": chance,
+        "top5_chance": k5 / num_classes,
+        "mean_per_class_top1": per_class[seen].mean().item(),
+        "n": int(labels.numel()),
+        "num_classes": num_classes,
+    }
+    out["top1_over_chance"] = out["top1"] / chance
+    out["per_class_top1"] = {classes[i]: round(per_class[i].item(), 6) for i in seen.nonzero().squeeze(1).tolist()}
+    return out

@@ -1,0 +1,168 @@
+"""The demo dataset: layout, determinism, caption grammar vs class/template files, pixels, speed."""
+
+from __future__ import annotations
+
+import io
+import json
+import re
+import tarfile
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from mmpt.data import demo
+from mmpt.data.demo import COLORS, SHAPES, DemoInfo, generate_demo
+
+SMALL = {"train_samples": 300, "eval_samples": 50, "shard_size": 128}
+
+
+def read_samples(paths: list[Path]) -> list[dict]:
+    """Every sample of the shards as {"__key__", "jpg", "txt", "json"}, with txt/json decoded."""
+    samples: list[dict] = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if not samples or samples[-1]["__key__"] != key:
+                    samples.append({"__key__": key})
+                data = tar.extractfile(member).read()
+                samples[-1][ext] = {"txt": bytes.decode, "json": json.loads}.get(ext, bytes)(data)
+    return samples
+
+
+@pytest.fixture(scope="module")
+def dataset(tmp_path_factory: pytest.TempPathFactory) -> DemoInfo:
+    return generate_demo(tmp_path_factory.mktemp("demo"), train_samples=3000, eval_samples=200, progress=False)
+
+
+@pytest.fixture(scope="module")
+def train(dataset: DemoInfo) -> list[dict]:
+    return read_samples(dataset.train_shards)
+
+
+def test_layout_and_info(dataset: DemoInfo) -> None:
+    root = dataset.root
+    assert [p.relative_to(root).as_posix() for p in dataset.train_shards] == ["train/demo-train-000000.tar", "train/demo-train-000001.tar"]
+    assert [p.relative_to(root).as_posix() for p in dataset.eval_shards] == ["eval/demo-eval-000000.tar"]
+    assert dataset.classes == {"color": root / "classes/color.txt", "shape": root / "classes/shape.txt"}
+    assert dataset.templates == {"color": root / "templates/color.txt", "shape": root / "templates/shape.txt"}
+    info = json.loads(dataset.info_file.read_text())
+    assert (info["train_samples"], info["eval_samples"], info["seed"], info["image_size"]) == (3000, 200, 0, 64)
+    assert info["shapes"] == list(SHAPES) and info["colors"] == list(COLORS)
+    assert info["train_shards"] == ["train/demo-train-000000.tar", "train/demo-train-000001.tar"]
+    assert dataset.train_pattern == str(root / "train" / "demo-train-{000000..000001}.tar")
+    assert dataset.eval_pattern == str(root / "eval" / "demo-eval-000000.tar")
+    assert not list(root.rglob("*.tmp"))
+
+
+def test_samples_have_keys_members_and_metadata(dataset: DemoInfo, train: list[dict]) -> None:
+    assert len(train) == 3000
+    assert train[12]["__key__"] == "train_00000012"
+    eval_samples = read_samples(dataset.eval_shards)
+    assert [s["__key__"] for s in eval_samples[:2]] == ["eval_00000000", "eval_00000001"]
+    for sample in train[:200]:
+        meta = sample["json"]
+        assert set(sample) == {"__key__", "jpg", "txt", "json"}
+        assert meta["shape"] in SHAPES and meta["color"] in COLORS and meta["background"] in COLORS
+        assert meta["background"] != meta["color"]
+        assert meta["size"] in demo.SIZES and meta["position"] in demo.POSITIONS
+        assert len(set(meta["captions"])) == demo.CAPTION_VARIANTS
+        for caption in meta["captions"]:
+            assert re.search(rf"\b{meta['color']} {meta['shape']}\b", caption), caption
+            assert f"a {meta['background']} background" in caption
+        # Whatever form the training caption takes, every word it uses is true of the image.
+        words = set(sample["txt"].split())
+        assert not (words & set(COLORS)) - {meta["color"], meta["background"]}
+        assert not (words & set(SHAPES)) - {meta["shape"]}
+
+
+def test_same_seed_same_bytes(tmp_path: Path) -> None:
+    first = generate_demo(tmp_path / "a", **SMALL, progress=False)
+    second = generate_demo(tmp_path / "b", **SMALL, progress=False)
+    other = generate_demo(tmp_path / "c", **SMALL, seed=1, progress=False)
+    shards = first.train_shards + first.eval_shards
+    assert len(first.train_shards) == 3
+    assert [p.read_bytes() for p in shards] == [p.read_bytes() for p in second.train_shards + second.eval_shards]
+    assert first.train_shards[0].read_bytes() != other.train_shards[0].read_bytes()
+
+
+def test_eval_split_does_not_depend_on_train(tmp_path: Path) -> None:
+    small = generate_demo(tmp_path / "a", **{**SMALL, "train_samples": 10}, progress=False)
+    large = generate_demo(tmp_path / "b", **SMALL, progress=False)
+    assert small.eval_shards[0].read_bytes() == large.eval_shards[0].read_bytes()
+    train_images = {s["jpg"] for s in read_samples(large.train_shards)}
+    assert not train_images & {s["jpg"] for s in read_samples(large.eval_shards)}
+
+
+def test_rerun_into_same_folder_removes_stale_shards(tmp_path: Path) -> None:
+    generate_demo(tmp_path, **SMALL, progress=False)
+    info = generate_demo(tmp_path, **{**SMALL, "train_samples": 100}, progress=False)
+    assert sorted((tmp_path / "train").iterdir()) == info.train_shards == [tmp_path / "train" / "demo-train-000000.tar"]
+
+
+def test_class_files_use_caption_words(dataset: DemoInfo, train: list[dict]) -> None:
+    captions = [s["txt"] for s in train] + [c for s in train for c in s["json"]["captions"]]
+    vocabulary = {word for caption in captions for word in caption.split()}
+    for task, names in {"color": list(COLORS), "shape": list(SHAPES)}.items():
+        assert dataset.classes[task].read_text().splitlines() == names
+        assert set(names) <= vocabulary, task
+        # The templates carry the article "a", so a name starting with a vowel would read "a orange".
+        assert not [n for n in names if n[0] in "aeiou"]
+
+
+def test_filled_templates_are_training_captions(dataset: DemoInfo, train: list[dict]) -> None:
+    captions = {s["txt"] for s in train}
+    for task in ("color", "shape"):
+        templates = dataset.templates[task].read_text().splitlines()
+        assert len(templates) >= 2 and all(t.count("{}") == 1 for t in templates)
+        names = dataset.classes[task].read_text().splitlines()
+        missing = [t.format(n) for t in templates for n in names if t.format(n) not in captions]
+        assert not missing, missing
+
+
+def decode(sample: dict) -> np.ndarray:
+    return np.asarray(Image.open(io.BytesIO(sample["jpg"])).convert("RGB"), dtype=np.int16)
+
+
+def test_images_decode_to_requested_size(train: list[dict], tmp_path: Path) -> None:
+    assert decode(train[0]).shape == (64, 64, 3)
+    info = generate_demo(tmp_path, train_samples=4, eval_samples=1, image_size=40, progress=False)
+    assert decode(read_samples(info.train_shards)[0]).shape == (40, 40, 3)
+
+
+def test_centered_shape_colour_fills_the_centre(train: list[dict]) -> None:
+    centred = [s for s in train if s["json"]["position"] == "center" and s["json"]["shape"] != "ring"]
+    assert len(centred) > 100
+    for sample in centred:
+        meta = sample["json"]
+        patch = decode(sample)[28:36, 28:36].reshape(-1, 3)
+        fg, bg = np.array(COLORS[meta["color"]]), np.array(COLORS[meta["background"]])
+        nearer_fg = np.abs(patch - fg).sum(1) < np.abs(patch - bg).sum(1)
+        assert nearer_fg.mean() > 0.9, (sample["__key__"], meta)
+        assert np.abs(patch.mean(0) - fg).max() < 30, (sample["__key__"], meta, patch.mean(0))
+
+
+def test_small_shapes_still_cover_a_third_of_the_side(train: list[dict]) -> None:
+    sample = next(s for s in train if s["json"]["size"] == "small" and s["json"]["shape"] == "circle")
+    fg = np.array(COLORS[sample["json"]["color"]])
+    covered = np.abs(decode(sample) - fg).sum(-1) < 60
+    assert covered.any(0).sum() >= 0.3 * 64 and covered.any(1).sum() >= 0.3 * 64
+
+
+def test_cli_help(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        demo.main(["--help"])
+    assert exit_info.value.code == 0
+    assert "--train-samples" in capsys.readouterr().out
+
+
+def test_bench_generation_speed(tmp_path: Path) -> None:
+    """Bench-style: print samples/s (run with OMP_NUM_THREADS=1 taskset -c 0 for the one-core figure)."""
+    count = 2000
+    start = time.perf_counter()
+    generate_demo(tmp_path, train_samples=count, eval_samples=0, progress=False)
+    rate = count / (time.perf_counter() - start)
+    print(f"\ndemo generation: {rate:,.0f} samples/s at 64 px (render + JPEG + tar)")

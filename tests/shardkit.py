@@ -1,0 +1,66 @@
+"""Test helpers: write small WebDataset shards (with chosen defects) and tiny configs."""
+
+from __future__ import annotations
+
+import io
+import json
+import tarfile
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+COLORS = {"red": (220, 30, 30), "green": (30, 200, 30), "blue": (30, 30, 220), "yellow": (230, 230, 30)}
+
+
+def jpeg(color: tuple[int, int, int], size: int = 40) -> bytes:
+    """A JPEG of a square of ``color`` on black."""
+    img = np.zeros((size, size, 3), np.uint8)
+    img[size // 4: 3 * size // 4, size // 4: 3 * size // 4] = color
+    buf = io.BytesIO()
+    Image.fromarray(img).save(buf, "JPEG", quality=90)
+    return buf.getvalue()
+
+
+def write_tar(path: Path, samples: list[tuple[str, dict[str, bytes]]]) -> str:
+    """Write (key, {ext: bytes}) samples to one tar; returns its path."""
+    with tarfile.open(path, "w") as tar:
+        for key, members in samples:
+            for ext, data in members.items():
+                info = tarfile.TarInfo(f"{key}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return str(path)
+
+
+def color_sample(key: str, name: str) -> tuple[str, dict[str, bytes]]:
+    return key, {"jpg": jpeg(COLORS[name]), "txt": f"a {name} square".encode(),
+                 "json": json.dumps({"color": name, "captions": [f"a {name} square"]}).encode()}
+
+
+def write_color_shards(root: Path, counts: tuple[int, ...] = (40, 50, 60), prefix: str = "s") -> list[str]:
+    """Uneven shards of coloured squares; keys are unique across shards."""
+    names = list(COLORS)
+    rng = np.random.default_rng(0)
+    out = []
+    for s, n in enumerate(counts):
+        samples = [color_sample(f"{prefix}{s}_{i:05d}", names[rng.integers(len(names))]) for i in range(n)]
+        out.append(write_tar(Path(root) / f"{prefix}-{s:03d}.tar", samples))
+    return out
+
+
+def tiny_config(shards: list[str], out_dir: Path, **train) -> dict:
+    """A tiny CLIP config dict (image 32 px, 1-layer towers)."""
+    return {
+        "name": "tiny",
+        "seed": 0,
+        "model": {"embed_dim": 32, "encoders": {
+            "image": {"name": "image/vit", "image_size": 32, "patch_size": 8, "width": 32, "depth": 1, "heads": 2},
+            "text": {"name": "text/transformer", "context_length": 16, "width": 32, "depth": 1, "heads": 2}}},
+        "objectives": {"clip": {"name": "clip", "pairs": [["image", "text"]]}},
+        "data": {"sources": ["::".join(shards)], "batch_size": 8, "workers": 2, "shuffle_buffer": 30,
+                 "required": ["image", "text"]},
+        "optim": {"lr": 1e-3, "warmup_steps": 2},
+        "train": {"out_dir": str(out_dir), "steps": 8, "log_every": 2, "checkpoint_every": 3, "progress": False,
+                  "log_sample_keys": True, **train},
+    }

@@ -1,0 +1,85 @@
+"""One-rank training: fault-injected resume is bitwise equal; crash inside a save keeps the previous
+checkpoint; optimizer groups follow the no-decay and lr-scale rules."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from shardkit import tiny_config
+
+from mmpt.config import load_config
+from mmpt.train.checkpoint import InjectedFault
+from mmpt.train.engine import param_groups
+from mmpt.train.loop import train
+
+
+def step_log(run_dir: str | Path) -> dict[tuple[int, int], tuple[list[str], float]]:
+    """(step, micro) -> (keys, loss); a resumed run's records replace the crashed run's."""
+    out = {}
+    for line in open(Path(run_dir) / "keys_rank0.jsonl"):
+        r = json.loads(line)
+        out[(r["step"], r["micro"])] = (r["keys"], r["loss"])
+    return out
+
+
+@pytest.fixture(scope="module")
+def reference_run(color_shards: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    out = tmp_path_factory.mktemp("ref") / "run"
+    summary = train(load_config(tiny_config(color_shards, out, grad_accum=2)))
+    assert summary.steps == 8 and Path(summary.checkpoint).name == "step_00000008"
+    assert (out / "loss.png").exists() and (out / "metrics.jsonl").exists() and any((out / "tensorboard").iterdir())
+    return out
+
+
+def test_resume_after_crash_is_bitwise_equal(reference_run: Path, color_shards: list[str], tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(InjectedFault):
+        train(load_config(tiny_config(color_shards, out, grad_accum=2, crash_at_step=5)))
+    assert (out / "checkpoints" / "latest").read_text() == "step_00000003"
+    train(load_config(tiny_config(color_shards, out, grad_accum=2)), resume="latest")
+    ref, got = step_log(reference_run), step_log(out)
+    assert sorted(ref) == sorted(got) and len(ref) == 16
+    for k in ref:
+        assert got[k][0] == ref[k][0], f"keys differ at {k}"
+        assert got[k][1] == ref[k][1], f"loss differs at {k}: {got[k][1]} vs {ref[k][1]}"
+
+
+def test_crash_inside_save_keeps_previous_checkpoint(reference_run: Path, color_shards: list[str],
+                                                     tmp_path: Path) -> None:
+    out = tmp_path / "run"
+    with pytest.raises(InjectedFault, match="inside the save"):
+        train(load_config(tiny_config(color_shards, out, grad_accum=2, crash_in_save=6)))
+    root = out / "checkpoints"
+    assert (root / "latest").read_text() == "step_00000003"
+    assert (root / "step_00000006.tmp").is_dir() and not (root / "step_00000006").exists()
+    train(load_config(tiny_config(color_shards, out, grad_accum=2)), resume=str(out))
+    assert not (root / "step_00000006.tmp").exists()
+    ref, got = step_log(reference_run), step_log(out)
+    assert all(got[k] == ref[k] for k in ref)
+    metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert metrics[-1]["kind"] == "summary" and "done: 8 steps" in metrics[-1]["summary"]
+    logged = [m for m in metrics if m["kind"] == "train"]
+    assert {"loss", "loss/clip", "lr", "samples_per_s", "data_wait", "clip/image_text/logit_scale"} <= set(logged[-1])
+
+
+def test_param_groups_follow_decay_and_lr_rules(color_shards: list[str], tmp_path: Path) -> None:
+    from mmpt.pretrainer import build_pretrainer
+    from mmpt.registry import ConfigError
+
+    raw = tiny_config(color_shards, tmp_path)
+    raw["optim"]["lr_scale"] = {"model.encoders.text": 0.5}
+    cfg = load_config(raw)
+    module = build_pretrainer(cfg)
+    groups = param_groups(module, cfg)
+    names = {id(p): n for n, p in module.named_parameters()}
+    for g in groups:
+        for p in g["params"]:
+            n = names[id(p)]
+            no_decay = p.ndim < 2 or "logit_scale" in n or n.endswith(("pos_embed", "cls_token", "token_embed.weight"))
+            assert (g["weight_decay"] == 0) == no_decay, n
+            assert g["lr"] == pytest.approx(cfg.optim.lr * (0.5 if n.startswith("model.encoders.text") else 1.0)), n
+    raw["optim"]["lr_scale"] = {"model.encoders.txt": 0.5}
+    with pytest.raises(ConfigError, match="matches no parameter"):
+        param_groups(module, load_config(raw))
