@@ -12,15 +12,34 @@ An encoder file registers two things under the same modality:
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor, nn
 
 
-@dataclass
-class EncoderOutput:
+class TensorRecord(dict):
+    """A dict with attribute access, used for module outputs.
+
+    DeepSpeed ZeRO-3 looks for tensors in a module's outputs (tuples, lists, dicts — not
+    dataclasses) to hook the backward pass that re-gathers the module's own parameters. An encoder
+    that owns a parameter directly (``pos_embed``, ``cls_token``) and returned a dataclass would get
+    a gradient into a partitioned parameter; returning a dict subclass keeps the typed, attribute
+    style API and lets any one-file encoder own parameters however it likes.
+    """
+
+    def __getattr__(self, name: str) -> Any:
+        try:
+            return self[name]
+        except KeyError:
+            raise AttributeError(name) from None
+
+    def __setattr__(self, name: str, value: Any) -> None:
+        self[name] = value
+
+
+class EncoderOutput(TensorRecord):
     """What an encoder returns.
 
     tokens: (B, T, D) per-token features; mask: (B, T) bool, True where a token is real (None: all
@@ -32,8 +51,12 @@ class EncoderOutput:
     tokens: Tensor
     mask: Tensor | None
     pooled: Tensor
-    embedding: Tensor | None = None
-    extras: dict[str, Tensor] = field(default_factory=dict)
+    embedding: Tensor | None
+    extras: dict[str, Tensor]
+
+    def __init__(self, tokens: Tensor, mask: Tensor | None, pooled: Tensor, embedding: Tensor | None = None,
+                 extras: dict[str, Tensor] | None = None):
+        super().__init__(tokens=tokens, mask=mask, pooled=pooled, embedding=embedding, extras=extras or {})
 
 
 @dataclass

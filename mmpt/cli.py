@@ -135,7 +135,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> None:
     import mmpt
     from mmpt.config import apply_overrides, load_yaml
-    from mmpt.eval import format_table, run_tasks, task_id, write_results
+    from mmpt.eval import build_tasks, format_table, run_tasks, write_results
 
     model, transforms, _ = mmpt.load(args.model)
     if args.tasks_file:
@@ -150,11 +150,12 @@ def _eval(args: argparse.Namespace) -> None:
         else:
             with safe_open(args.model, framework="pt") as f:
                 tasks = yaml.safe_load(f.metadata()["config"]).get("eval", [])
+    tasks = [apply_overrides(dict(t), args.overrides) for t in tasks]
     if args.task:
-        tasks = [t for t in tasks if t["name"] in args.task or task_id(t) in args.task]
+        ids = [name for name, _ in build_tasks(tasks)]
+        tasks = [t for t, i in zip(tasks, ids, strict=True) if t["name"] in args.task or i in args.task]
     if not tasks:
         raise SystemExit("mmpt eval: no tasks selected (see --task / --tasks-file)")
-    tasks = [apply_overrides(dict(t), args.overrides) for t in tasks]
     results = run_tasks(model.model, transforms, tasks, device="cpu")
     print(format_table(results))
     if args.out:

@@ -2,20 +2,21 @@
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-
 from torch import Tensor, nn
 
 from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
+from mmpt.encoders.base import EncoderOutput, TensorRecord
 
 
-@dataclass
-class ObjectiveOutput:
-    """Loss of one objective plus detached metrics (accuracy, logit scale, ...)."""
+class ObjectiveOutput(TensorRecord):
+    """Loss of one objective plus detached metrics (accuracy, logit scale, ...); a dict subclass so
+    ZeRO-3 hooks the backward of objectives that own parameters (see TensorRecord)."""
 
     loss: Tensor
-    metrics: dict[str, Tensor] = field(default_factory=dict)
+    metrics: dict[str, Tensor]
+
+    def __init__(self, loss: Tensor, metrics: dict[str, Tensor] | None = None):
+        super().__init__(loss=loss, metrics=metrics or {})
 
 
 class Objective(nn.Module):

@@ -39,16 +39,18 @@ def build_tasks(entries: Sequence[dict[str, Any]]) -> list[tuple[str, Task]]:
         try:
             task = task_registry.build(entry["name"], path=path, **kwargs)
         except ConfigError as exc:
-            # Tasks name the key in their own checks; the registry already prefixes the path.
-            if str(exc).startswith(path):
-                raise
-            raise ConfigError(f"{path}.{exc}") from exc
+            raise _at(path, exc) from exc
         name = str(entry.get("id") or task.default_id())
         if name in where:
             raise ConfigError(f"{path}: result name '{name}' is also {where[name]}'s; give one of them an 'id'")
         where[name] = path
         built.append((name, task))
     return built
+
+
+def _at(path: str, exc: ConfigError) -> ConfigError:
+    # Tasks name the key in their own checks ("label_key: ..."); the registry already names the path.
+    return exc if str(exc).startswith(path) else ConfigError(f"{path}.{exc}")
 
 
 def run_tasks(model: MultimodalModel, specs: dict[str, ModalityData], tasks: Sequence[dict[str, Any]],
@@ -60,16 +62,21 @@ def run_tasks(model: MultimodalModel, specs: dict[str, ModalityData], tasks: Seq
     results: dict[str, dict[str, Any]] = {}
     try:
         with torch.no_grad():
-            for name, task in built:
-                results[name] = task.run(model, specs, device, progress)
+            for i, (name, task) in enumerate(built):
+                try:
+                    results[name] = task.run(model, specs, device, progress)
+                except ConfigError as exc:  # found only once the data is read (e.g. a label_key in no json)
+                    raise _at(f"eval[{i}]", exc) from exc
     finally:
         model.train(was_training)
     return results
 
 
 def _chance(metrics: dict[str, Any], metric: str) -> float | None:
-    # ``<metric>_chance`` belongs to that metric; a bare ``chance`` is the chance of the headline top1.
-    value = metrics.get(f"{metric}_chance", metrics.get("chance") if metric == "top1" else None)
+    # ``<metric>_chance`` belongs to that metric; a bare ``chance`` (one over the number of classes) to
+    # every top-1 accuracy.
+    top1 = metric == "top1" or metric.endswith("_top1")
+    value = metrics.get(f"{metric}_chance", metrics.get("chance") if top1 else None)
     return value if isinstance(value, (int, float)) else None
 
 
@@ -86,7 +93,8 @@ def format_table(results: dict[str, dict[str, Any]]) -> str:
     rows = [("task", "metric", "value", "chance")]
     for task, metrics in results.items():
         for metric, value in metrics.items():
-            if metric == "chance" or metric.endswith("_chance") or not isinstance(value, (int, float)):
+            is_chance = metric == "chance" or (metric.endswith("_chance") and not metric.endswith("_over_chance"))
+            if is_chance or not isinstance(value, (int, float)):
                 continue
             rows.append((task, metric, _fmt(value), _fmt(_chance(metrics, metric))))
     widths = [max(len(r[c]) for r in rows) for c in range(4)]

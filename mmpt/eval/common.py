@@ -17,6 +17,7 @@ from typing import Any
 
 import torch
 from torch import Tensor
+from tqdm import tqdm
 
 from mmpt.data.batch import Batch
 from mmpt.data.loader import Loader, eval_loader
@@ -115,8 +116,6 @@ def embed_images(model: MultimodalModel, specs: dict[str, ModalityData], pattern
     keys: list[str] = []
     meta: dict[str, list[Any]] = {ext: [] for ext in extras}
     absent = 0
-    from tqdm import tqdm
-
     for batch in tqdm(loader, disable=not progress, desc=desc, unit="batch", leave=False):
         if not len(batch):
             continue
@@ -131,8 +130,12 @@ def embed_images(model: MultimodalModel, specs: dict[str, ModalityData], pattern
         for ext in extras:
             values = batch.meta.get(ext, [None] * len(batch))
             meta[ext] += [values[i] for i in rows]
-    # Samples the shard loader could not decode never reach a batch; it counts them by reason.
-    skipped = absent + (sum(loader.state.total_skips().values()) if isinstance(loader, Loader) else 0)
+    skipped = absent
+    if isinstance(loader, Loader):
+        # An undecodable input reaches the batch as an absent row (counted above) and in the loader's
+        # counts; samples the loader dropped whole (empty members) are only in its counts.
+        skipped += sum(n for reason, n in loader.state.total_skips().items()
+                       if not (reason.startswith("decode_error_") or reason == "decompression_bomb"))
     embeddings = torch.cat(chunks) if chunks else torch.zeros(0, model.embed_dim, device=device)
     return Embedded(embeddings.float(), keys, meta, skipped=skipped)
 
@@ -243,22 +246,22 @@ def accuracy_metrics(top: Tensor, labels: Tensor, classes: list[str]) -> dict[st
     ``top5`` ranks min(5, classes) classes, so with fewer than five classes it is 1.0 and so is its chance.
     """
     num_classes = len(classes)
+    chance = 1.0 / num_classes
     hits = top == labels.to(top.device).unsqueeze(1)
-    top1 = hits[:, 0].float()
+    top1 = hits[:, 0].double()  # float64 means: 0.105, not 0.10499999672
     k5 = min(5, num_classes, top.shape[1])
-    counts = torch.bincount(labels.cpu(), minlength=num_classes).float()
+    counts = torch.bincount(labels.cpu(), minlength=num_classes).double()
     per_class = torch.bincount(labels.cpu(), weights=top1.cpu(), minlength=num_classes) / counts.clamp_min(1)
     seen = counts > 0
-    chance = 1.0 / num_classes
     out: dict[str, Any] = {
         "top1": top1.mean().item(),
-        "top5": hits[:, :k5].any(1).float().mean().item(),
+        "top1_over_chance": top1.mean().item() / chance,
+        "top5": hits[:, :k5].any(1).double().mean().item(),
         "chance": chance,
         "top5_chance": k5 / num_classes,
         "mean_per_class_top1": per_class[seen].mean().item(),
         "n": int(labels.numel()),
         "num_classes": num_classes,
     }
-    out["top1_over_chance"] = out["top1"] / chance
-    out["per_class_top1"] = {classes[i]: round(per_class[i].item(), 6) for i in seen.nonzero().squeeze(1).tolist()}
+    out["per_class_top1"] = {classes[i]: per_class[i].item() for i in seen.nonzero().squeeze(1).tolist()}
     return out

@@ -126,10 +126,10 @@ class LinearProbe(Task):
         probe = fit_logistic_regression(x_train, y_train, len(classes), self.weight_decay, self.max_iter)
         k = min(5, len(classes))
         metrics = accuracy_metrics(probe(x_test).topk(k, dim=1).indices, y_test, classes)
-        metrics["train_top1"] = (probe(x_train).argmax(1) == y_train).float().mean().item()
+        metrics["train_top1"] = (probe(x_train).argmax(1) == y_train).double().mean().item()
         # Always answering the most frequent training class: the bar a probe must clear on skewed labels.
         majority = torch.bincount(y_train, minlength=len(classes)).argmax()
-        metrics["majority"] = (y_test == majority).float().mean().item()
+        metrics["majority"] = (y_test == majority).double().mean().item()
         metrics.update(n_train=len(y_train), n_unknown_label=len(unknown),
                        skipped=embedded["train"].skipped + embedded["test"].skipped)
         return metrics

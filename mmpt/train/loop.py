@@ -32,6 +32,7 @@ class RunSummary:
     skips: dict[str, int] = field(default_factory=dict)
     checkpoint: str = ""
     eval: dict[str, Any] = field(default_factory=dict)
+    engine: Any = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
         skipped = sum(self.skips.values())
@@ -62,6 +63,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         client, rank_state = checkpoint.load(engine, ckpt)
         start, loader_state = int(client["step"]), Loader.state_from_dict(rank_state["loader"])
     loader = probe if loader_state is None else train_loader(cfg, specs, d.rank, d.world, loader_state)[0]
+    run_dir.mkdir(parents=True, exist_ok=True)  # every rank: per-rank files live here too
     logger = RunLogger(run_dir, enabled=d.is_main)
     if d.is_main:
         (run_dir / "config.yaml").write_text(dump_config(cfg))
@@ -101,7 +103,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         keys_log.close()
     elapsed = time.perf_counter() - meter.start
     summary = RunSummary(str(run_dir), steps, elapsed, meter.total_samples / max(elapsed, 1e-9),
-                         last.get("loss", math.nan), _global_skips(loader), str(last_ckpt or ""), evals)
+                         last.get("loss", math.nan), _global_skips(loader), str(last_ckpt or ""), evals, engine)
     if d.is_main:
         plot_losses(run_dir)
         logger.log(steps, {"summary": str(summary)}, kind="summary")

@@ -1,0 +1,65 @@
+"""Two-rank training scenarios, run once under torchrun by test_multirank.py.
+
+usage: torchrun --nproc_per_node 2 tests/train/_train_ranks.py SHARD_DIR OUT_DIR
+Writes OUT_DIR/<scenario>/... run directories and OUT_DIR/zero3_embeddings.pt (rank 0).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from shardkit import tiny_config  # noqa: E402
+
+from mmpt.config import load_config  # noqa: E402
+from mmpt.data.loader import eval_loader  # noqa: E402
+from mmpt.pretrainer import build_data_specs  # noqa: E402
+from mmpt.train.checkpoint import InjectedFault  # noqa: E402
+from mmpt.train.loop import train  # noqa: E402
+
+
+def config(shards: list[str], out: Path, stage: int, **train_kw) -> dict:
+    raw = tiny_config(shards, out, steps=6, checkpoint_every=2, zero_stage=stage,
+                      stage3_param_persistence_threshold=0, **train_kw)
+    raw["data"]["workers"] = 1
+    return raw
+
+
+def crash_then_resume(raw: dict, **fault) -> None:
+    try:
+        train(load_config({**raw, "train": {**raw["train"], **fault}}))
+        raise AssertionError("the injected fault did not fire")
+    except InjectedFault:
+        pass
+    dist.barrier()
+    train(load_config(raw), resume="latest")
+
+
+def main() -> None:
+    shard_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
+    shards = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    for stage in (2, 3):
+        ref = config(shards, out / f"zero{stage}_ref", stage)
+        summary = train(load_config(ref))
+        if stage == 3:
+            # embeddings of a fixed batch from the live ZeRO-3 engine (every rank joins the gathers)
+            module = summary.engine.module
+            module.eval()
+            batch = next(iter(eval_loader(shards[:1], build_data_specs(load_config(ref)), 8, workers=0)))
+            with torch.no_grad():
+                emb = module.model.encode_fields("image", batch.fields["image"]).embedding
+            if dist.get_rank() == 0:
+                torch.save({"keys": batch.keys, "embedding": emb}, out / "zero3_embeddings.pt")
+        fault = {"crash_at_step": 3} if stage == 2 else {"crash_in_save": 4}
+        crash_then_resume(config(shards, out / f"zero{stage}_resume", stage), **fault)
+    dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
