@@ -134,15 +134,18 @@ def _dispatch(args: argparse.Namespace) -> int:
 
 def _eval(args: argparse.Namespace) -> None:
     import mmpt
-    from mmpt.config import apply_overrides, load_yaml
+    from mmpt.config import apply_overrides, expand_env, load_yaml
     from mmpt.eval import build_tasks, format_table, run_tasks, write_results
 
     model, transforms, _ = mmpt.load(args.model)
+    import yaml
+
     if args.tasks_file:
-        tasks = load_yaml(args.tasks_file) if args.tasks_file.endswith((".yaml", ".yml")) else None
-        tasks = tasks.get("eval", tasks) if isinstance(tasks, dict) else tasks
+        tasks = yaml.safe_load(expand_env(Path(args.tasks_file).read_text()))
+        tasks = tasks.get("eval", []) if isinstance(tasks, dict) else tasks
+        if not isinstance(tasks, list):
+            raise SystemExit(f"mmpt eval: {args.tasks_file}: expected a list of tasks or a mapping with 'eval'")
     else:
-        import yaml
         from safetensors import safe_open
 
         if Path(args.model).is_dir():

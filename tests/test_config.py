@@ -5,7 +5,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from shardkit import tiny_config
 
 from mmpt.cli import main
 from mmpt.config import apply_overrides, load_config

@@ -22,7 +22,7 @@ from mmpt.train.loop import train
 @pytest.fixture(scope="module")
 def trained(color_shards: list[str], tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     out = tmp_path_factory.mktemp("exp") / "run"
-    summary = train(load_config(tiny_config(color_shards, out, steps=4, log_sample_keys=False)))
+    train(load_config(tiny_config(color_shards, out, steps=4, log_sample_keys=False)))
     return out, export(out, out.parent / "model.safetensors")
 
 
@@ -96,3 +96,21 @@ def test_embed_two_ranks_split_shards(trained: tuple[Path, Path], color_shards: 
         embed(str(path), "::".join(color_shards), "image", str(tmp_path / "ranks"), batch_size=16, progress=False)
     keys = read_keys(tmp_path / "ranks")
     assert len(keys) == 150 and len(set(keys)) == 150
+
+
+def test_cli_eval_on_export(trained: tuple[Path, Path], color_shards: list[str], tmp_path: Path,
+                            capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    import yaml
+
+    from mmpt.cli import main
+
+    _, path = trained
+    tasks = tmp_path / "tasks.yaml"
+    tasks.write_text(yaml.safe_dump([{"name": "zero_shot", "data": color_shards[0], "label_key": "color",
+                                      "classnames": list(COLORS), "templates": ["a {} square"]}]))
+    assert main(["eval", str(path), "--tasks-file", str(tasks), "--out", str(tmp_path / "r.json")]) == 0
+    assert "zero_shot/color" in capsys.readouterr().out
+    result = json.loads((tmp_path / "r.json").read_text())["zero_shot/color"]
+    assert result["n"] == 40 and result["chance"] == 0.25

@@ -67,7 +67,7 @@ def test_zero3_export_reproduces_engine_embeddings(ranks_out: Path, tmp_path: Pa
     saved = torch.load(ranks_out / "zero3_embeddings.pt")
     from mmpt.data.loader import eval_loader
 
-    shard = sorted((Path(p) for p in (ranks_out.parent.glob("shards*/*.tar"))))[0]
+    shard = sorted(Path(p) for p in (ranks_out.parent.glob("shards*/*.tar")))[0]
     batch = next(iter(eval_loader([str(shard)], transforms, 8, workers=0)))
     assert batch.keys == saved["keys"]
     got = model.encode("image", batch.fields["image"])

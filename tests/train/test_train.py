@@ -83,3 +83,21 @@ def test_param_groups_follow_decay_and_lr_rules(color_shards: list[str], tmp_pat
     raw["optim"]["lr_scale"] = {"model.encoders.txt": 0.5}
     with pytest.raises(ConfigError, match="matches no parameter"):
         param_groups(module, load_config(raw))
+
+
+def test_periodic_eval_and_offload(color_shards: list[str], tmp_path: Path) -> None:
+    """Eval runs inside training and is logged; ZeRO-2 with optimizer offload trains on CPU."""
+    out = tmp_path / "run"
+    raw = tiny_config(color_shards, out, steps=4, eval_every=2, zero_stage=2, offload_optimizer=True,
+                      log_sample_keys=False)
+    raw["eval"] = [{"name": "zero_shot", "data": color_shards[0], "label_key": "color",
+                    "classnames": ["red", "green", "blue", "yellow"], "templates": ["a {} square"]},
+                   {"name": "retrieval", "data": color_shards[0]}]
+    summary = train(load_config(raw))
+    assert set(summary.eval) == {"zero_shot/color", "retrieval"}
+    assert 0 <= summary.eval["zero_shot/color"]["top1"] <= 1
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    evals = [r for r in records if r["kind"] == "eval/zero_shot/color"]
+    assert [r["step"] for r in evals] == [2, 4] and "top1" in evals[0]
+    ds = json.loads((out / "deepspeed.json").read_text())
+    assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"

@@ -1,0 +1,50 @@
+"""The command line: help texts, info, data inspect/write, eval on an export."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from shardkit import jpeg
+
+from mmpt.cli import main
+
+
+def test_help_explains_every_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "mmpt.cli", "--help"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0
+    for cmd in ("train", "eval", "embed", "export", "data", "demo", "info", "--resume latest"):
+        assert cmd in out.stdout
+    out = subprocess.run([sys.executable, "-m", "mmpt.cli", "train", "--help"], capture_output=True, text=True, timeout=60)
+    assert "--set" in out.stdout and "--resume" in out.stdout
+
+
+def test_info_lists_registries(capsys: pytest.CaptureFixture) -> None:
+    assert main(["info"]) == 0
+    out = capsys.readouterr().out
+    assert "image/vit" in out and "text/transformer" in out and "clip" in out and "clip-tiny" in out
+    assert "zero_shot" in out and "deepspeed" in out
+
+
+def test_data_write_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    images = tmp_path / "imgs"
+    images.mkdir()
+    for i in range(5):
+        (images / f"im{i}.jpg").write_bytes(jpeg((200, 20 * i, 0)))
+        (images / f"im{i}.txt").write_text(f"picture {i}")
+    (images / "broken.jpg").write_bytes(b"\xff\xd8 broken")
+    (images / "broken.txt").write_text("bad one")
+    assert main(["data", "write", str(images), "--out", str(tmp_path / "sh-%03d.tar"), "--max-count", "3"]) == 0
+    assert "wrote 5 samples to 2 shard(s)" in capsys.readouterr().out  # the broken file is skipped, counted
+    # a member that is a JPEG by its first bytes but does not decode is found by inspect --decode
+    from shardkit import write_tar
+
+    write_tar(tmp_path / "sh-999.tar", [("bad", {"jpg": b"\xff\xd8 broken", "txt": b"bad one"})])
+    assert main(["data", "inspect", str(tmp_path / "sh-*.tar"), "--decode"]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["shards"] == 3 and report["samples"] == 6
+    assert report["modalities"] == {"image": 6, "text": 6} and report["extensions"] == {"jpg": 6, "txt": 6}
+    assert report["problems"] == {"decode_error_image": 1}
