@@ -48,8 +48,10 @@ class OpenCLIPTokenizer:
         return ids, mask
 
     def decode(self, ids: list[int]) -> str:
-        """Ids -> text, dropping special and padding ids."""
-        return self._bpe.decode([i for i in ids if i not in self.special_ids and i < self.mask_id]).strip()
+        """Ids -> text up to the first EOT (padding after it is id 0, a real BPE token), specials dropped."""
+        if self.eos_id in ids:
+            ids = ids[: ids.index(self.eos_id)]
+        return self._bpe.decode([i for i in ids if i not in self.special_ids]).strip()
 
 
 class HFTokenizer:
