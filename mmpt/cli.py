@@ -8,7 +8,8 @@
     mmpt demo [--out DIR] [--smoke]
     mmpt info
 
-Multi-rank: ``torchrun --nproc_per_node N -m mmpt.cli train RECIPE`` (or the ``deepspeed`` launcher).
+Multi-rank: ``torchrun --nproc_per_node N -m mmpt.cli train RECIPE`` or
+``deepspeed --num_gpus N $(which mmpt) train RECIPE``.
 """
 
 from __future__ import annotations
@@ -34,6 +35,8 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="mmpt", description="Multimodal pretraining: pluggable encoders, shared "
                                 "objectives, DeepSpeed ZeRO, WebDataset shards.", epilog=EPILOG,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    # the `deepspeed` launcher appends --local_rank=N; the rank is read from the environment instead
+    p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
     t = sub.add_parser("train", help="train a recipe (shipped name or YAML path)")

@@ -48,3 +48,10 @@ def test_data_write_then_inspect(tmp_path: Path, capsys: pytest.CaptureFixture) 
     assert report["shards"] == 3 and report["samples"] == 6
     assert report["modalities"] == {"image": 6, "text": 6} and report["extensions"] == {"jpg": 6, "txt": 6}
     assert report["problems"] == {"decode_error_image": 1}
+
+
+def test_deepspeed_launcher_local_rank_flag_is_accepted() -> None:
+    from mmpt.cli import _parser
+
+    args = _parser().parse_args(["--local_rank=1", "export", "run", "--out", "x.safetensors"])
+    assert args.command == "export" and args.local_rank == 1
