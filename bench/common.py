@@ -91,3 +91,15 @@ def write_result(path: Path, payload: dict) -> None:
     path.write_text(json.dumps({k: asdict(v) if hasattr(v, "__dataclass_fields__") else v
                                 for k, v in payload.items()}, indent=1))
     print(f"results: {path}")
+
+
+def report(name: str, rate: str, results: dict, out: Path, settings: dict, model: TinyClip) -> float:
+    """Print the table and the ratio mmpt/OpenCLIP of ``rate``, write the JSON; returns the ratio."""
+    ratio = results["mmpt"][rate] / results["openclip"][rate]
+    print(f"{'tool':10s} {rate:>14s} {'wall s':>8s}")
+    for k, v in results.items():
+        print(f"{k:10s} {v[rate]:14.1f} {v['wall_s']:8.1f}")
+    print(f"ratio mmpt/OpenCLIP: {ratio:.2f}x")
+    write_result(out, {"benchmark": name, "model": model, **settings, "results": results, "ratio": ratio,
+                       "machine": machine()})
+    return ratio

@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, TinyClip, demo_shards, machine, thread_env, write_result  # noqa: E402
+from common import ROOT, TinyClip, demo_shards, report, thread_env  # noqa: E402
 
 OPENCLIP_LOOP = r"""
 import json, sys, time, torch, open_clip, webdataset as wds
@@ -87,14 +87,10 @@ def main() -> None:
     results = {"mmpt": {"images_per_s": a.images / mmpt_s, "wall_s": mmpt_s},
                "openclip": {"images_per_s": a.images / oc_wall, "wall_s": oc_wall,
                             "loop_only_images_per_s": oc_loop["images"] / oc_loop["seconds"]}}
-    ratio = results["mmpt"]["images_per_s"] / results["openclip"]["images_per_s"]
-    print(f"{'tool':10s} {'images/s':>10s} {'wall s':>8s}")
-    for k, v in results.items():
-        print(f"{k:10s} {v['images_per_s']:10.1f} {v['wall_s']:8.1f}")
-    print(f"ratio mmpt/OpenCLIP: {ratio:.2f}x (OpenCLIP loop alone: {results['openclip']['loop_only_images_per_s']:.0f}/s)")
-    write_result(a.out, {"benchmark": "embed_throughput", "model": model, "images": a.images,
-                         "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,
-                         "results": results, "ratio": ratio, "machine": machine()})
+    report("embed_throughput", "images_per_s", results, a.out,
+           {"images": a.images, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads}, model)
+    print(f"(OpenCLIP's loop alone, without process start and model load: "
+          f"{results['openclip']['loop_only_images_per_s']:.0f} images/s)")
 
 
 if __name__ == "__main__":

@@ -17,7 +17,7 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, TinyClip, demo_shards, machine, peer_python, thread_env, write_result  # noqa: E402
+from common import ROOT, TinyClip, demo_shards, peer_python, report, thread_env  # noqa: E402
 
 
 def run_mmpt(shards: list[Path], model: TinyClip, a: argparse.Namespace, work: Path) -> dict:
@@ -78,14 +78,8 @@ def main() -> None:
         shards = demo_shards(work / "data", max(4000, a.steps * a.batch_size // 2), 100, model.image_size)
         peer_python()  # set up before timing anything
         results = {"mmpt": run_mmpt(shards, model, a, work), "openclip": run_openclip(shards, model, a, work)}
-    ratio = results["mmpt"]["samples_per_s"] / results["openclip"]["samples_per_s"]
-    print(f"{'tool':10s} {'samples/s':>10s} {'wall s':>8s}")
-    for k, v in results.items():
-        print(f"{k:10s} {v['samples_per_s']:10.1f} {v['wall_s']:8.1f}")
-    print(f"ratio mmpt/OpenCLIP: {ratio:.2f}x")
-    write_result(a.out, {"benchmark": "train_throughput", "model": model, "steps": a.steps,
-                         "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,
-                         "results": results, "ratio": ratio, "machine": machine()})
+    report("train_throughput", "samples_per_s", results, a.out,
+           {"steps": a.steps, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads}, model)
 
 
 if __name__ == "__main__":
