@@ -1,96 +1,194 @@
-"""Embedding throughput: ``mmpt embed`` vs OpenCLIP's usual loop (webdataset + ``preprocess`` +
-``encode_image``) on the same shards, the same architecture, batch size and data workers.
+"""Embedding throughput: `mmpt embed` vs OpenCLIP's usual loop, in one run.
 
-mmpt ships uint8 images from the workers and normalises on the batch; OpenCLIP's transform makes
-float tensors per sample in the workers. Prints images/s for both and the ratio.
+Same freshly generated demo shards (--images eval images), the same tiny CLIP architecture as
+bench/train_throughput.py, fp32 on CPU, the same batch size, data workers and thread count
+(OMP_NUM_THREADS / MKL_NUM_THREADS); the two run one after the other, never at the same time.
+
+  mmpt:     `mmpt embed MODEL --data SHARDS --modality image --out DIR --dtype float32` on a model
+            exported from a 2-step mmpt run (weights do not change the speed).
+  OpenCLIP: in the main venv, `open_clip.create_model_and_transforms(<same config>, pretrained=None)`,
+            a webdataset pipeline decoding the jpg with OpenCLIP's eval `preprocess`, a torch
+            DataLoader with the same batch size and workers, `model.encode_image(x, normalize=True)`
+            under `torch.no_grad()`, embeddings collected and saved as one .npy.
+
+images/s = images / wall time of the whole command (process start, imports, model load, every
+image, output written), the same way for both. Also reported: the time after imports (model load +
+loop + write) for both, from inside each process.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
-import subprocess
+import shutil
+import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).parent))
-from common import ROOT, TinyClip, demo_shards, report, thread_env  # noqa: E402
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import (  # noqa: E402
+    MMPT,
+    OC_MODEL_NAME,
+    RESULTS,
+    add_model_args,
+    brace,
+    demo_data,
+    main_python,
+    model_from_args,
+    report,
+    run_logged,
+    thread_env,
+)
+
+# `mmpt embed ...` exactly as the console script runs it, with the post-import time printed
+MMPT_DRIVER = r"""
+import json, sys, time
+t0 = time.perf_counter()
+import torch, mmpt, mmpt.embed, mmpt.cli
+t1 = time.perf_counter()
+rc = mmpt.cli.main(sys.argv[1:])
+print("BENCH " + json.dumps({"import_s": t1 - t0, "run_s": time.perf_counter() - t1}), flush=True)
+sys.exit(rc)
+"""
 
 OPENCLIP_LOOP = r"""
-import json, sys, time, torch, open_clip, webdataset as wds
-cfg_dir, pattern, batch, workers, n = sys.argv[1], sys.argv[2], int(sys.argv[3]), int(sys.argv[4]), int(sys.argv[5])
+import json, sys, time
+t0 = time.perf_counter()
+import numpy as np, torch, open_clip, webdataset as wds
+t1 = time.perf_counter()
+cfg_dir, name, pattern, batch, workers, out = sys.argv[1:7]
 open_clip.add_model_config(cfg_dir)
-model, _, preprocess = open_clip.create_model_and_transforms("mmpt-bench-tiny", pretrained=None)
+model, _, preprocess = open_clip.create_model_and_transforms(name, pretrained=None)
 model.eval()
-ds = wds.WebDataset(pattern, shardshuffle=False).decode("pil").to_tuple("jpg").map_tuple(preprocess).batched(batch)
-loader = wds.WebLoader(ds, batch_size=None, num_workers=workers)
-t0 = time.perf_counter(); seen = 0
+ds = wds.WebDataset(pattern, shardshuffle=False).decode("pil").to_tuple("jpg", "__key__").map_tuple(preprocess, None)
+loader = torch.utils.data.DataLoader(ds, batch_size=int(batch), num_workers=int(workers))
+keys, embs = [], []
 with torch.no_grad():
-    for (images,) in loader:
-        emb = model.encode_image(images, normalize=True)
-        seen += images.shape[0]
-print(json.dumps({"images": seen, "seconds": time.perf_counter() - t0}))
+    for images, k in loader:
+        embs.append(model.encode_image(images, normalize=True).numpy())
+        keys.extend(k)
+np.save(out, np.concatenate(embs))
+print("BENCH " + json.dumps({"import_s": t1 - t0, "run_s": time.perf_counter() - t1, "images": len(keys)}),
+      flush=True)
 """
 
 
-def train_tiny(shards: list[Path], model: TinyClip, work: Path, threads: int) -> Path:
-    """A two-step mmpt run of the same architecture, exported (weights do not matter for speed)."""
-    out = work / "run"
-    sets = model.mmpt_overrides() + [f"data.sources=[{'::'.join(map(str, shards))}]", "data.batch_size=32",
-                                     "train.steps=2", "train.progress=false", f"train.out_dir={out}"]
-    mmpt = str(ROOT / ".venv" / "bin" / "mmpt")
-    env = thread_env(threads)
-    subprocess.run([mmpt, "train", "clip-tiny"] + [x for s in sets for x in ("--set", s)], check=True, env=env,
-                   capture_output=True)
-    subprocess.run([mmpt, "export", str(out), "--out", str(work / "tiny.safetensors")], check=True, env=env,
-                   capture_output=True)
-    return work / "tiny.safetensors"
+def bench_line(log: Path) -> dict:
+    lines = [ln for ln in log.read_text(errors="replace").splitlines() if ln.startswith("BENCH ")]
+    if not lines:
+        raise SystemExit(f"no BENCH line in {log}:\n{log.read_text(errors='replace')[-3000:]}")
+    return json.loads(lines[-1][6:])
+
+
+def tiny_model(data: Path, model, a, work: Path) -> Path:
+    """A 2-step mmpt run of the architecture, exported (untimed)."""
+    run = work / "tiny-run"
+    sets = model.mmpt_overrides() + [f"data.sources=[{data / 'train'}]", "data.batch_size=32", "data.workers=1",
+                                     "train.steps=2", "train.log_every=1", "train.checkpoint_every=2",
+                                     "train.progress=false", "train.eval_every=0", "train.precision=fp32",
+                                     f"train.out_dir={run}"]
+    env = thread_env(a.threads, MMPT_DEMO_DATA=str(data), MMPT_RUN_DIR=str(run))
+    run_logged([str(MMPT), "train", "clip-tiny"] + [x for s in sets for x in ("--set", s)], work / "tiny-train.log",
+               env, cwd=work)
+    weights = work / "tiny.safetensors"
+    run_logged([str(MMPT), "export", str(run), "--out", str(weights)], work / "tiny-export.log", env, cwd=work)
+    return weights
+
+
+def run_mmpt(weights: Path, pattern: str, a, work: Path, tag: str) -> dict:
+    out = work / f"mmpt-emb-{tag}"
+    log = work / f"mmpt-embed-{tag}.log"
+    wall, _ = run_logged([main_python(), "-c", MMPT_DRIVER, "embed", str(weights), "--data", pattern,
+                          "--modality", "image", "--out", str(out), "--batch-size", str(a.batch_size),
+                          "--workers", str(a.workers), "--dtype", "float32"], log, thread_env(a.threads), cwd=work)
+    inner = bench_line(log)
+    import numpy as np
+
+    images = sum(np.load(f, mmap_mode="r").shape[0] for f in sorted((out / "img_emb").glob("*.npy")))
+    shutil.rmtree(out, ignore_errors=True)  # the next repeat must not resume from these
+    return {"images": images, "wall_s": wall, "images_per_s": images / wall,
+            "after_import_s": inner["run_s"], "after_import_images_per_s": images / inner["run_s"],
+            "import_s": inner["import_s"], "log": str(log)}
+
+
+def run_openclip(cfg_dir: Path, pattern: str, a, work: Path, tag: str) -> dict:
+    log = work / f"openclip-embed-{tag}.log"
+    wall, _ = run_logged([main_python(), "-c", OPENCLIP_LOOP, str(cfg_dir), OC_MODEL_NAME, pattern,
+                          str(a.batch_size), str(a.workers), str(work / f"oc-emb-{tag}.npy")],
+                         log, thread_env(a.threads), cwd=work)
+    inner = bench_line(log)
+    images = inner["images"]
+    return {"images": images, "wall_s": wall, "images_per_s": images / wall,
+            "after_import_s": inner["run_s"], "after_import_images_per_s": images / inner["run_s"],
+            "import_s": inner["import_s"], "log": str(log)}
 
 
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--images", type=int, default=4000)
+    p.add_argument("--images", type=int, default=4000, help="eval images to embed (default 4000)")
     p.add_argument("--batch-size", type=int, default=256)
-    p.add_argument("--workers", type=int, default=1)
-    p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--out", type=Path, default=ROOT / "bench" / "results" / "embed_throughput.json")
+    p.add_argument("--workers", type=int, default=1, help="data-loader workers, both tools")
+    p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS, both tools")
+    add_model_args(p)
+    p.add_argument("--repeats", type=int, default=1,
+                   help="runs per tool, alternating the order (mmpt first, then OpenCLIP first, ...); medians reported")
+    p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass of each tool")
+    p.add_argument("--out", type=Path, default=RESULTS / "embed_throughput.json")
+    p.add_argument("--keep-dirs", action="store_true", help="keep the temporary shards, model, outputs and logs")
     a = p.parse_args()
-    model = TinyClip()
-    with tempfile.TemporaryDirectory() as tmp:
-        work = Path(tmp)
-        from mmpt.data.demo import generate_demo
-
-        info = generate_demo(work / "data", train_samples=500, eval_samples=a.images, image_size=model.image_size,
-                             shard_size=1000, progress=False)
-        weights = train_tiny(demo_shards(work / "small", 500, 10, model.image_size), model, work, a.threads)
-        eval_pattern = info.eval_pattern
-        t0 = time.perf_counter()
-        proc = subprocess.run([str(ROOT / ".venv" / "bin" / "mmpt"), "embed", str(weights), "--data", eval_pattern,
-                               "--modality", "image", "--out", str(work / "emb"), "--batch-size", str(a.batch_size),
-                               "--workers", str(a.workers)], env=thread_env(a.threads), capture_output=True, text=True)
-        mmpt_s = time.perf_counter() - t0
-        if proc.returncode:
-            raise SystemExit(proc.stderr[-3000:])
-        cfg_dir = work / "oc_cfg"
-        cfg_dir.mkdir()
-        (cfg_dir / "mmpt-bench-tiny.json").write_text(json.dumps(model.openclip_config()))
-        t0 = time.perf_counter()
-        oc = subprocess.run([sys.executable, "-c", OPENCLIP_LOOP, str(cfg_dir), eval_pattern, str(a.batch_size),
-                             str(a.workers), str(a.images)], env=thread_env(a.threads), capture_output=True, text=True)
-        oc_wall = time.perf_counter() - t0
-        if oc.returncode:
-            raise SystemExit(oc.stderr[-3000:])
-        oc_loop = json.loads(oc.stdout.strip().splitlines()[-1])
-    # both figures are wall time of the whole command (process start, model load, every image)
-    results = {"mmpt": {"images_per_s": a.images / mmpt_s, "wall_s": mmpt_s},
-               "openclip": {"images_per_s": a.images / oc_wall, "wall_s": oc_wall,
-                            "loop_only_images_per_s": oc_loop["images"] / oc_loop["seconds"]}}
-    report("embed_throughput", "images_per_s", results, a.out,
-           {"images": a.images, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads}, model)
-    print(f"(OpenCLIP's loop alone, without process start and model load: "
-          f"{results['openclip']['loop_only_images_per_s']:.0f} images/s)")
+    model = model_from_args(a)
+    work = Path(tempfile.mkdtemp(prefix="mmpt-bench-embed-"))
+    try:
+        print(f"work dir: {work}  (generating {a.images} eval images at {a.image_size} px)", flush=True)
+        data = work / "data"
+        shards = demo_data(data, 500, a.images, a.image_size, a.threads)
+        if len(shards["eval"]) < a.workers:
+            print(f"note: {len(shards['eval'])} eval shards < {a.workers} workers: some workers idle in both tools")
+        pattern = brace(shards["eval"])
+        weights = tiny_model(data, model, a, work)
+        cfg_dir = model.write_openclip_config(work / "oc-config")
+        if not a.no_warmup:  # imports, file caches: untimed, both tools, on the first eval shard only
+            print("warm-up: one untimed pass of each tool over one shard", flush=True)
+            first = str(shards["eval"][0])
+            run_logged([main_python(), "-c", MMPT_DRIVER, "embed", str(weights), "--data", first, "--modality",
+                        "image", "--out", str(work / "warm-emb"), "--batch-size", str(a.batch_size), "--workers", "1"],
+                       work / "warm-mmpt.log", thread_env(a.threads), cwd=work)
+            run_logged([main_python(), "-c", OPENCLIP_LOOP, str(cfg_dir), OC_MODEL_NAME, first, str(a.batch_size), "1",
+                        str(work / "warm-oc.npy")], work / "warm-oc.log", thread_env(a.threads), cwd=work)
+        runs: dict[str, list[dict]] = {"mmpt": [], "openclip": []}
+        for i in range(a.repeats):
+            for tool in (["mmpt", "openclip"] if i % 2 == 0 else ["openclip", "mmpt"]):
+                print(f"run {i + 1}/{a.repeats}: {tool}", flush=True)
+                r = (run_mmpt(weights, pattern, a, work, str(i)) if tool == "mmpt"
+                     else run_openclip(cfg_dir, pattern, a, work, str(i)))
+                if r["images"] != a.images:
+                    raise SystemExit(f"{tool} embedded {r['images']} images, expected {a.images}")
+                print(f"  {r['images_per_s']:.1f} images/s (whole command, {r['wall_s']:.1f} s), "
+                      f"{r['after_import_images_per_s']:.1f} images/s after imports", flush=True)
+                runs[tool].append(r)
+        if not a.keep_dirs:  # the logs go with the work dir
+            for rs in runs.values():
+                for r in rs:
+                    r.pop("log", None)
+        results = {}
+        for tool, rs in runs.items():
+            keys = ("images_per_s", "wall_s", "after_import_images_per_s", "after_import_s", "import_s")
+            results[tool] = {**{k: statistics.median(r[k] for r in rs) for k in keys}, "runs": rs}
+        settings = {"images": a.images, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,
+                    "precision": "fp32", "repeats": a.repeats}
+        report("embed_throughput", "images_per_s", "images/s (cmd)", results, a.out, settings, model,
+               extra={"ratio_after_import": results["mmpt"]["after_import_images_per_s"]
+                      / results["openclip"]["after_import_images_per_s"],
+                      "openclip_model_config": model.openclip_config(), "mmpt_overrides": model.mmpt_overrides()})
+        print(f"after imports: mmpt {results['mmpt']['after_import_images_per_s']:.1f}, OpenCLIP "
+              f"{results['openclip']['after_import_images_per_s']:.1f} images/s, ratio "
+              f"{results['mmpt']['after_import_images_per_s'] / results['openclip']['after_import_images_per_s']:.3f}")
+    finally:
+        if a.keep_dirs:
+            print(f"kept: {work}")
+        else:
+            shutil.rmtree(work, ignore_errors=True)
 
 
 if __name__ == "__main__":
