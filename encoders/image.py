@@ -70,9 +70,11 @@ class VisionTransformer(Encoder):
     """ViT from scratch: patch (or conv) stem -> pre-norm transformer with SDPA -> CLS or mean pool.
 
     Args:
-        image_size: input side in pixels. patch_size: patch side. width/depth/heads/mlp_ratio: trunk.
+        image_size: input side in pixels. patch_size: patch side. width: token width.
+        depth: transformer blocks. heads: attention heads. mlp_ratio: MLP hidden size over width.
         stem: 'patch' (one strided conv, as in ViT/CLIP) or 'conv' (3x3 stride-2 stack).
         pool: 'cls' or 'mean'. mean/std: normalisation applied to uint8 input on the batch.
+        in_chans: input channels. train_crop_scale: area range of the training random-resized crop.
     """
 
     modality = "image"
@@ -139,9 +141,10 @@ class VisionTransformer(Encoder):
 class TimmImageEncoder(Encoder):
     """Any timm model as the image tower; tokens from ``forward_features``, pooled from ``forward_head``.
 
-    Args: model_name: a timm name (e.g. 'vit_tiny_patch16_224', 'resnet18'); pretrained: load hub
-    weights (needs network) or ``checkpoint_path`` for a local file; image_size; model_kwargs: extra
-    arguments to ``timm.create_model``.
+    Args: model_name: a timm name (e.g. 'vit_tiny_patch16_224', 'resnet18'). pretrained: load hub
+    weights (needs network). checkpoint_path: load weights from a local file instead. image_size: input
+    side in pixels. mean/std: normalisation applied to uint8 input on the batch. model_kwargs: extra
+    arguments to ``timm.create_model``. train_crop_scale: area range of the training random-resized crop.
     """
 
     modality = "image"

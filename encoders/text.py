@@ -92,9 +92,11 @@ def build_tokenizer(name: str = "openclip-bpe", context_length: int = 77) -> Ope
 class TextTransformer(Encoder):
     """Text transformer from scratch (CLIP's text tower when causal with EOT pooling).
 
-    Args: context_length, width, depth, heads, mlp_ratio; causal: causal attention (CLIP) or
-    bidirectional (BERT-style, for MLM); pool: 'eot' (last real token), 'cls' (first) or 'mean';
-    tokenizer: 'openclip-bpe' or 'hf:<folder>'; vocab_size: defaults to the tokenizer's.
+    Args: context_length: tokens per text (longer texts are cut, keeping EOT). width: token width.
+    depth: transformer blocks. heads: attention heads. mlp_ratio: MLP hidden size over width.
+    causal: causal attention (CLIP) or bidirectional (BERT-style, for MLM). pool: 'eot' (last real
+    token), 'cls' (first) or 'mean'. tokenizer: 'openclip-bpe' or 'hf:<folder>'. vocab_size: defaults
+    to the tokenizer's.
     """
 
     modality = "text"

@@ -6,7 +6,10 @@
     mmpt export RUN_DIR --out FILE
     mmpt data demo|write|inspect ...
     mmpt demo [--out DIR] [--smoke]
-    mmpt info
+    mmpt info [--tasks] [--keys]
+
+``python -m mmpt ...`` is the same command. Errors print one line (``mmpt: error: ...``; exit 2 for a
+bad config, data location or argument, 1 otherwise); ``--debug`` shows the traceback instead.
 
 Multi-rank: ``torchrun --nproc_per_node N -m mmpt.cli train RECIPE`` or
 ``deepspeed --num_gpus N $(which mmpt) train RECIPE``.
@@ -16,7 +19,9 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import sys
+import warnings
 from pathlib import Path
 
 EPILOG = """examples:
@@ -28,6 +33,8 @@ EPILOG = """examples:
   mmpt eval model.safetensors --task zero_shot/color
   mmpt embed model.safetensors --data 'shards/{000..009}.tar' --modality image --out emb/
   mmpt data inspect 'shards/*.tar'
+
+Add --debug to any command for a traceback instead of the one-line error.
 """
 
 
@@ -37,16 +44,20 @@ def _parser() -> argparse.ArgumentParser:
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     # the `deepspeed` launcher appends --local_rank=N; the rank is read from the environment instead
     p.add_argument("--local_rank", "--local-rank", type=int, default=None, help=argparse.SUPPRESS)
+    p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (any position)")
+    p.add_argument("--version", action="version", version=f"mmpt {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    t = sub.add_parser("train", help="train a recipe (shipped name or YAML path)")
+    t = sub.add_parser("train", help="train a recipe (shipped name or YAML path)", epilog=_recipe_keys_help,
+                       formatter_class=_LazyEpilogFormatter)
     t.add_argument("recipe", help="shipped recipe name (see `mmpt info`) or path to a YAML file")
     t.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="override a config value, e.g. --set optim.lr=3e-4 (repeatable)")
     t.add_argument("--resume", metavar="latest|PATH",
                    help="resume from the newest checkpoint of train.out_dir ('latest') or a given run/checkpoint")
 
-    e = sub.add_parser("eval", help="run eval tasks on an exported model or a run directory")
+    e = sub.add_parser("eval", help="run eval tasks on an exported model or a run directory",
+                       epilog=_task_keys_help, formatter_class=_LazyEpilogFormatter)
     e.add_argument("model", help="exported .safetensors file or run directory (its latest checkpoint)")
     e.add_argument("--task", action="append", default=[], metavar="ID",
                    help="task id or name from the model's recipe (e.g. zero_shot/color, retrieval); default: all")
@@ -91,20 +102,104 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--smoke", action="store_true", help="tiny data and few steps (about a minute)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
 
-    sub.add_parser("info", help="versions and registered encoders, objectives, recipes, eval tasks")
+    i = sub.add_parser("info", help="versions and registered encoders, objectives, recipes, eval tasks")
+    i.add_argument("--tasks", action="store_true", help="list every eval task's keys with a description")
+    i.add_argument("--keys", action="store_true", help="list every recipe key with a description")
     return p
 
 
+def _version() -> str:
+    from mmpt import __version__
+
+    return __version__
+
+
+class _LazyEpilogFormatter(argparse.RawDescriptionHelpFormatter):
+    """Keeps the epilog's line breaks and builds it only when help is shown (it imports the registries)."""
+
+    def add_text(self, text: object) -> None:
+        super().add_text(text() if callable(text) else text)
+
+
+def _recipe_keys_help() -> str:
+    from mmpt.config import Config, DataConfig, ModelConfig, OptimConfig, Source, TrainConfig
+    from mmpt.keys import format_keys
+
+    blocks = [format_keys("recipe keys (top level):", Config)]
+    for section, cls in (("model", ModelConfig), ("data", DataConfig), ("data.sources[]", Source),
+                         ("optim", OptimConfig), ("train", TrainConfig)):
+        blocks.append(format_keys(f"{section}.*:", cls))
+    blocks.append("model.encoders.<modality> and objectives.<name> take `name: <registered part>` plus that part's "
+                  "keys (`mmpt info --keys` lists them); eval tasks: `mmpt info --tasks`. A wrong key names the "
+                  "closest valid one.")
+    return "\n\n".join(blocks)
+
+
+def _part_keys_help() -> str:
+    from mmpt.keys import format_keys
+    from mmpt.registry import encoders, objectives
+
+    return "\n\n".join(format_keys(f"{reg.kind} '{name}' keys:", reg.get(name))
+                        for reg in (encoders, objectives) for name in reg.names())
+
+
+def _task_keys_help() -> str:
+    from mmpt.keys import format_keys
+    from mmpt.registry import tasks
+
+    return "\n\n".join(format_keys(f"task '{name}' keys:", tasks.get(name)) for name in tasks.names())
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Entry point of the ``mmpt`` command."""
-    args = _parser().parse_args(argv)
+    """Entry point of the ``mmpt`` command: one-line errors (``--debug``: tracebacks)."""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    debug = "--debug" in argv  # accepted after the subcommand too, where argparse would not see it
+    args = _parser().parse_args([a for a in argv if a != "--debug"])
+    _route_messages()
     from mmpt.registry import ConfigError
 
     try:
         return _dispatch(args)
-    except ConfigError as exc:  # bad config or data location: one clear line, no traceback
-        print(f"mmpt: error: {exc}", file=sys.stderr)
-        return 2
+    except KeyboardInterrupt:
+        print("mmpt: interrupted", file=sys.stderr)
+        return 130
+    except Exception as exc:
+        if debug:
+            raise
+        # A bad config, data location or argument is the user's to fix (2); anything else may be ours (1).
+        code = 2 if isinstance(exc, (ConfigError, FileNotFoundError, NotADirectoryError, IsADirectoryError,
+                                     PermissionError)) else 1
+        hint = "" if code == 2 else " (run with --debug for the traceback)"
+        print(f"mmpt: error: {_one_line(exc)}{hint}", file=sys.stderr)
+        return code
+
+
+def _one_line(exc: BaseException) -> str:
+    """The message of ``exc`` on one line, naming the file for OS errors."""
+    from mmpt.registry import ConfigError
+
+    if isinstance(exc, OSError) and exc.filename:
+        text = f"{exc.filename}: {exc.strerror or exc}"
+    elif isinstance(exc, ConfigError):
+        text = str(exc)
+    else:
+        text = f"{type(exc).__name__}: {exc}" if str(exc) else type(exc).__name__
+    return " ".join(text.split())
+
+
+def _route_messages() -> None:
+    """Warnings and mmpt's log records go to stderr as ``mmpt: warning: ...`` lines."""
+    def show(message, category, filename, lineno, file=None, line=None) -> None:  # noqa: ANN001
+        print(f"mmpt: warning: {message}", file=sys.stderr)
+
+    warnings.showwarning = show
+    log = logging.getLogger("mmpt")
+    if not log.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("mmpt: %(levelname)s: %(message)s"))
+        log.addHandler(handler)
+        log.setLevel(logging.INFO)
+        log.propagate = False
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -131,7 +226,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         run_demo(args.out, smoke=args.smoke, overrides=args.overrides)
     elif args.command == "info":
-        _info()
+        _info(args)
     return 0
 
 
@@ -186,7 +281,11 @@ def _data(args: argparse.Namespace) -> None:
         print(json.dumps(report, indent=1))
 
 
-def _info() -> None:
+def _info(args: argparse.Namespace) -> None:
+    if args.tasks or args.keys:
+        blocks = [_recipe_keys_help(), _part_keys_help()] if args.keys else []
+        print("\n\n".join(blocks + ([_task_keys_help()] if args.tasks else [])))
+        return
     import importlib.metadata as md
 
     from mmpt.registry import encoders, modalities, objectives, tasks

@@ -8,6 +8,7 @@ path and the closest valid key.
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import os
 import re
@@ -16,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
 import yaml
 
 from mmpt.registry import ConfigError, _type_name, _type_ok, closest
@@ -23,7 +25,11 @@ from mmpt.registry import ConfigError, _type_name, _type_ok, closest
 
 @dataclass
 class Source:
-    """One shard source: a path, glob, brace list or ``pipe:`` URL, with a sampling weight."""
+    """One shard source with a sampling weight.
+
+    url: a path, glob, brace list (``train-{000..099}.tar``), folder of ``.tar`` files or ``pipe:`` URL.
+    weight: relative share of samples drawn from this source when several are mixed.
+    """
 
     url: str = ""
     weight: float = 1.0
@@ -38,7 +44,8 @@ class DataConfig:
     rank micro-batch. workers: DataLoader workers per rank. shuffle_buffer: samples held for
     shuffling (0: off). samples_per_epoch: defines the epoch length; None counts the members of
     local shards at start. required: modalities a sample must have (others are optional and masked).
-    max_image_pixels: larger images are rejected as decompression bombs.
+    max_image_pixels: larger images are rejected as decompression bombs. prefetch: batches each
+    worker prepares ahead.
     """
 
     sources: list[Source] = field(default_factory=list)
@@ -56,8 +63,10 @@ class DataConfig:
 class ModelConfig:
     """The model: one encoder per modality plus projection heads to ``embed_dim``.
 
-    encoders: modality -> {name: registered encoder, ...its keyword arguments}.
+    embed_dim: size of the shared embedding every tower projects to.
+    encoders: modality -> {name: registered encoder, ...its keyword arguments} (``mmpt info`` lists them).
     head: 'linear' | 'mlp' | 'none' projection from each encoder's width to embed_dim.
+    grad_checkpointing: recompute each tower's trunk in backward (less memory, ~30% more compute).
     """
 
     embed_dim: int = 512
@@ -68,9 +77,14 @@ class ModelConfig:
 
 @dataclass
 class OptimConfig:
-    """AdamW with decay off for norms, biases, logit scales and embeddings; cosine schedule.
+    """AdamW with decay off for norms, biases, logit scales and embeddings; warmup then a schedule.
 
-    lr_scale: per-module multipliers of ``lr`` keyed by prefix (e.g. ``model.encoders.text: 0.5``).
+    lr: peak learning rate. weight_decay: AdamW decay of matrices (not norms, biases, embeddings, scales).
+    betas: AdamW moment coefficients. eps: AdamW epsilon. warmup_steps: linear warmup from 0 to lr.
+    schedule: 'cosine' (decay to min_lr_ratio x lr at the last step) or 'constant'.
+    min_lr_ratio: floor of the cosine decay as a fraction of lr.
+    lr_scale: per-module multipliers of ``lr`` keyed by parameter-name prefix (e.g.
+    ``model.encoders.text: 0.5``; on the command line ``--set optim.lr_scale.model.encoders.text=0.5``).
     """
 
     lr: float = 5e-4
@@ -87,10 +101,20 @@ class OptimConfig:
 class TrainConfig:
     """The run: steps, precision, ZeRO, checkpoints, logging.
 
-    precision: 'auto' (fp32 on CPU, bf16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
-    zero_stage: 0-3. offload_optimizer / offload_param: CPU offload (needs DeepSpeed's CPU Adam
-    build; see docs/design.md). steps: optimizer steps in total (epochs: alternatively, whole epochs).
+    out_dir: run directory (checkpoints, logs, config). steps: optimizer steps in total.
+    epochs: alternatively, whole epochs (overrides steps). grad_accum: micro-batches per optimizer step
+    (does not enlarge the contrastive batch: each micro-batch is its own softmax). grad_clip: max
+    gradient norm (0: off). precision: 'auto' (fp32 on CPU, bf16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
+    zero_stage: DeepSpeed ZeRO stage 0-3. offload_optimizer / offload_param: CPU offload of optimizer
+    states / parameters (parameters need stage 3). stage3_param_persistence_threshold: parameters smaller
+    than this stay whole on every rank at stage 3. checkpoint_every: steps between checkpoints (and one
+    at the end). keep_last: checkpoints kept. log_every: steps between log lines.
+    eval_every: run the recipe's ``eval`` list every N steps and at the end; unset: at the end only
+    (when there is an ``eval`` list); 0: never.
+    log_sample_keys: write every micro-batch's sample keys to keys_rank<r>.jsonl (resume audits).
+    progress: show a progress bar.
     crash_at_step / crash_in_save: fault injection for resume tests (crash after that step / inside its save).
+    deepspeed: entries merged into the generated DeepSpeed config (unknown keys warn).
     """
 
     out_dir: str = "runs/run"
@@ -106,7 +130,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     keep_last: int = 3
     log_every: int = 10
-    eval_every: int = 0
+    eval_every: int | None = None
     log_sample_keys: bool = False
     progress: bool = True
     crash_at_step: int | None = None
@@ -116,7 +140,13 @@ class TrainConfig:
 
 @dataclass
 class Config:
-    """A whole recipe."""
+    """A whole recipe.
+
+    name: run name (logs, plots). seed: seeds weights, data order and augmentation. model: towers and
+    heads. objectives: name -> {name: registered objective, weight, ...its keyword arguments}.
+    data: training shards. optim: optimizer and schedule. train: the run. eval: eval tasks run during
+    and after training (``mmpt info --tasks`` lists their keys).
+    """
 
     name: str = "run"
     seed: int = 0
@@ -171,17 +201,50 @@ def parse_override(item: str) -> tuple[list[str], Any]:
     if "=" not in item:
         raise ConfigError(f"--set {item!r}: expected key=value, e.g. optim.lr=3e-4")
     key, raw = item.split("=", 1)
-    return key.strip().split("."), yaml.load(raw, Loader=_float_yaml_loader()) if raw.strip() else ""
+    if not key.strip() or any(not k for k in key.strip().split(".")):
+        raise ConfigError(f"--set {item!r}: empty key (expected e.g. optim.lr=3e-4)")
+    try:
+        value = yaml.load(raw, Loader=_float_yaml_loader()) if raw.strip() else ""
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--set {item}: the value is not valid YAML ({_yaml_problem(exc)})") from None
+    return key.strip().split("."), value
 
 
-def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any]:
-    """Apply ``--set`` overrides to a raw config dict (before validation)."""
+def _split_key(schema: Any, keys: list[str]) -> list[str]:
+    """Join the tail of ``keys`` that names one entry of a ``dict[str, scalar]`` field.
+
+    ``optim.lr_scale.model.encoders.text`` is the key ``model.encoders.text`` of ``lr_scale`` (a
+    dict of floats keyed by parameter prefix), not four nested sections.
+    """
+    tp = schema
+    for i, key in enumerate(keys):
+        if dataclasses.is_dataclass(tp):
+            tp = typing.get_type_hints(tp).get(key)
+            continue
+        origin, args = typing.get_origin(tp), typing.get_args(tp)
+        if origin is dict:
+            value_type = args[1] if args else Any
+            if value_type in (int, float, str, bool):
+                return keys[:i] + [".".join(keys[i:])]
+            tp = value_type
+        elif origin is list:
+            tp = args[0] if args else Any
+        else:  # Any, a scalar or unknown: plain nesting
+            return keys
+    return keys
+
+
+def apply_overrides(data: dict[str, Any], overrides: list[str], schema: Any = None) -> dict[str, Any]:
+    """Apply ``--set`` overrides to a raw config dict (before validation); ``schema`` (a config
+    dataclass) tells where a dotted tail is one key of a dict-valued field."""
     for item in overrides:
         keys, value = parse_override(item)
+        if schema is not None:
+            keys = _split_key(schema, keys)
         node = data
         for i, k in enumerate(keys[:-1]):
             if isinstance(node, list):
-                node = node[int(k)]
+                node = node[_list_index(node, k, item)]
                 continue
             if node.get(k) is None:
                 node[k] = {}
@@ -189,10 +252,24 @@ def apply_overrides(data: dict[str, Any], overrides: list[str]) -> dict[str, Any
             if not isinstance(node, (dict, list)):
                 raise ConfigError(f"--set {item}: '{'.'.join(keys[: i + 1])}' is a value, not a section")
         if isinstance(node, list):
-            node[int(keys[-1])] = value
+            node[_list_index(node, keys[-1], item)] = value
         else:
             node[keys[-1]] = value
     return data
+
+
+def _list_index(node: list, key: str, item: str) -> int:
+    """``key`` as an index into ``node``, or a ConfigError naming the override."""
+    if not key.lstrip("-").isdigit() or not -len(node) <= int(key) < len(node):
+        raise ConfigError(f"--set {item}: '{key}' is not an index of a list of {len(node)} entries")
+    return int(key)
+
+
+def _yaml_problem(exc: yaml.YAMLError) -> str:
+    """'line L, column C: problem' of a YAML error (1-based, as editors count)."""
+    mark = getattr(exc, "problem_mark", None)
+    problem = getattr(exc, "problem", None) or str(exc).splitlines()[0]
+    return f"line {mark.line + 1}, column {mark.column + 1}: {problem}" if mark is not None else problem
 
 
 def _float_yaml_loader() -> type:
@@ -218,8 +295,15 @@ def expand_env(text: str) -> str:
 
 def load_yaml(path: str | Path) -> dict[str, Any]:
     """Read a YAML file into a dict, expanding ``${VAR:-default}`` environment references."""
-    with open(path) as f:
-        data = yaml.load(expand_env(f.read()), Loader=_float_yaml_loader()) or {}
+    try:
+        with open(path) as f:
+            text = f.read()
+    except OSError as exc:
+        raise ConfigError(f"{path}: cannot read ({exc.strerror or exc})") from None
+    try:
+        data = yaml.load(expand_env(text), Loader=_float_yaml_loader()) or {}
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: invalid YAML at {_yaml_problem(exc)}") from None
     if not isinstance(data, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
     return data
@@ -243,11 +327,38 @@ def recipe_path(name_or_path: str) -> Path:
 
 def load_config(recipe: str | Path | dict[str, Any], overrides: list[str] | None = None) -> Config:
     """Load a recipe (name, path or dict), apply overrides, validate every section."""
-    data = dict(recipe) if isinstance(recipe, dict) else load_yaml(recipe_path(str(recipe)))
-    data = apply_overrides(data, overrides or [])
+    # a deep copy: overrides must not leak into the caller's nested dicts
+    data = copy.deepcopy(recipe) if isinstance(recipe, dict) else load_yaml(recipe_path(str(recipe)))
+    data = apply_overrides(data, overrides or [], schema=Config)
     cfg = from_dict(Config, data)
     validate(cfg)
     return cfg
+
+
+SCHEDULES = ("cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16", "fp16")
+HEADS = ("linear", "mlp", "none")
+
+# (key path, lowest allowed value, what it means): ranges the dataclass types cannot express.
+_MINIMUMS = (
+    ("train.steps", 1), ("train.grad_accum", 1), ("train.log_every", 1), ("train.keep_last", 1),
+    ("train.checkpoint_every", 1), ("train.eval_every", 0), ("train.grad_clip", 0),
+    ("data.batch_size", 1), ("data.workers", 0), ("data.shuffle_buffer", 0), ("data.prefetch", 1),
+    ("data.max_image_pixels", 1), ("optim.warmup_steps", 0), ("optim.weight_decay", 0), ("optim.eps", 0),
+    ("model.embed_dim", 1),
+)
+
+
+def _get(cfg: Config, path: str) -> Any:
+    node: Any = cfg
+    for key in path.split("."):
+        node = getattr(node, key)
+    return node
+
+
+def _one_of(path: str, value: Any, choices: tuple[str, ...]) -> None:
+    if value not in choices:
+        raise ConfigError(f"{path}: expected {'|'.join(choices)}, got {value!r}{closest(str(value), choices)}")
 
 
 def validate(cfg: Config) -> None:
@@ -267,22 +378,45 @@ def validate(cfg: Config) -> None:
         if not isinstance(obj, dict):
             raise ConfigError(f"{where}: expected a mapping")
         kwargs = {k: v for k, v in obj.items() if k not in ("name", "weight")}
-        check_kwargs(objectives.get(obj.get("name", name), path=f"{where}.name"), kwargs, path=where)
-    t = cfg.train
+        # Built on the meta device (no memory, no RNG draws), so its own argument checks run now.
+        with torch.device("meta"):
+            built = objectives.build(obj.get("name", name), path=where, **kwargs)
+        _check_objective_modalities(where, built, cfg.model.encoders)
+    for path, low in _MINIMUMS:
+        value = _get(cfg, path)
+        if value is not None and value < low:
+            raise ConfigError(f"{path}: must be >= {low}, got {value}")
+    t, o = cfg.train, cfg.optim
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
-    if t.precision not in ("auto", "fp32", "bf16", "fp16"):
-        raise ConfigError(f"train.precision: expected auto|fp32|bf16|fp16{closest(t.precision, ['auto', 'fp32', 'bf16', 'fp16'])}, got {t.precision!r}")
-    for key in ("steps", "grad_accum", "log_every", "keep_last"):
-        if getattr(t, key) < 1:
-            raise ConfigError(f"train.{key}: must be >= 1, got {getattr(t, key)}")
-    if cfg.data.batch_size < 1:
-        raise ConfigError(f"data.batch_size: must be >= 1, got {cfg.data.batch_size}")
-    if cfg.model.head not in ("linear", "mlp", "none"):
-        raise ConfigError(f"model.head: expected linear|mlp|none{closest(cfg.model.head, ['linear', 'mlp', 'none'])}")
+    _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("optim.schedule", o.schedule, SCHEDULES)
+    _one_of("model.head", cfg.model.head, HEADS)
+    if t.epochs is not None and t.epochs <= 0:
+        raise ConfigError(f"train.epochs: must be > 0 (or unset to use train.steps), got {t.epochs}")
+    if o.lr <= 0:
+        raise ConfigError(f"optim.lr: must be > 0, got {o.lr}")
+    if not 0 <= o.min_lr_ratio <= 1:
+        raise ConfigError(f"optim.min_lr_ratio: must be within [0, 1], got {o.min_lr_ratio}")
+    if len(o.betas) != 2 or not all(0 <= b < 1 for b in o.betas):
+        raise ConfigError(f"optim.betas: expected two values in [0, 1), got {o.betas}")
     for m in cfg.data.required:
         if m not in cfg.model.encoders:
             raise ConfigError(f"data.required: '{m}' has no encoder{closest(m, list(cfg.model.encoders))}; encoders: {', '.join(cfg.model.encoders)}")
+    if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch < 1:
+        raise ConfigError(f"data.samples_per_epoch: must be >= 1 (or unset to count), got {cfg.data.samples_per_epoch}")
+    from mmpt.train.deepspeed_keys import check_deepspeed_keys
+
+    check_deepspeed_keys(t.deepspeed, "train.deepspeed")
+
+
+def _check_objective_modalities(where: str, objective: Any, encoders: dict[str, Any]) -> None:
+    """Every modality an objective reads (its pairs, its anchor) needs an encoder."""
+    named = [*getattr(objective, "modalities", ()), getattr(objective, "anchor", None)]
+    for m in (m for m in named if m is not None):
+        if m not in encoders:
+            raise ConfigError(f"{where}: modality '{m}' has no encoder{closest(m, list(encoders))}; "
+                              f"model.encoders has {', '.join(encoders)}")
 
 
 def dump_config(cfg: Config) -> str:

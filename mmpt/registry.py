@@ -83,7 +83,12 @@ class Registry:
         """Validate ``cfg`` against the constructor signature, then build."""
         obj = self.get(name, path=path)
         check_kwargs(obj, cfg, path=path or name)
-        return obj(**cfg)
+        try:
+            return obj(**cfg)
+        except ConfigError:
+            raise
+        except (ValueError, TypeError) as exc:  # a constructor rejecting its arguments: name the section
+            raise ConfigError(f"{path or name}: {exc}") from exc
 
 
 def check_kwargs(fn: Callable[..., Any], cfg: dict[str, Any], *, path: str) -> None:

@@ -192,6 +192,12 @@ class CLIP(Objective):
     one entry per pair, shape (P,): DeepSpeed cannot broadcast 0-dim parameters, and a plain tensor
     parameter of this module is gathered by ZeRO-3 when this module runs (a ParameterDict is not).
     Samples lacking a modality (``batch.present``) are masked out of the pairs they cannot join.
+
+    pairs: modality pairs to contrast, e.g. [[image, text]]. anchor: instead of pairs, bind every other
+    encoded modality to this one (ImageBind). gather: how features cross ranks: 'local', 'no_grad'
+    (OpenCLIP's default) or 'with_grad'. local_loss: each rank scores its own rows against all columns
+    (less memory). init_logit_scale: starting scale (1/temperature). max_logit_scale: upper bound of the
+    scale. learn_logit_scale: train the scale (else fixed at init).
     """
 
     def __init__(

@@ -22,6 +22,15 @@ from mmpt.registry import ConfigError
     (lambda c: c["objectives"]["clip"].update(name="clipp"), r"unknown objective 'clipp' \(did you mean 'clip'\?\)"),
     (lambda c: c["train"].update(zero_stage=4), r"train\.zero_stage: expected 0, 1, 2 or 3"),
     (lambda c: c["data"].update(required=["imag"]), r"data\.required: 'imag' has no encoder \(did you mean 'image'\?\)"),
+    (lambda c: c["optim"].update(schedule="cosinee"), r"optim\.schedule: expected cosine\|constant, got 'cosinee' \(did you mean 'cosine'\?\)"),
+    (lambda c: c["optim"].update(lr=0), r"optim\.lr: must be > 0, got 0"),
+    (lambda c: c["optim"].update(lr=-1e-3), r"optim\.lr: must be > 0"),
+    (lambda c: c["data"].update(shuffle_buffer=-1), r"data\.shuffle_buffer: must be >= 0, got -1"),
+    (lambda c: c["data"].update(workers=-1), r"data\.workers: must be >= 0, got -1"),
+    (lambda c: c["train"].update(epochs=0), r"train\.epochs: must be > 0"),
+    (lambda c: c["train"].update(checkpoint_every=0), r"train\.checkpoint_every: must be >= 1, got 0"),
+    (lambda c: c["objectives"]["clip"].update(pairs=[["image", "audio"]]), r"objectives\.clip: modality 'audio' has no encoder"),
+    (lambda c: c["objectives"]["clip"].update(pairs=None, anchor="txt"), r"objectives\.clip: modality 'txt' has no encoder \(did you mean 'text'\?\)"),
 ])
 def test_bad_config_names_the_key(tiny_cfg: dict, mutate, message: str) -> None:
     mutate(tiny_cfg)
@@ -72,3 +81,78 @@ def test_cli_reports_config_errors_in_one_line(tiny_cfg: dict, tmp_path: Path, c
     path.write_text(yaml.safe_dump(tiny_cfg))
     assert main(["train", str(path)]) == 2
     assert "train.stpes: unknown key (did you mean 'steps'?)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"patch_size": 7}, r"model\.encoders\.image: image_size 32 is not a multiple of patch_size 7"),
+    ({"stem": "conv2"}, r"model\.encoders\.image: stem must be 'patch' or 'conv', got 'conv2'"),
+])
+def test_encoder_argument_errors_name_the_section_before_training(tiny_cfg: dict, change: dict, message: str) -> None:
+    from mmpt.train.loop import train
+
+    tiny_cfg["model"]["encoders"]["image"].update(change)
+    with pytest.raises(ConfigError, match=message):
+        train(load_config(tiny_cfg))
+    assert not (Path(tiny_cfg["train"]["out_dir"]) / "checkpoints").exists()
+
+
+def test_dotted_keys_inside_a_dict_field(tiny_cfg: dict) -> None:
+    # the README's own example: lr_scale is a dict keyed by parameter-name prefix
+    cfg = load_config(tiny_cfg, ["optim.lr_scale.model.encoders.text=0.5", "train.deepspeed.zero_optimization.stage=1"])
+    assert cfg.optim.lr_scale == {"model.encoders.text": 0.5}
+    assert cfg.train.deepspeed == {"zero_optimization": {"stage": 1}}  # Any-valued dicts still nest
+    cfg = load_config(tiny_cfg, ["model.encoders.text.width=48", "eval=[]"])
+    assert cfg.model.encoders["text"]["width"] == 48
+
+
+def test_unknown_deepspeed_keys_warn_with_the_closest_key(tiny_cfg: dict) -> None:
+    with pytest.warns(UserWarning, match=r"train\.deepspeed\.gradient_clippin: .*did you mean 'gradient_clipping'"):
+        load_config(tiny_cfg, ["train.deepspeed.gradient_clippin=1.0"])
+    with pytest.warns(UserWarning, match=r"zero_optimization\.stage3_param_persistance_threshold: .*"
+                                         r"did you mean 'stage3_param_persistence_threshold'"):
+        load_config(tiny_cfg, ["train.deepspeed.zero_optimization.stage3_param_persistance_threshold=0"])
+
+
+def test_yaml_syntax_errors_name_file_and_line(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.yaml"
+    bad.write_text("name: x\nmodel:\n  embed_dim: [1, 2\n  head: linear\n")
+    with pytest.raises(ConfigError, match=r"bad\.yaml: invalid YAML at line \d+, column \d+"):
+        load_config(str(bad))
+    with pytest.raises(ConfigError, match=r"--set optim\.lr=\[1: the value is not valid YAML"):
+        apply_overrides({}, ["optim.lr=[1"])
+    with pytest.raises(ConfigError, match=r"--set eval\.5\.data=x: '5' is not an index of a list of 0 entries"):
+        apply_overrides({"eval": []}, ["eval.5.data=x"])
+
+
+@pytest.mark.parametrize("argv, code, message", [
+    (["train", "clip-tinny"], 2, "unknown recipe 'clip-tinny' (did you mean 'clip-tiny'?)"),
+    (["train", "clip-tiny", "--set", "optim.lr=[1"], 2, "--set optim.lr=[1: the value is not valid YAML"),
+    (["train", "{bad_yaml}"], 2, "bad.yaml: invalid YAML at line 2"),
+    (["train", "clip-tiny", "--set", "optim.schedule=cosinee"], 2, "did you mean 'cosine'"),
+])
+def test_cli_errors_are_one_line(tmp_path: Path, capsys: pytest.CaptureFixture, argv: list[str], code: int,
+                                 message: str) -> None:
+    (tmp_path / "bad.yaml").write_text("name: x\n  model: : :\n")
+    argv = [a.format(bad_yaml=tmp_path / "bad.yaml") for a in argv]
+    assert main(argv) == code
+    err = capsys.readouterr().err
+    assert err.startswith("mmpt: error: ") and message in err
+    assert len(err.strip().splitlines()) == 1, err
+
+
+def test_debug_flag_shows_the_traceback() -> None:
+    with pytest.raises(ConfigError, match="unknown recipe"):
+        main(["train", "clip-tinny", "--debug"])
+
+
+def test_every_recipe_and_part_key_is_documented() -> None:
+    """`mmpt train --help` / `mmpt info --keys --tasks` read descriptions from the classes' docstrings."""
+    from mmpt.config import Config, DataConfig, ModelConfig, OptimConfig, Source, TrainConfig
+    from mmpt.keys import UNDOCUMENTED, describe
+    from mmpt.registry import encoders, objectives, tasks
+
+    parts = [Config, ModelConfig, DataConfig, OptimConfig, TrainConfig, Source]
+    parts += [reg.get(n) for reg in (encoders, objectives, tasks) for n in reg.names()]
+    missing = [f"{getattr(p, 'registry_name', p.__name__)}.{key}" for p in parts
+               for key, _, _, text in describe(p) if text == UNDOCUMENTED]
+    assert not missing, f"keys without a 'key: description.' in their class docstring: {missing}"

@@ -75,6 +75,8 @@ class LinearProbe(Task):
     label_key: json field holding the class (shards; image folders use folder names). Classes are the
     labels of the training data; test samples with another label are counted (``n_unknown_label``).
     weight_decay: L2 strength on the standardised features. max_iter: L-BFGS iterations.
+    train_data: shards or image folder the probe is fitted on. modality: the tower whose embeddings
+    are probed.
     """
 
     train_data: str

@@ -106,6 +106,8 @@ class ZeroShot(Task):
     file, inline list or ``openclip:imagenet`` (templates contain ``{}``; default: the bare class
     name; classnames default: the labels found in the data). Samples whose label is not a class are
     counted (``n_unknown_label``), not scored.
+
+    modality: the tower embedding the data. text_modality: the tower embedding the prompts.
     """
 
     label_key: str | None = None
