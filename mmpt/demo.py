@@ -29,6 +29,8 @@ def run_demo(out: str = "runs/demo", smoke: bool = False, overrides: list[str] |
     os.environ["MMPT_RUN_DIR"] = str(root / "clip-tiny")
     smoke_set = ["train.steps=20", "optim.warmup_steps=5", "train.checkpoint_every=10", "data.batch_size=32",
                  "data.shuffle_buffer=200", "train.log_every=5"] if smoke else []
+    # the demo evaluates the exported model below (proving export and load), not the live one again
+    smoke_set.append("train.eval_every=0")
     cfg = load_config("clip-tiny", smoke_set + list(overrides or []))
     summary = train(cfg)
     model_file = export(cfg.train.out_dir, root / "clip-tiny.safetensors")
