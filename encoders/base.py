@@ -144,6 +144,14 @@ class ModalityData:
         """Convert one raw user input into what ``transform`` takes (default: unchanged)."""
         return value
 
+    def fields_from_tensor(self, x: Tensor) -> dict[str, Tensor]:
+        """Collated fields from one bare batch tensor a user passed to ``encode``, checked; a modality
+        whose fields cannot be told from one tensor refuses it (default)."""
+        from mmpt.registry import ConfigError
+
+        raise ConfigError(f"encode('{self.modality}', tensor): a bare tensor is ambiguous for this modality; "
+                          f"pass a dict of collated fields or a list of raw inputs")
+
 
 def stack_present(values: list[Tensor | None], like: Tensor | None = None) -> Tensor:
     """Stack per-sample tensors, filling absent samples (None) with zeros of the same shape."""

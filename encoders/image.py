@@ -237,3 +237,16 @@ class ImageData(ModalityData):
     def collate(self, values: list[Any]) -> dict[str, Tensor]:
         like = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
         return {"pixels": stack_present(values, like)}
+
+    def fields_from_tensor(self, x: Tensor) -> dict[str, Tensor]:
+        """A (B, 3, S, S) uint8 batch (0-255) or float batch in [0, 1] -> ``{"pixels": x}``."""
+        from mmpt.registry import ConfigError
+
+        want = f"(B, 3, {self.size}, {self.size})"
+        if x.ndim != 4 or tuple(x.shape[1:]) != (3, self.size, self.size):
+            raise ConfigError(f"encode('image', ...): image tensor of shape {tuple(x.shape)}; expected {want} "
+                              f"(a list of PIL images is resized for you)")
+        if x.dtype != torch.uint8 and not x.is_floating_point():
+            raise ConfigError(f"encode('image', ...): image tensor of dtype {x.dtype}; expected uint8 (0-255) "
+                              "or float in [0, 1]")
+        return {"pixels": x}

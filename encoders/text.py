@@ -5,6 +5,7 @@ and the data side (decode ``txt``, tokenize the whole batch in collate).
 from __future__ import annotations
 
 import functools
+import os
 import random
 from typing import Any
 
@@ -13,7 +14,7 @@ from torch import Tensor, nn
 
 from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData
 from mmpt.layers import Transformer, last_token, masked_mean
-from mmpt.registry import encoders, modalities
+from mmpt.registry import ConfigError, encoders, modalities
 
 
 class OpenCLIPTokenizer:
@@ -60,7 +61,9 @@ class HFTokenizer:
     def __init__(self, path: str, context_length: int = 77):
         from transformers import AutoTokenizer
 
-        self._tok = AutoTokenizer.from_pretrained(path)
+        if not os.path.isdir(path):  # a hub name would be downloaded: a config never reaches the network
+            raise ConfigError(f"tokenizer hf:{path}: not a local folder (download it once, then give its path)")
+        self._tok = AutoTokenizer.from_pretrained(path, local_files_only=True)
         self.context_length = context_length
         self.pad_id = self._tok.pad_token_id if self._tok.pad_token_id is not None else 0
         self.mask_id = self._tok.mask_token_id if self._tok.mask_token_id is not None else len(self._tok)
@@ -85,7 +88,7 @@ def build_tokenizer(name: str = "openclip-bpe", context_length: int = 77) -> Ope
         return OpenCLIPTokenizer(context_length)
     if name.startswith("hf:"):
         return HFTokenizer(name[3:], context_length)
-    raise ValueError(f"unknown tokenizer {name!r}: expected 'openclip-bpe' or 'hf:<folder>'")
+    raise ConfigError(f"unknown tokenizer {name!r}: expected 'openclip-bpe' or 'hf:<folder>'")
 
 
 @encoders.register("text/transformer")
@@ -163,3 +166,9 @@ class TextData(ModalityData):
     def collate(self, values: list[Any]) -> dict[str, Tensor]:
         ids, mask = self.tokenizer.encode(["" if v is None else v for v in values])
         return {"ids": ids, "mask": mask}
+
+    def fields_from_tensor(self, x: Tensor) -> dict[str, Tensor]:
+        """Refused: padded ids alone do not say where the text ends (OpenCLIP's padding id 0 is a real
+        token), and a guessed mask would pool on padding."""
+        raise ConfigError(f"encode('text', ids): bare id tensor {tuple(x.shape)} has no padding mask; "
+                          "pass {'ids', 'mask'} or a list of strings (ids, mask = tokenizer.encode(texts))")

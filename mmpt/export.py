@@ -2,23 +2,42 @@
 
 ``export`` consolidates the newest checkpoint (ZeRO-1/2/3 partitions through DeepSpeed's
 ``zero_to_fp32``; stage 0 from the module state) into fp32 tensors of the whole Pretrainer (towers,
-heads, logit scales, objective parameters) and embeds the resolved config as metadata. ``load``
-rebuilds from that file (or straight from a run directory) without unpickling anything.
+heads, logit scales, objective parameters) and embeds the resolved config as metadata, plus the files
+of any ``hf:`` tokenizer, so the export is self-contained. ``load`` rebuilds from that file (or
+straight from a run directory) without unpickling anything, and treats the file as untrusted data:
+the config is checked against the tensor shapes in the header before any weight is allocated, keys
+that would fetch weights (``pretrained``, ``checkpoint_path``) are reset, and non-finite weights are
+refused unless allowed.
 """
 
 from __future__ import annotations
 
+import base64
+import hashlib
 import json
+import os
+import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
 import torch
 
 from mmpt.config import Config, dump_config, load_config
-from mmpt.pretrainer import Pretrainer, build_pretrainer
+from mmpt.pretrainer import Pretrainer, build_data_specs, build_pretrainer
+from mmpt.registry import ConfigError
 from mmpt.train import checkpoint
 
 FORMAT = "mmpt-pretrainer/1"
+TOKENIZER_META = "tokenizer_files."  # + encoder (modality) name -> JSON {file name: base64 bytes}
+# What AutoTokenizer reads from a folder; config.json tells it the tokenizer class when
+# tokenizer_config.json does not.
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
+                   "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "config.json")
+MAX_TOKENIZER_BYTES = 64 * 2**20
+# The export holds every weight: encoder keys that would fetch weights (hub downloads, pickled files)
+# are reset on load, so a crafted export cannot reach the network or unpickle through them.
+WEIGHT_SOURCE_KEYS = {"pretrained": False, "checkpoint_path": ""}
 
 
 def _run_dir_of(ckpt: Path) -> Path:
@@ -49,23 +68,159 @@ def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path
 
 def export(path: str | Path, out: str | Path) -> Path:
     """Write ``out`` (.safetensors) from a run directory or checkpoint folder; returns its path."""
+    state, cfg, ckpt = consolidate(path)
+    return write_export(state, cfg, out, source=str(ckpt), step=int(ckpt.name.removeprefix("step_") or 0))
+
+
+def write_export(state: dict[str, torch.Tensor], cfg: Config, out: str | Path, *, source: str = "",
+                 step: int = 0) -> Path:
+    """Write a consolidated state and its config as one self-contained .safetensors file."""
     from safetensors.torch import save_file
 
-    state, cfg, ckpt = consolidate(path)
     # safetensors refuses shared storage (tied weights): store a copy of each; load re-ties by
     # loading into the model, whose tied parameters receive the same values.
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
-    meta = {"format": FORMAT, "config": dump_config(cfg), "source": str(ckpt),
-            "step": ckpt.name.removeprefix("step_").lstrip("0") or "0"}
+    meta = {"format": FORMAT, "config": dump_config(cfg), "source": source, "step": str(step),
+            **tokenizer_metadata(cfg)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
     save_file(tensors, str(tmp), metadata=meta)
+    # safetensors creates its file 0600; an export is meant to be shared like any file the user writes.
+    os.chmod(tmp, 0o666 & ~_umask())
     tmp.replace(out)
     return out
 
 
-def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Pretrainer, dict[str, Any], Any]:
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+def tokenizer_metadata(cfg: Config) -> dict[str, str]:
+    """The files of every ``hf:<folder>`` tokenizer, as export metadata entries (no pickle, no paths)."""
+    meta = {}
+    for name, enc in cfg.model.encoders.items():
+        tok = enc.get("tokenizer")
+        if not (isinstance(tok, str) and tok.startswith("hf:")):
+            continue
+        folder, key = Path(tok[3:]), f"model.encoders.{name}.tokenizer"
+        files = {f: (folder / f).read_bytes() for f in TOKENIZER_FILES if (folder / f).is_file()}
+        if not files:
+            raise ConfigError(f"{key}: {folder} holds none of {', '.join(TOKENIZER_FILES[:4])}, ...: "
+                              "cannot embed the tokenizer in the export")
+        size = sum(map(len, files.values()))
+        if size > MAX_TOKENIZER_BYTES:
+            raise ConfigError(f"{key}: tokenizer files in {folder} take {size / 2**20:.0f} MB, more than the "
+                              f"{MAX_TOKENIZER_BYTES // 2**20} MB an export embeds")
+        meta[TOKENIZER_META + name] = json.dumps({f: base64.b64encode(b).decode() for f, b in files.items()})
+    return meta
+
+
+def _tokenizer_folder(blob: str, where: str) -> str:
+    """Materialise embedded tokenizer files in a per-user cache folder named by their hash; returns it."""
+    try:
+        files = {Path(f).name: base64.b64decode(b) for f, b in json.loads(blob).items()}
+    except (ValueError, AttributeError) as exc:
+        raise ConfigError(f"{where}: embedded tokenizer files are unreadable ({exc})") from exc
+    unknown = sorted(set(files) - set(TOKENIZER_FILES))
+    if unknown:
+        raise ConfigError(f"{where}: embedded tokenizer holds unexpected files {unknown[:3]}")
+    digest = hashlib.sha256(json.dumps(sorted((f, hashlib.sha256(b).hexdigest()) for f, b in files.items()))
+                            .encode()).hexdigest()[:20]
+    root = Path(os.environ.get("MMPT_CACHE") or Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache")
+                / "mmpt") / "tokenizers"
+    folder = root / digest
+    if folder.is_dir() and all((folder / f).is_file() and (folder / f).read_bytes() == b for f, b in files.items()):
+        return str(folder)
+    root.mkdir(parents=True, exist_ok=True)
+    fresh = Path(tempfile.mkdtemp(prefix=f".{digest}.", dir=root))
+    for f, b in files.items():
+        (fresh / f).write_bytes(b)
+    try:
+        fresh.rename(folder)
+    except OSError:  # another process won the race, or a stale folder differs: use ours as is
+        return str(fresh)
+    return str(folder)
+
+
+def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
+    """(metadata, tensor shapes) of a safetensors file, from its header only (no tensor data read)."""
+    from safetensors import SafetensorError, safe_open
+
+    if not Path(path).is_file():
+        raise ConfigError(f"{path}: no such file (expected an exported .safetensors file or a run directory)")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except SafetensorError as exc:
+        raise ConfigError(f"{path}: not a safetensors file ({exc}); expected an mmpt export") from exc
+
+
+def export_config(path: str | Path, meta: dict[str, str]) -> Config:
+    """The validated config embedded in an export, with weight-fetching keys reset and embedded
+    tokenizers materialised; any defect is a one-line ConfigError naming the file."""
+    import yaml
+
+    if meta.get("format") != FORMAT:
+        raise ConfigError(f"{path}: not an mmpt export (metadata format {meta.get('format')!r}, expected {FORMAT})")
+    if "config" not in meta:
+        raise ConfigError(f"{path}: export metadata has no 'config'")
+    try:
+        raw = yaml.safe_load(meta["config"])
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"{path}: embedded config is not valid YAML ({str(exc).splitlines()[0]})") from exc
+    if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) \
+            or not isinstance(raw["model"].get("encoders"), dict):
+        raise ConfigError(f"{path}: embedded config is not a mapping with model.encoders (got {type(raw).__name__})")
+    for name, enc in raw["model"]["encoders"].items():
+        if not isinstance(enc, dict):
+            continue  # validation below names it
+        enc.update({k: v for k, v in WEIGHT_SOURCE_KEYS.items() if k in enc})
+        blob = meta.get(TOKENIZER_META + name)
+        if blob is not None:
+            enc["tokenizer"] = "hf:" + _tokenizer_folder(blob, f"{path}: model.encoders.{name}.tokenizer")
+    try:
+        return load_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{path}: embedded config: {exc}") from exc
+
+
+def check_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], path: str | Path) -> None:
+    """Refuse a file whose tensors do not match the model the config declares (names and shapes)."""
+    expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
+    missing = [k for k in expected if k not in shapes]
+    unexpected = [k for k in shapes if k not in expected]
+    wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
+    if missing or unexpected or wrong:
+        first = (f"{wrong[0]}: config declares {list(expected[wrong[0]])}, file has {list(shapes[wrong[0]])}" if wrong
+                 else f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
+        raise ConfigError(f"{path}: the embedded config does not match the file's tensors ({len(wrong)} shapes "
+                          f"differ, {len(missing)} missing, {len(unexpected)} unexpected; {first})")
+
+
+def check_finite(state: dict[str, torch.Tensor], path: str | Path, allow: bool) -> None:
+    """Refuse (or, when allowed, warn about) weights holding NaN or inf."""
+    bad = [k for k, v in state.items() if v.is_floating_point() and not bool(torch.isfinite(v).all())]
+    if not bad:
+        return
+    msg = f"{path}: {len(bad)} tensors hold NaN or inf (first: {bad[0]})"
+    if not allow:
+        raise ConfigError(f"{msg}; pass allow_nonfinite=True (or --allow-nonfinite) to load it anyway")
+    warnings.warn(msg, stacklevel=3)
+
+
+def _build_checked(cfg: Config, shapes: dict[str, tuple[int, ...]], path: str | Path) -> Pretrainer:
+    # Tokenizers first (cached per process), so none is built while the meta device is the default.
+    build_data_specs(cfg)
+    with torch.device("meta"):  # shapes without allocating: a tampered config cannot ask for gigabytes
+        check_shapes(build_pretrainer(cfg), shapes, path)
+    return build_pretrainer(cfg)
+
+
+def load(path: str | Path, device: str | torch.device = "cpu", *,
+         allow_nonfinite: bool = False) -> tuple[Pretrainer, dict[str, Any], Any]:
     """Rebuild ``(model, transforms, tokenizer)`` from an exported file or a run directory.
 
     model: the Pretrainer in eval mode (``model.encode("image", images)``); transforms: modality ->
@@ -74,22 +229,18 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Pretrain
     path = Path(path)
     if path.is_dir():
         state, cfg, _ = consolidate(path)
+        model = build_pretrainer(cfg)
     else:
-        from safetensors import safe_open
         from safetensors.torch import load_file
 
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-        if meta.get("format") != FORMAT:
-            raise ValueError(f"{path}: not an mmpt export (metadata format {meta.get('format')!r}, expected {FORMAT})")
-        import yaml
-
-        cfg = load_config(yaml.safe_load(meta["config"]))
+        meta, shapes = read_header(path)
+        cfg = export_config(path, meta)
+        model = _build_checked(cfg, shapes, path)
         state = load_file(str(path))
-    model = build_pretrainer(cfg)
+    check_finite(state, path, allow_nonfinite)
     missing, unexpected = model.load_state_dict(state, strict=False)
     if missing or unexpected:
-        raise ValueError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
+        raise ConfigError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.to(device).eval()
     transforms = dict(model.model.data)
     text = transforms.get("text")
@@ -97,10 +248,9 @@ def load(path: str | Path, device: str | torch.device = "cpu") -> tuple[Pretrain
 
 
 def describe(path: str | Path) -> dict[str, Any]:
-    """Metadata of an export (format, step, source, config) without loading tensors."""
-    from safetensors import safe_open
-
-    with safe_open(str(path), framework="pt") as f:
-        meta = dict(f.metadata() or {})
-        meta["tensors"] = len(list(f.keys()))
-    return json.loads(json.dumps(meta))
+    """Metadata of an export (format, step, source, config, embedded tokenizers) without loading tensors."""
+    meta, shapes = read_header(path)
+    out: dict[str, Any] = {k: v for k, v in meta.items() if not k.startswith(TOKENIZER_META)}
+    out["tokenizers"] = sorted(k.removeprefix(TOKENIZER_META) for k in meta if k.startswith(TOKENIZER_META))
+    out["tensors"] = len(shapes)
+    return out

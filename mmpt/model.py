@@ -9,6 +9,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData
+from mmpt.registry import ConfigError
 
 
 def build_head(kind: str, width: int, embed_dim: int) -> nn.Module:
@@ -19,9 +20,9 @@ def build_head(kind: str, width: int, embed_dim: int) -> nn.Module:
         return nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.Linear(width, embed_dim))
     if kind == "none":
         if width != embed_dim:
-            raise ValueError(f"head 'none' needs encoder width {width} == embed_dim {embed_dim}")
+            raise ConfigError(f"model.head: 'none' needs encoder width {width} == embed_dim {embed_dim}")
         return nn.Identity()
-    raise ValueError(f"unknown head {kind!r}: expected linear|mlp|none")
+    raise ConfigError(f"model.head: unknown head {kind!r}: expected linear|mlp|none")
 
 
 class MultimodalModel(nn.Module):
@@ -54,18 +55,27 @@ class MultimodalModel(nn.Module):
 
     @torch.no_grad()
     def encode(self, modality: str, inputs: dict[str, Tensor] | list[Any] | Tensor, normalize: bool = True) -> Tensor:
-        """Embeddings (B, embed_dim) of tensors (collated fields, or a uint8/float image batch) or raw
-        inputs (PIL images, paths, strings)."""
+        """Embeddings (B, embed_dim) of collated fields, a batch tensor the modality accepts (e.g.
+        uint8 images), or a list of raw inputs (PIL images, paths, strings)."""
         if modality not in self.encoders:
-            raise KeyError(f"no encoder for modality {modality!r}; have {', '.join(self.encoders)}")
-        if isinstance(inputs, Tensor):
-            inputs = {"pixels": inputs} if modality == "image" else {"ids": inputs, "mask": torch.ones_like(inputs, dtype=torch.bool)}
-        elif isinstance(inputs, (list, tuple)):
-            if modality not in self.data:
-                raise ValueError(f"no data transform for modality {modality!r}: pass collated tensors")
-            inputs = self.data[modality].prepare(list(inputs), train=False)
+            raise ConfigError(f"encode: no encoder for modality {modality!r}; have {', '.join(self.encoders)}")
+        fields = self._fields(modality, inputs)
         device = next(self.parameters()).device
-        out = self.encode_fields(modality, {k: v.to(device) for k, v in inputs.items()})
+        out = self.encode_fields(modality, {k: v.to(device) for k, v in fields.items()})
         if normalize:
             return out.embedding
         return self.heads[modality](out.pooled).float()
+
+    def _fields(self, modality: str, inputs: Any) -> dict[str, Tensor]:
+        # Raw-input handling belongs to the modality's data side: the core names no modality.
+        if isinstance(inputs, dict):
+            return inputs
+        data = self.data.get(modality)
+        if data is None:
+            raise ConfigError(f"encode('{modality}', ...): no data transform for this modality; pass collated fields")
+        if isinstance(inputs, Tensor):
+            return data.fields_from_tensor(inputs)
+        if isinstance(inputs, (list, tuple)):
+            return data.prepare(list(inputs), train=False)
+        raise ConfigError(f"encode('{modality}', ...): pass a list of inputs (e.g. [x]), a batch tensor or a dict "
+                          f"of fields, not one {type(inputs).__name__}")

@@ -20,11 +20,11 @@ import torch
 from mmpt.encoders.base import ModalityData
 from mmpt.eval.common import Embedded, Task, embed_images, embed_texts
 from mmpt.model import MultimodalModel
-from mmpt.registry import ConfigError
+from mmpt.registry import ConfigError, closest
 from mmpt.registry import tasks as task_registry
 
-__all__ = ["Embedded", "Task", "build_tasks", "embed_images", "embed_texts", "format_table", "run_tasks",
-           "write_results"]
+__all__ = ["Embedded", "Task", "build_tasks", "embed_images", "embed_texts", "format_table", "refuse_untrusted_sources",
+           "run_tasks", "select_tasks", "task_id", "write_results"]
 
 
 def build_tasks(entries: Sequence[dict[str, Any]]) -> list[tuple[str, Task]]:
@@ -46,6 +46,54 @@ def build_tasks(entries: Sequence[dict[str, Any]]) -> list[tuple[str, Task]]:
         where[name] = path
         built.append((name, task))
     return built
+
+
+def task_id(entry: dict[str, Any]) -> str:
+    """The result name of a task entry without validating it (selection comes before validation)."""
+    import dataclasses
+
+    if entry.get("id"):
+        return str(entry["id"])
+    try:
+        cls = task_registry.get(str(entry.get("name")))
+        task = object.__new__(cls)  # fields only, no __post_init__ checks: they may need files elsewhere
+        for f in dataclasses.fields(cls):
+            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+            setattr(task, f.name, entry.get(f.name, None if default is dataclasses.MISSING else default))
+        return task.default_id()
+    except Exception:  # an entry too broken to name; building it reports the problem if it is selected
+        return str(entry.get("name"))
+
+
+def select_tasks(entries: Sequence[Any], wanted: Sequence[str], where: str = "eval") -> list[dict[str, Any]]:
+    """Entries whose id or name is in ``wanted`` (all when empty); an unknown id is a ConfigError."""
+    if not wanted:
+        return list(entries)
+    entries = [e for e in entries if isinstance(e, dict)]
+    ids = [task_id(e) for e in entries]
+    unknown = [w for w in wanted if w not in ids and not any(e.get("name") == w for e in entries)]
+    if unknown:
+        raise ConfigError(f"--task {unknown[0]}: no such task in {where}{closest(unknown[0], ids)}; "
+                          f"tasks: {', '.join(ids) or 'none'}")
+    return [e for e, i in zip(entries, ids, strict=True) if i in wanted or e.get("name") in wanted]
+
+
+def refuse_untrusted_sources(entries: Sequence[dict[str, Any]], where: str) -> None:
+    """Refuse task values that run a command or reach the network (``pipe:``, ``scheme://``): tasks read
+    from an export or a run directory are data, and data never starts a process."""
+    def walk(value: Any, path: str) -> None:
+        if isinstance(value, str) and (value.strip().startswith("pipe:") or "://" in value):
+            raise ConfigError(f"{where}: {path}: {value[:60]!r} is a command or network source; tasks stored in "
+                              "a model file may only read local files (give your own --tasks-file to use it)")
+        if isinstance(value, dict):
+            for k, v in value.items():
+                walk(v, f"{path}.{k}")
+        elif isinstance(value, (list, tuple)):
+            for i, v in enumerate(value):
+                walk(v, f"{path}[{i}]")
+
+    for i, entry in enumerate(entries):
+        walk(entry, f"eval[{i}]")
 
 
 def _at(path: str, exc: ConfigError) -> ConfigError:
