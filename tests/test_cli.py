@@ -55,3 +55,43 @@ def test_deepspeed_launcher_local_rank_flag_is_accepted() -> None:
 
     args = _parser().parse_args(["--local_rank=1", "export", "run", "--out", "x.safetensors"])
     assert args.command == "export" and args.local_rank == 1
+
+
+def test_python_dash_m_mmpt_is_the_same_command() -> None:
+    out = subprocess.run([sys.executable, "-m", "mmpt", "--version"], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0 and out.stdout.startswith("mmpt ")
+    out = subprocess.run([sys.executable, "-m", "mmpt", "train", "clip-tinny"], capture_output=True, text=True,
+                         timeout=120)
+    assert out.returncode == 2 and out.stderr.strip() == (
+        "mmpt: error: unknown recipe 'clip-tinny' (did you mean 'clip-tiny'?); shipped: clip-tiny")
+
+
+def test_help_lists_every_key_with_a_description(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit):
+        main(["eval", "--help"])
+    out = capsys.readouterr().out
+    for key in ("task 'zero_shot' keys:", "label_key (", "classnames (", "task 'linear_probe' keys:", "train_data ("):
+        assert key in out
+    with pytest.raises(SystemExit):
+        main(["train", "--help"])
+    out = capsys.readouterr().out
+    assert "optim.*:" in out and "lr_scale (dict[str, float]" in out and "shuffle_buffer (int, default 1000)" in out
+    assert main(["info", "--keys", "--tasks"]) == 0
+    out = capsys.readouterr().out
+    assert "encoder 'image/vit' keys:" in out and "objective 'clip' keys:" in out and "retrieval" in out
+    assert "(undocumented)" not in out
+
+
+def test_unexpected_errors_are_one_line_with_a_debug_hint(monkeypatch: pytest.MonkeyPatch,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    import mmpt.cli
+
+    def boom(args: object) -> None:
+        raise RuntimeError("something broke\nsecond line")
+
+    monkeypatch.setattr(mmpt.cli, "_info", boom)
+    assert main(["info"]) == 1
+    err = capsys.readouterr().err
+    assert err == "mmpt: error: RuntimeError: something broke second line (run with --debug for the traceback)\n"
+    with pytest.raises(RuntimeError):
+        main(["info", "--debug"])
