@@ -104,8 +104,10 @@ class ZeroShot(Task):
 
     label_key: json field holding the class (shards; unused for image folders). classnames/templates:
     file, inline list or ``openclip:imagenet`` (templates contain ``{}``; default: the bare class
-    name; classnames default: the labels found in the data). Samples whose label is not a class are
-    counted (``n_unknown_label``), not scored.
+    name; classnames default: the labels found in the data, with a warning: they become the prompts).
+    label_type: 'name' (a label is a class name) or 'index' (a label is an integer position in
+    ``classnames``, as ImageNet's 0-999). Samples whose label is not a class are counted
+    (``n_unknown_label``), not scored.
 
     modality: the tower embedding the data. text_modality: the tower embedding the prompts.
     """
@@ -113,11 +115,17 @@ class ZeroShot(Task):
     label_key: str | None = None
     classnames: str | list[str] | None = None
     templates: str | list[str] | None = None
+    label_type: str = "name"
     modality: str = "image"
     text_modality: str = "text"
 
     def __post_init__(self) -> None:
         super().__post_init__()
+        if self.label_type not in ("name", "index"):
+            raise ConfigError(f"label_type: expected name|index{closest(self.label_type, ['name', 'index'])}, "
+                              f"got {self.label_type!r}")
+        if self.label_type == "index" and self.classnames is None:
+            raise ConfigError("label_type: 'index' needs classnames (the list the integer labels index into)")
         self._classes = read_list(self.classnames, "classnames")
         self._templates = read_list(self.templates, "templates") or ["{}"]
         bad = [t for t in self._templates if "{}" not in t]
@@ -139,7 +147,9 @@ class ZeroShot(Task):
         emb = embed_images(model, specs, self.data, self.batch_size, keep=("json",), device=device,
                            progress=progress, workers=self.workers, modality=self.modality, desc=self.default_id())
         labels = sample_labels(emb, self.label_key)
-        classes = self._classes or sorted({label for label in labels if label is not None})
+        if self.label_type == "index":
+            labels = index_labels(labels, self._classes)
+        classes = self._classes or self._classes_from_labels(labels)
         if "label" in emb.meta:
             labels = match_folders(labels, classes)
         ids, unknown = label_indices(labels, classes)
@@ -149,6 +159,10 @@ class ZeroShot(Task):
                         self.default_id(), len(unknown), len(classes), ", ".join(examples))
         scored = ids >= 0
         if not scored.any():
+            if self.label_type == "name" and all(_is_index(u) for u in unknown):
+                seen = ", ".join(sorted({str(u) for u in unknown})[:5])
+                raise ConfigError(f"label_type: the labels are integers ({seen}, ...), not class names: set "
+                                  "label_type: index to read them as positions in classnames")
             raise no_label_error(emb, self.label_key, unknown, classes)
         classifier = zero_shot_classifier(model, specs, classes, self._templates, self.batch_size, device,
                                           modality=self.text_modality)
@@ -156,3 +170,26 @@ class ZeroShot(Task):
         metrics = accuracy_metrics(top, ids[scored], classes)
         metrics.update(n_unknown_label=len(unknown), skipped=emb.skipped)
         return metrics
+
+    def _classes_from_labels(self, labels: list[str | None]) -> list[str]:
+        classes = sorted({label for label in labels if label is not None})
+        hint = ("they look like class indices: give classnames and label_type: index"
+                if classes and all(_is_index(c) for c in classes) else "give classnames for meaningful prompts")
+        log.warning("%s: no classnames: the %d labels found in the data (%s%s) are used as class names and "
+                    "prompts unchanged; %s", self.default_id(), len(classes), ", ".join(classes[:5]),
+                    ", ..." if len(classes) > 5 else "", hint)
+        return classes
+
+
+def _is_index(label: object) -> bool:
+    return isinstance(label, str) and label.strip().lstrip("-").isdigit()
+
+
+def index_labels(labels: list[str | None], classes: list[str]) -> list[str | None]:
+    """Integer labels (``json`` ints or digit strings) -> class names by position; anything else stays
+    as it is (then not a class: counted as unknown, not scored)."""
+    out: list[str | None] = []
+    for label in labels:
+        i = int(label) if label is not None and _is_index(label) else -1
+        out.append(classes[i] if 0 <= i < len(classes) else label)
+    return out

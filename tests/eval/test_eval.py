@@ -256,6 +256,41 @@ def test_zero_shot_image_folder(tiny_model: nn.Module, tmp_path: Path) -> None:
     assert match_folders(["n2", "n1"], ["tench", "goldfish"]) == ["goldfish", "tench"]
 
 
+def test_zero_shot_integer_labels_index_classnames(tiny_model: nn.Module, tmp_path: Path) -> None:
+    # ImageNet-style: json holds the class's position in classnames, not its name.
+    names = list(COLORS)
+    samples = shape_samples(30, seed=3, prefix="i")
+    for s in samples:
+        s["json"]["color_id"] = names.index(s["json"]["color"])
+    data = write_shard(tmp_path / "ids-000.tar", samples)
+    by_name = {"name": "zero_shot", "data": data, "label_key": "color", "classnames": names, "id": "n"}
+    by_index = {"name": "zero_shot", "data": data, "label_key": "color_id", "classnames": names, "id": "i",
+                "label_type": "index"}
+    res = run_tasks(tiny_model, tiny_model.data, [by_name, by_index], device="cpu", progress=False)
+    assert res["i"]["n"] == 30 and res["i"]["n_unknown_label"] == 0
+    assert res["i"]["top1"] == res["n"]["top1"] and res["i"]["per_class_top1"] == res["n"]["per_class_top1"]
+    with pytest.raises(ConfigError, match=r"label_type: the labels are integers .*set label_type: index"):
+        run_tasks(tiny_model, tiny_model.data, [{**by_index, "label_type": "name"}], device="cpu", progress=False)
+    with pytest.raises(ConfigError, match=r"label_type: 'index' needs classnames"):
+        build_tasks([{"name": "zero_shot", "data": data, "label_key": "color_id", "label_type": "index"}])
+    with pytest.raises(ConfigError, match=r"label_type: expected name\|index \(did you mean 'index'"):
+        build_tasks([{**by_index, "label_type": "indx"}])
+
+
+def test_zero_shot_without_classnames_warns_naming_task_and_labels(tiny_model: nn.Module, tmp_path: Path,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    samples = shape_samples(20, seed=4, prefix="w")
+    for s in samples:
+        s["json"]["digit"] = list(COLORS).index(s["json"]["color"])
+    data = write_shard(tmp_path / "digits-000.tar", samples)
+    with caplog.at_level("WARNING"):
+        run_tasks(tiny_model, tiny_model.data, [{"name": "zero_shot", "data": data, "label_key": "digit"}],
+                  device="cpu", progress=False)
+    warning = next(r.getMessage() for r in caplog.records if "no classnames" in r.getMessage())
+    assert warning.startswith("zero_shot/digit: no classnames")
+    assert "(1, 2, 3" in warning and "prompts unchanged" in warning and "label_type: index" in warning
+
+
 # Retrieval oracles: a fake model whose embeddings are chosen by the test.
 
 class TableText(ModalityData):
