@@ -65,6 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a key on every selected task, e.g. --set data=/path/to/eval")
     e.add_argument("--out", help="write results JSON here")
+    e.add_argument("--use-embedded-tasks", action="store_true",
+                   help="run the eval tasks stored in the model's recipe (data from a model file: their pipe: "
+                        "and URL sources are refused)")
+    e.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
 
     m = sub.add_parser("embed", help="extract embeddings (clip-retrieval layout), resumable, multi-rank")
     m.add_argument("model", help="exported .safetensors file or run directory")
@@ -233,30 +237,39 @@ def _dispatch(args: argparse.Namespace) -> int:
 def _eval(args: argparse.Namespace) -> None:
     import mmpt
     from mmpt.config import apply_overrides, expand_env, load_yaml
-    from mmpt.eval import build_tasks, format_table, run_tasks, write_results
+    from mmpt.eval import format_table, refuse_untrusted_sources, run_tasks, select_tasks, write_results
+    from mmpt.registry import ConfigError
 
-    model, transforms, _ = mmpt.load(args.model)
+    model, transforms, _ = mmpt.load(args.model, allow_nonfinite=args.allow_nonfinite)
     import yaml
 
-    if args.tasks_file:
-        tasks = yaml.safe_load(expand_env(Path(args.tasks_file).read_text()))
+    if args.tasks_file:  # the user's own file: trusted like a recipe (pipe: allowed)
+        try:
+            tasks = yaml.safe_load(expand_env(Path(args.tasks_file).read_text()))
+        except (OSError, yaml.YAMLError) as exc:
+            raise ConfigError(f"--tasks-file {args.tasks_file}: {str(exc).splitlines()[0]}") from exc
+        where = args.tasks_file
         tasks = tasks.get("eval", []) if isinstance(tasks, dict) else tasks
         if not isinstance(tasks, list):
-            raise SystemExit(f"mmpt eval: {args.tasks_file}: expected a list of tasks or a mapping with 'eval'")
-    else:
-        from safetensors import safe_open
+            raise ConfigError(f"--tasks-file {args.tasks_file}: expected a list of tasks or a mapping with 'eval'")
+    elif args.use_embedded_tasks:
+        from mmpt.export import read_header
 
+        where = f"{args.model} (embedded eval tasks)"
         if Path(args.model).is_dir():
             tasks = load_yaml(Path(args.model) / "config.yaml").get("eval", [])
         else:
-            with safe_open(args.model, framework="pt") as f:
-                tasks = yaml.safe_load(f.metadata()["config"]).get("eval", [])
-    tasks = [apply_overrides(dict(t), args.overrides) for t in tasks]
-    if args.task:
-        ids = [name for name, _ in build_tasks(tasks)]
-        tasks = [t for t, i in zip(tasks, ids, strict=True) if t["name"] in args.task or i in args.task]
+            tasks = yaml.safe_load(read_header(args.model)[0]["config"]).get("eval", [])
+    else:
+        raise ConfigError(f"{args.model}: no tasks: give --tasks-file FILE (your task list), or "
+                          "--use-embedded-tasks to run the eval tasks stored with the model")
+    # Select first, then override and validate only what runs: unselected tasks may name paths that
+    # exist only where the model was trained.
+    tasks = [apply_overrides(dict(t), args.overrides) for t in select_tasks(tasks, args.task, where)]
+    if args.use_embedded_tasks and not args.tasks_file:
+        refuse_untrusted_sources(tasks, where)
     if not tasks:
-        raise SystemExit("mmpt eval: no tasks selected (see --task / --tasks-file)")
+        raise ConfigError(f"{where}: no eval tasks to run")
     results = run_tasks(model.model, transforms, tasks, device="cpu")
     print(format_table(results))
     if args.out:
