@@ -16,6 +16,7 @@ from typing import Any
 import torch
 
 from mmpt.config import Config
+from mmpt.init import build_module
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
 
@@ -157,13 +158,13 @@ def lr_lambda(cfg: Config, total_steps: int):
 
 
 def build_engine(cfg: Config, dist_info: DistInfo, total_steps: int):
-    """Construct the Pretrainer (under ``zero.Init`` for stage 3, so no rank holds the whole model) and
-    wrap it with DeepSpeed. Returns (engine, ds_config)."""
+    """Construct the Pretrainer (at stage 3 each part is partitioned once built, so no rank holds the
+    whole model, and the weights equal stage 0's: see mmpt.init) and wrap it with DeepSpeed.
+    Returns (engine, ds_config)."""
     import deepspeed
 
     ds = deepspeed_config(cfg, dist_info.world)
-    with deepspeed.zero.Init(config_dict_or_path=ds, enabled=cfg.train.zero_stage == 3):
-        module = build_pretrainer(cfg)
+    module = build_module(lambda: build_pretrainer(cfg), ds, dist_info.device)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))

@@ -6,6 +6,7 @@ Writes OUT_DIR/<scenario>/... run directories and OUT_DIR/zero3_embeddings.pt (r
 
 from __future__ import annotations
 
+import json
 import sys
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from _zero_init_cases import cases, digest, initial_weights  # noqa: E402
 from shardkit import tiny_config  # noqa: E402
 
 from mmpt.config import load_config  # noqa: E402
@@ -57,6 +59,11 @@ def main() -> None:
                 torch.save({"keys": batch.keys, "embedding": emb}, out / "zero3_embeddings.pt")
         fault = {"crash_at_step": 3} if stage == 2 else {"crash_in_save": 4}
         crash_then_resume(config(shards, out / f"zero{stage}_resume", stage), **fault)
+    # same seed, same model: every registered part's step-0 weights at stages 0 and 3, rank seeds differing
+    digests = {case: {stage: digest(initial_weights(raw, stage, seed_offset=dist.get_rank())) for stage in (0, 3)}
+               for case, raw in cases().items()}
+    if dist.get_rank() == 0:
+        (out / "zero_init_digests.json").write_text(json.dumps(digests))
     dist.barrier()
     dist.destroy_process_group()
 

@@ -74,3 +74,18 @@ def test_zero3_export_reproduces_engine_embeddings(ranks_out: Path, tmp_path: Pa
     torch.testing.assert_close(got, saved["embedding"], rtol=1e-4, atol=1e-5)
     # the objective's logit scale came through the ZeRO-3 consolidation as well
     assert model.objectives["clip"].logit_scale.shape == (1,)
+
+
+@pytest.mark.timeout(600)
+def test_zero3_two_ranks_start_from_the_one_rank_model(ranks_out: Path) -> None:
+    """Each registered part's step-0 weights at ZeRO 0 and 3 on two ranks (seeded seed + rank, as
+    train() does) equal the one-rank stage-0 weights bit for bit."""
+    from _zero_init_cases import cases, digest, initial_weights
+
+    two_ranks = json.loads((ranks_out / "zero_init_digests.json").read_text())
+    assert sorted(two_ranks) == sorted(cases())
+    for case, raw in cases().items():
+        one_rank = digest(initial_weights(raw, stage=0))
+        for stage, got in two_ranks[case].items():
+            differ = [n for n in one_rank if got.get(n) != one_rank[n]]
+            assert sorted(got) == sorted(one_rank) and not differ, f"{case} ZeRO-{stage} on 2 ranks: {differ[:5]}"

@@ -1,0 +1,105 @@
+"""Build the trainable module so that the same seed gives the same initial weights at every ZeRO stage.
+
+For encoder and objective authors: initialise parameters the ordinary PyTorch way, inside your
+``__init__`` (``nn.init.*`` on any submodule, ``self.apply(fn)``, a third-party constructor such as
+``timm.create_model`` that initialises its own children). Nothing here needs calling from a part, and
+``tests/train/test_zero_init.py`` fails until a registered part has a tiny config there, then checks
+that its ZeRO-3 model equals its stage-0 model bit for bit.
+
+Why not DeepSpeed's ``zero.Init`` context: it partitions each submodule's parameters the moment that
+submodule's ``__init__`` returns, so init code in a parent acts on empty tensors (only ``Module.apply``
+is patched to gather). mmpt's text ``token_embed`` kept std 1.0 instead of 0.02, the skipped draws
+shifted every later tensor, and timm's ``named_apply`` init was lost entirely. The context also creates
+tensors on the accelerator in the training dtype, so even untouched defaults would come from the CUDA
+generator (and bf16 arithmetic) rather than the CPU generator stages 0-2 draw from.
+
+What :func:`build_module` does instead: every part a registry builds (encoder, objective) is
+constructed exactly as at stages 0-2 (CPU, fp32, same random draws in the same order) and partitioned
+as soon as its constructor returns; heads and anything else are partitioned when the whole module is
+built. A rank therefore holds at most one whole part plus its shards of the rest, never the whole
+model. Partitioning broadcasts rank 0's values, as ``deepspeed.initialize`` does at stages 0-2, so
+per-rank seeds do not matter.
+
+Changing weights *after* the engine exists (surgery on a live ZeRO-3 module) is different: gather
+with ``deepspeed.zero.GatheredParameters(params, modifier_rank=0)``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable, Iterator
+from typing import Any, TypeVar
+
+import torch
+from torch import nn
+
+M = TypeVar("M", bound=nn.Module)
+
+
+def build_module(build: Callable[[], M], ds_config: dict[str, Any] | None, device: torch.device) -> M:
+    """``build()``; for a ZeRO-3 ``ds_config`` each registered part is partitioned as soon as it is built
+    and the rest at the end. Without one (stages 0-2, no DeepSpeed) it is just ``build()``."""
+    if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
+        return build()
+    with _partition_parts_when_built(ds_config, device):
+        module = build()
+    partition(module, ds_config, device)
+    return module
+
+
+def partition(module: nn.Module, ds_config: dict[str, Any], device: torch.device) -> None:
+    """Shard ``module``'s not yet partitioned parameters over the ranks (rank 0's values win), cast to
+    the training dtype first as ``deepspeed.initialize`` casts an unpartitioned module; buffers move to
+    ``device`` and keep their dtype, as at stages 0-2."""
+    import deepspeed
+
+    dtype = _param_dtype(ds_config)
+    todo = [p for p in module.parameters() if not hasattr(p, "ds_id")]
+    for p in todo:
+        if dtype is not None and p.is_floating_point():
+            p.data = p.data.to(dtype)
+    for b in module.buffers():
+        b.data = b.data.to(device)
+    if todo:
+        deepspeed.zero.Init(module=module, config_dict_or_path=ds_config)
+
+
+def _param_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
+    """The dtype DeepSpeed trains parameters in (None: leave them as built)."""
+    if ds_config.get("fp16", {}).get("enabled"):
+        return torch.float16
+    if ds_config.get("bf16", {}).get("enabled"):
+        return torch.bfloat16
+    return None
+
+
+@contextlib.contextmanager
+def _partition_parts_when_built(ds_config: dict[str, Any], device: torch.device) -> Iterator[None]:
+    """While open, the encoder and objective registries partition each part they build, once its
+    constructor has returned (a part built inside another part's constructor waits for the outer one)."""
+    from mmpt.registry import encoders, objectives
+
+    depth = 0
+
+    def wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
+        def build(*args: Any, **kwargs: Any) -> Any:
+            nonlocal depth
+            depth += 1
+            try:
+                part = orig(*args, **kwargs)
+            finally:
+                depth -= 1
+            if depth == 0 and isinstance(part, nn.Module):
+                partition(part, ds_config, device)
+            return part
+
+        return build
+
+    registries = (encoders, objectives)
+    for reg in registries:
+        reg.build = wrap(reg.build)  # an instance attribute shadowing the method until the context closes
+    try:
+        yield
+    finally:
+        for reg in registries:
+            del reg.build
