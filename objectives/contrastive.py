@@ -162,6 +162,39 @@ def clip_loss(
     return loss, metrics
 
 
+class _BoundedLogScale(torch.autograd.Function):
+    """min(x, bound) whose gradient, above the bound, passes only where it would lower x."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, bound: float) -> Tensor:  # type: ignore[override]
+        # Save a mask, not the parameter: ZeRO-3 may release the parameter's data before backward.
+        ctx.save_for_backward(x > bound)
+        return x.clamp(max=bound)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        (above,) = ctx.saved_tensors
+        return grad.masked_fill(above & (grad < 0), 0.0), None
+
+
+def bounded_log_scale(log_scale: Tensor, bound: float) -> Tensor:
+    """``log_scale`` capped at ``bound`` in value, recoverable in gradient.
+
+    A plain clamp has zero gradient above the bound, so a parameter that got past it (momentum carries
+    it on) never returns. OpenCLIP clamps the parameter in place after each step; clamping it in place
+    before use is the same idea. Under DeepSpeed both edit a copy: with bf16/fp16 or ZeRO-1/2/3 the
+    optimizer's fp32 master (at ZeRO-3 a partition of it) is written back into the module after every
+    step, so the master drifts on and the clamp would hold only at stage 0 in fp32: training would
+    differ between stages. Here the parameter is never written: above the bound a
+    gradient that asks for a smaller scale passes (as if unclamped) and one that asks for a larger
+    scale is dropped, so the parameter cannot drift further up and comes back as soon as the loss
+    asks. It is a pure function of the parameter, the same at every stage and precision; each rank
+    gates its own gradient before ranks average, so above the bound the average never pushes up.
+    Below the bound it is the identity (OpenCLIP's loss and gradient exactly).
+    """
+    return _BoundedLogScale.apply(log_scale, bound)
+
+
 def _embedding(outputs: dict[str, EncoderOutput], modality: str) -> Tensor:
     """The projected embedding of ``modality``, with an error naming what is missing."""
     if modality not in outputs:
@@ -247,8 +280,8 @@ class CLIP(Objective):
 
     def forward(self, outputs: dict[str, EncoderOutput], batch: Batch) -> ObjectiveOutput:
         """Mean over pairs of the masked symmetric contrastive loss, plus per-pair accuracy and scale."""
-        # Clamp the exp, not the parameter: DeepSpeed's fp32 master copy would undo an in-place clamp.
-        scales = torch.clamp(self.logit_scale.exp(), max=self.max_logit_scale)
+        # fp32: a bf16 bound (log 100 -> 4.59) would cap the scale at 98.9, not 100.
+        scales = bounded_log_scale(self.logit_scale.float(), math.log(self.max_logit_scale)).exp()
         losses, metrics = [], {}
         for i, (a, b) in enumerate(self.pairs_for(outputs)):
             ea, eb = _embedding(outputs, a), _embedding(outputs, b)

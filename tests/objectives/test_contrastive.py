@@ -234,11 +234,64 @@ def test_clip_logit_scale_clamped_in_forward_only() -> None:
     assert_close(out.metrics["image_text/logit_scale"], torch.tensor(100.0), "clamped scale")
     assert_close(out.loss, ClipLoss()(a, b, torch.tensor([100.0])), "loss at the clamp")
     out.loss.backward()
-    assert obj.logit_scale.grad is not None and torch.count_nonzero(obj.logit_scale.grad) == 0
     assert_close(obj.logit_scale.detach(), torch.tensor([math.log(1000.0)]), "parameter untouched")
 
     frozen = CLIP(pairs=[["image", "text"]], learn_logit_scale=False)
     assert not frozen.logit_scale.requires_grad
+
+
+def _scale_steps(a: torch.Tensor, b: torch.Tensor, log_scale: float, steps: int) -> list[float]:
+    """The logit-scale parameter after each AdamW step on the CLIP loss of fixed features."""
+    obj = CLIP(pairs=[["image", "text"]], max_logit_scale=100.0)
+    with torch.no_grad():
+        obj.logit_scale.fill_(log_scale)
+    opt = torch.optim.AdamW(obj.parameters(), lr=0.05, weight_decay=0.0)
+    out = []
+    for _ in range(steps):
+        opt.zero_grad()
+        obj(encoded(image=a, text=b), batch_with({}, a.shape[0])).loss.backward()
+        opt.step()
+        out.append(obj.logit_scale.item())
+    return out
+
+
+def test_logit_scale_above_the_bound_comes_back_when_the_loss_asks() -> None:
+    # Unrelated pairs: the loss falls as the scale falls, so a scale stuck above the bound must return.
+    a, _ = features(16, seed=5)
+    b, _ = features(16, seed=6)
+    path = _scale_steps(a, b, math.log(200.0), steps=40)
+    assert path[-1] < math.log(100.0), f"logit scale stuck at exp({path[-1]:.3f}) above the bound 100"
+    # ...and keeps following the loss below the bound
+    assert path[-1] < path[-2]
+
+
+def test_logit_scale_above_the_bound_does_not_drift_further_up() -> None:
+    # Identical pairs of near-parallel features: even at scale 200 the loss wants a larger scale;
+    # above the bound that push is blocked.
+    g = torch.Generator().manual_seed(7)
+    a = F.normalize(torch.ones(16, 16) + 0.02 * torch.randn(16, 16, generator=g), dim=-1)
+    assert ClipLoss()(a, a, torch.tensor([200.0])) > 0.1
+    obj = CLIP(pairs=[["image", "text"]], max_logit_scale=100.0)
+    with torch.no_grad():
+        obj.logit_scale.fill_(math.log(200.0))
+    obj(encoded(image=a, text=a), batch_with({}, a.shape[0])).loss.backward()
+    assert obj.logit_scale.grad is not None and obj.logit_scale.grad.item() == 0.0
+    start = torch.tensor(math.log(200.0)).item()  # as stored in fp32
+    assert _scale_steps(a, a, math.log(200.0), steps=5) == [start] * 5
+
+
+def test_logit_scale_below_the_bound_has_the_plain_gradient() -> None:
+    # Below the bound the objective is OpenCLIP's loss of exp(parameter), gradient included.
+    a, b = features()
+    for scale in (5.0, 99.0):
+        obj = CLIP(pairs=[["image", "text"]], init_logit_scale=scale, max_logit_scale=100.0)
+        out = obj(encoded(image=a, text=b), batch_with({}, a.shape[0]))
+        out.loss.backward()
+        log_s = torch.tensor([math.log(scale)], requires_grad=True)
+        ref = ClipLoss()(a, b, log_s.exp())
+        ref.backward()
+        assert_close(out.loss, ref, f"loss at scale {scale}")
+        assert_close(obj.logit_scale.grad, log_s.grad, f"grad at scale {scale}")
 
 
 # ---- two ranks (gloo) ---------------------------------------------------------------------------
