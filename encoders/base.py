@@ -144,6 +144,11 @@ class ModalityData:
         """Convert one raw user input into what ``transform`` takes (default: unchanged)."""
         return value
 
+    @property
+    def file_prefix(self) -> str:
+        """Prefix of this modality's output files (``<prefix>_emb/``); default: the modality name."""
+        return self.modality
+
     def fields_from_tensor(self, x: Tensor) -> dict[str, Tensor]:
         """Collated fields from one bare batch tensor a user passed to ``encode``, checked; a modality
         whose fields cannot be told from one tensor refuses it (default)."""

@@ -1,21 +1,33 @@
 """Embedding extraction at scale: clip-retrieval's layout, one output pair per input shard.
 
-``OUT/img_emb/img_emb_<i>.npy`` (float16/float32 rows) and ``OUT/metadata/metadata_<i>.parquet``
-(key, shard, row) for input shard ``i`` of the sorted shard list. Each rank takes shards
-``i % world == rank``; a shard's pair is written atomically when the shard is finished, so a killed
-run resumes by skipping finished shards: every key lands exactly once.
+For a modality with file prefix ``p`` (``img`` for images, else the modality name):
+``OUT/p_emb/p_emb_<i>.npy`` (float16/float32 rows) and ``OUT/metadata/p_metadata_<i>.parquet`` (key,
+shard, row, optional caption/json) for shard ``i`` of ``OUT/p_manifest.json``. The manifest records
+the model (a digest of its weights), the settings (normalisation, dtype, metadata columns) and every
+shard's identity (path, size, mtime); ``i`` is the shard's position there, not in this command's list.
+A run into an existing folder therefore resumes (skips shards whose ``.npy`` exists), extends it with
+new shards, and refuses a different model or settings or a shard that changed since it was embedded.
+Image and text runs share a folder without sharing a file. Each rank takes every ``world``-th shard of
+its list; a shard's pair is written atomically when the shard is finished, so every key lands once.
 """
 
 from __future__ import annotations
 
+import hashlib
+import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
 
-PREFIX = {"image": "img", "text": "text"}
+from mmpt.registry import ConfigError
+
+MANIFEST_FORMAT = "mmpt-embed/1"
+# --metadata field -> the shard extension it comes from
+METADATA_FIELDS = {"caption": "txt", "json": "json"}
 
 
 @dataclass
@@ -34,20 +46,80 @@ class EmbedSummary:
                 f"{bad} bad samples skipped) -> {self.out}")
 
 
-def output_paths(out: Path, modality: str, index: int) -> tuple[Path, Path]:
-    """(embeddings .npy, metadata .parquet) for input shard ``index``."""
-    p = PREFIX.get(modality, modality)
-    return out / f"{p}_emb" / f"{p}_emb_{index}.npy", out / "metadata" / f"metadata_{index}.parquet"
+def output_paths(out: Path, prefix: str, index: int) -> tuple[Path, Path]:
+    """(embeddings .npy, metadata .parquet) of manifest shard ``index`` for file prefix ``prefix``."""
+    return out / f"{prefix}_emb" / f"{prefix}_emb_{index}.npy", out / "metadata" / f"{prefix}_metadata_{index}.parquet"
 
 
-def _write_shard(out: Path, modality: str, index: int, url: str, keys: list[str], emb: np.ndarray) -> None:
+def shard_identity(url: str) -> dict[str, Any]:
+    """What makes a shard the same shard: its absolute path, size and mtime (commands/URLs: the string)."""
+    if url.startswith("pipe:") or "://" in url:
+        return {"url": url}
+    st = os.stat(url)
+    return {"url": os.path.abspath(url), "size": st.st_size, "mtime_ns": st.st_mtime_ns}
+
+
+def weights_digest(model: torch.nn.Module) -> str:
+    """SHA-256 of every tensor's name, dtype, shape and bytes: the same weights give the same digest
+    wherever the file lives (an export or the run directory it came from)."""
+    h = hashlib.sha256()
+    for name, t in sorted(model.state_dict().items()):
+        t = t.detach().cpu().contiguous()
+        h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+def _write_json(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    os.replace(tmp, path)
+
+
+def shard_indices(out: Path, prefix: str, header: dict[str, Any], urls: list[str]) -> list[int]:
+    """Manifest index of each url, extending ``OUT/<prefix>_manifest.json`` with new shards; a folder
+    written by another model or settings, or holding a changed shard, is refused (ConfigError)."""
+    path = out / f"{prefix}_manifest.json"
+    ids = [shard_identity(u) for u in urls]
+    if path.exists():
+        manifest = json.loads(path.read_text())
+        for key, value in header.items():
+            if manifest.get(key) != value:
+                raise ConfigError(f"--out {out}: written for another {key} ({manifest.get(key)} there, {value} now); "
+                                  "use a new --out folder (or delete this one)")
+    elif (out / f"{prefix}_emb").exists():
+        raise ConfigError(f"--out {out}: holds {prefix}_emb/ but no {path.name} (written by an older mmpt?): "
+                          "cannot tell which shards its files belong to; use a new --out folder")
+    else:
+        manifest = {**header, "shards": []}
+    known = {s["url"]: i for i, s in enumerate(manifest["shards"])}
+    indices, changed = [], False
+    for ident in ids:
+        i = known.get(ident["url"])
+        if i is None:
+            manifest["shards"].append(ident)
+            i = known[ident["url"]] = len(manifest["shards"]) - 1
+            changed = True
+        elif manifest["shards"][i] != ident:
+            raise ConfigError(f"--out {out}: shard {ident['url']} changed since it was embedded there "
+                              f"({manifest['shards'][i]} then, {ident} now); use a new --out folder")
+        indices.append(i)
+    if changed:  # every rank computes the same manifest from the same inputs: the last write wins, equal
+        out.mkdir(parents=True, exist_ok=True)
+        _write_json(path, manifest)
+    return indices
+
+
+def _write_shard(out: Path, prefix: str, index: int, url: str, columns: dict[str, list[Any]], emb: np.ndarray) -> None:
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    npy, meta = output_paths(out, modality, index)
+    npy, meta = output_paths(out, prefix, index)
     npy.parent.mkdir(parents=True, exist_ok=True)
     meta.parent.mkdir(parents=True, exist_ok=True)
-    table = pa.table({"key": keys, "shard": [url] * len(keys), "row": list(range(len(keys)))})
+    n = len(columns["key"])
+    table = pa.table({"key": columns["key"], "shard": [url] * n, "row": list(range(n)),
+                      **{k: v for k, v in columns.items() if k != "key"}})
     pq.write_table(table, str(meta) + ".tmp")
     with open(str(npy) + ".tmp", "wb") as f:
         np.save(f, emb)
@@ -56,27 +128,56 @@ def _write_shard(out: Path, modality: str, index: int, url: str, keys: list[str]
     os.replace(str(npy) + ".tmp", npy)
 
 
+def _metadata_fields(fields: tuple[str, ...] | list[str] | str) -> tuple[str, ...]:
+    names = tuple(f.strip() for f in (fields.split(",") if isinstance(fields, str) else fields) if f.strip())
+    unknown = [f for f in names if f not in METADATA_FIELDS]
+    if unknown:
+        raise ConfigError(f"--metadata {unknown[0]}: unknown field; expected a comma list of "
+                          f"{', '.join(METADATA_FIELDS)}")
+    return tuple(sorted(set(names)))
+
+
+def _cell(value: Any, name: str) -> str | None:
+    if value is None:
+        return None
+    return json.dumps(value, ensure_ascii=False) if name == "json" else str(value)
+
+
 def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: int = 256, workers: int = 1,
           normalize: bool = True, dtype: str = "float16", device: str | None = None, progress: bool = True,
+          metadata: tuple[str, ...] | list[str] | str = (), allow_nonfinite: bool = False,
           stop_after_shards: int | None = None) -> EmbedSummary:
-    """Embed every sample of ``data`` for ``modality`` with the model at ``model_path``."""
+    """Embed every sample of ``data`` for ``modality`` with the model at ``model_path`` into ``out``.
+
+    ``metadata``: extra parquet columns, any of ``caption`` (the sample's txt) and ``json`` (its json,
+    as a string), so hits can be shown without reopening the shards.
+    """
     import mmpt
     from mmpt.data.loader import eval_loader
     from mmpt.data.shards import expand_urls
 
+    if dtype not in ("float16", "float32"):
+        raise ConfigError(f"--dtype {dtype}: expected float16 or float32")
+    fields = _metadata_fields(metadata)
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = torch.device(device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
-    model, transforms, _ = mmpt.load(model_path, dev)
+    model, transforms, _ = mmpt.load(model_path, dev, allow_nonfinite=allow_nonfinite)
     if modality not in transforms:
-        raise ValueError(f"--modality {modality}: the model has no {modality!r} encoder (has {', '.join(transforms)})")
+        raise ConfigError(f"--modality {modality}: the model has no such tower; valid: {', '.join(transforms)}")
+    spec = transforms[modality]
+    prefix = spec.file_prefix
     urls = expand_urls(data)
     out_dir = Path(out)
-    mine = [(i, u) for i, u in enumerate(urls) if i % world == rank]
-    todo = [(i, u) for i, u in mine if not output_paths(out_dir, modality, i)[0].exists()]
+    header = {"format": MANIFEST_FORMAT, "modality": modality, "model": weights_digest(model),
+              "settings": {"normalize": normalize, "dtype": dtype, "metadata": list(fields)}}
+    indices = shard_indices(out_dir, prefix, header, urls)
+    mine = [(i, u) for pos, (i, u) in enumerate(zip(indices, urls, strict=True)) if pos % world == rank]
+    todo = [(i, u) for i, u in mine if not output_paths(out_dir, prefix, i)[0].exists()]
     index = {u: i for i, u in todo}
-    loader = eval_loader([u for _, u in todo], {modality: transforms[modality]}, batch_size, workers=workers,
+    keep = tuple(METADATA_FIELDS[f] for f in fields)
+    loader = eval_loader([u for _, u in todo], {modality: spec}, batch_size, keep=keep, workers=workers,
                          by_shard=True)
-    pending: dict[str, tuple[list[str], list[np.ndarray]]] = {}
+    pending: dict[str, dict[str, list[Any]]] = {}
     rows, finished = 0, 0
     from tqdm import tqdm
 
@@ -84,28 +185,34 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
     for batch in loader:
         if len(batch):
             url = batch.meta["url"][0]
-            fields = {k: v.to(dev) for k, v in batch.fields[modality].items()}
+            inputs = {k: v.to(dev) for k, v in batch.fields[modality].items()}
             with torch.no_grad():
-                e = model.model.encode_fields(modality, fields)
+                e = model.model.encode_fields(modality, inputs)
                 vec = e.embedding if normalize else model.model.heads[modality](e.pooled).float()
-            keys, vecs = pending.setdefault(url, ([], []))
-            keep = batch.present[modality].tolist()
-            keys.extend(k for k, ok in zip(batch.keys, keep, strict=True) if ok)
-            vecs.append(vec[batch.present[modality].to(dev)].cpu().numpy().astype(dtype))
-            rows += int(sum(keep))
+            present = batch.present[modality].tolist()
+            cols = pending.setdefault(url, {"key": [], "_vecs": [], **{f: [] for f in fields}})
+            cols["key"].extend(k for k, ok in zip(batch.keys, present, strict=True) if ok)
+            for f in fields:
+                values = batch.meta.get(METADATA_FIELDS[f], [None] * len(batch))
+                cols[f].extend(_cell(v, f) for v, ok in zip(values, present, strict=True) if ok)
+            cols["_vecs"].append(vec[batch.present[modality].to(dev)].cpu().numpy().astype(dtype))
+            rows += int(sum(present))
         for url in batch.meta["_loader"]["shards_done"]:
-            keys, vecs = pending.pop(url, ([], []))
+            cols = pending.pop(url, {"key": [], "_vecs": [], **{f: [] for f in fields}})
+            vecs = cols.pop("_vecs")
             emb = np.concatenate(vecs) if vecs else np.zeros((0, model.model.embed_dim), dtype=dtype)
-            _write_shard(out_dir, modality, index[url], url, keys, emb)
+            _write_shard(out_dir, prefix, index[url], url, cols, emb)
             finished += 1
             bar.update(1)
             if stop_after_shards is not None and finished >= stop_after_shards:
                 bar.close()
                 raise SystemExit(f"embed: stopped after {finished} shards (stop_after_shards)")
-    # shards that yielded no readable sample at all still get (empty) outputs, so resume is complete
+    # shards that yielded no readable sample at all still get (empty) outputs, so resume is complete;
+    # the loader's skip counts (in the summary) say why they are empty
     for i, u in todo:
-        if not output_paths(out_dir, modality, i)[0].exists():
-            _write_shard(out_dir, modality, i, u, [], np.zeros((0, model.model.embed_dim), dtype=dtype))
+        if not output_paths(out_dir, prefix, i)[0].exists():
+            _write_shard(out_dir, prefix, i, u, {"key": [], **{f: [] for f in fields}},
+                         np.zeros((0, model.model.embed_dim), dtype=dtype))
             finished += 1
     bar.close()
     return EmbedSummary(str(out_dir), finished, len(mine) - len(todo), rows, loader.state.total_skips())

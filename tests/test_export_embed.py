@@ -56,15 +56,22 @@ def test_load_rejects_foreign_files(tmp_path: Path) -> None:
         mmpt.load(str(tmp_path / "x.safetensors"))
 
 
-def read_keys(out: Path) -> list[str]:
+def read_keys(out: Path, prefix: str = "img") -> list[str]:
     keys = []
-    for meta in sorted((out / "metadata").glob("metadata_*.parquet")):
-        idx = meta.stem.split("_")[1]
-        emb = np.load(out / "img_emb" / f"img_emb_{idx}.npy")
+    for meta in sorted((out / "metadata").glob(f"{prefix}_metadata_*.parquet")):
+        idx = meta.stem.rsplit("_", 1)[1]
+        emb = np.load(out / f"{prefix}_emb" / f"{prefix}_emb_{idx}.npy")
         table = pq.read_table(meta)
         assert emb.shape[0] == table.num_rows
         keys += table.column("key").to_pylist()
     return keys
+
+
+def shard_keys(url: str) -> list[str]:
+    import tarfile
+
+    with tarfile.open(url) as tar:
+        return sorted({m.name.split(".")[0] for m in tar})
 
 
 def test_embed_every_key_exactly_once_and_resume(trained: tuple[Path, Path], color_shards: list[str],
@@ -114,3 +121,93 @@ def test_cli_eval_on_export(trained: tuple[Path, Path], color_shards: list[str],
     assert "zero_shot/color" in capsys.readouterr().out
     result = json.loads((tmp_path / "r.json").read_text())["zero_shot/color"]
     assert result["n"] == 40 and result["chance"] == 0.25
+
+
+def test_embed_into_existing_folder_is_keyed_by_shard_identity(trained: tuple[Path, Path], color_shards: list[str],
+                                                               tmp_path: Path) -> None:
+    _, path = trained
+    s0, s1, s2 = color_shards
+    out = tmp_path / "emb"
+    first = embed(str(path), s0, "image", str(out), batch_size=16, progress=False)
+    assert first.shards_done == 1
+    # A second shard list into the same folder: s1 is new, not "already done" because it is first in the list.
+    second = embed(str(path), s1, "image", str(out), batch_size=16, progress=False)
+    assert second.shards_done == 1 and second.shards_skipped == 0 and second.rows == 50
+    assert sorted(read_keys(out)) == sorted(shard_keys(s0) + shard_keys(s1))
+    # Another order with one new shard: only s2 runs, every key once.
+    third = embed(str(path), "::".join([s2, s1, s0]), "image", str(out), batch_size=16, progress=False)
+    assert third.shards_done == 1 and third.shards_skipped == 2
+    assert sorted(read_keys(out)) == sorted(shard_keys(s0) + shard_keys(s1) + shard_keys(s2))
+
+
+def test_embed_resume_after_kill_with_reordered_list(trained: tuple[Path, Path], color_shards: list[str],
+                                                     tmp_path: Path) -> None:
+    _, path = trained
+    out = tmp_path / "emb"
+    with pytest.raises(SystemExit):
+        embed(str(path), "::".join(color_shards[:2]), "image", str(out), batch_size=16, workers=0, progress=False,
+              stop_after_shards=1)
+    embed(str(path), "::".join(reversed(color_shards)), "image", str(out), batch_size=16, progress=False)
+    keys = read_keys(out)
+    assert len(keys) == 150 and sorted(keys) == sorted(k for u in color_shards for k in shard_keys(u))
+
+
+def test_embed_refuses_folder_of_other_model_settings_or_changed_shard(trained: tuple[Path, Path],
+                                                                       color_shards: list[str], tmp_path: Path) -> None:
+    from exportkit import rewrite
+    from safetensors.torch import load_file
+
+    from mmpt.registry import ConfigError
+
+    _, path = trained
+    shard = tmp_path / "s.tar"
+    shard.write_bytes(Path(color_shards[0]).read_bytes())
+    out = tmp_path / "emb"
+    embed(str(path), str(shard), "image", str(out), batch_size=16, progress=False)
+    with pytest.raises(ConfigError, match=r"written for another settings"):
+        embed(str(path), str(shard), "image", str(out), batch_size=16, progress=False, dtype="float32")
+    name, value = next(iter(load_file(str(path)).items()))
+    other = rewrite(path, tmp_path / "other.safetensors", tensors={name: value + 1})
+    with pytest.raises(ConfigError, match=r"written for another model"):
+        embed(str(other), str(shard), "image", str(out), batch_size=16, progress=False)
+    shard.write_bytes(Path(color_shards[1]).read_bytes())  # same path, other content
+    with pytest.raises(ConfigError, match=r"shard .*s.tar changed since it was embedded there"):
+        embed(str(path), str(shard), "image", str(out), batch_size=16, progress=False)
+    legacy = tmp_path / "legacy"
+    (legacy / "img_emb").mkdir(parents=True)
+    with pytest.raises(ConfigError, match=r"no img_manifest.json"):
+        embed(str(path), str(shard), "image", str(legacy), batch_size=16, progress=False)
+
+
+def test_image_and_text_runs_share_a_folder(trained: tuple[Path, Path], color_shards: list[str],
+                                            tmp_path: Path) -> None:
+    _, path = trained
+    out = tmp_path / "emb"
+    embed(str(path), color_shards[0], "image", str(out), batch_size=16, progress=False)
+    embed(str(path), color_shards[1], "text", str(out), batch_size=16, progress=False)
+    assert sorted(read_keys(out, "img")) == shard_keys(color_shards[0])
+    assert sorted(read_keys(out, "text")) == shard_keys(color_shards[1])
+    assert pq.read_table(out / "metadata" / "img_metadata_0.parquet").column("shard")[0].as_py() == color_shards[0]
+
+
+def test_cli_embed_metadata_columns_and_errors(trained: tuple[Path, Path], color_shards: list[str], tmp_path: Path,
+                                               capsys: pytest.CaptureFixture) -> None:
+    import json
+
+    from mmpt.cli import main
+
+    _, path = trained
+    out = tmp_path / "emb"
+    assert main(["embed", str(path), "--data", color_shards[0], "--modality", "image", "--out", str(out),
+                 "--metadata", "caption,json"]) == 0
+    table = pq.read_table(out / "metadata" / "img_metadata_0.parquet").to_pylist()
+    assert len(table) == 40
+    row = table[0]
+    assert row["caption"] == f"a {json.loads(row['json'])['color']} square"
+    capsys.readouterr()
+    assert main(["embed", str(path), "--data", color_shards[0], "--modality", "audio", "--out", str(out)]) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--modality audio" in err and "image, text" in err and "\n" not in err
+    assert main(["embed", str(path), "--data", color_shards[0], "--modality", "image", "--out", str(out),
+                 "--metadata", "captions"]) == 2
+    assert "--metadata captions: unknown field" in capsys.readouterr().err
