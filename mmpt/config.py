@@ -46,6 +46,9 @@ class DataConfig:
     local shards at start. required: modalities a sample must have (others are optional and masked).
     max_image_pixels: larger images are rejected as decompression bombs. prefetch: batches each
     worker prepares ahead.
+    max_consecutive_skips: stop with an error naming the shards and reasons after this many skipped
+    samples in a row (or two passes over a worker's shards with nothing usable): one shard of bad
+    samples among good ones passes, data that is all bad cannot spin forever.
     """
 
     sources: list[Source] = field(default_factory=list)
@@ -57,6 +60,7 @@ class DataConfig:
     required: list[str] = field(default_factory=list)
     max_image_pixels: int = 64_000_000
     prefetch: int = 2
+    max_consecutive_skips: int = 10_000
 
 
 @dataclass

@@ -64,3 +64,20 @@ def tiny_config(shards: list[str], out_dir: Path, **train) -> dict:
         "train": {"out_dir": str(out_dir), "steps": 8, "log_every": 2, "checkpoint_every": 3, "progress": False,
                   "log_sample_keys": True, **train},
     }
+
+
+def member_spans(path: Path) -> dict[str, tuple[int, int]]:
+    """``name -> (header offset, data end)`` of every member of a tar (to cut it at a chosen place)."""
+    with tarfile.open(path) as tar:
+        return {m.name: (m.offset, m.offset_data + m.size) for m in tar.getmembers()}
+
+
+def cut_tar(path: Path, out: Path, size: int) -> str:
+    """Copy the first ``size`` bytes of the tar at ``path`` to ``out``, like a transfer broken off."""
+    Path(out).write_bytes(Path(path).read_bytes()[:size])
+    return str(out)
+
+
+def bad_samples(n: int, prefix: str = "bad") -> list[tuple[str, dict[str, bytes]]]:
+    """``n`` samples whose image does not decode (a JPEG header and nothing else)."""
+    return [(f"{prefix}{i:04d}", {"jpg": b"\xff\xd8\xff broken", "txt": b"a broken picture"}) for i in range(n)]

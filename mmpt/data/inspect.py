@@ -1,16 +1,20 @@
-"""``mmpt data inspect``: what is in a set of shards, and which members fail to decode."""
+"""``mmpt data inspect``: what is in a set of shards, and which members fail to decode.
+
+Counted as the loader counts: ``problems`` are samples by reason (``cut_by_truncation`` for the sample a
+truncation splits), ``shard_problems`` the shards that are truncated or unreadable, each named once.
+"""
 
 from __future__ import annotations
 
 from collections import Counter
 from typing import Any
 
-from mmpt.data.shards import ShardEvent, expand_urls, iter_samples
+from mmpt.data.shards import CUT_REASON, ShardEvent, expand_urls, iter_samples
 
 
 def inspect_shards(pattern: str, decode: bool = False, progress: bool = True) -> dict[str, Any]:
-    """Counts of samples, extensions and modalities per shard set; with ``decode``, decode errors
-    per reason using each registered modality's default decoder."""
+    """Counts of samples, extensions and modalities per shard set, sample problems per reason and the
+    shards with a problem; with ``decode``, decode errors per reason using each modality's default decoder."""
     from tqdm import tqdm
 
     from mmpt.registry import modalities
@@ -21,11 +25,15 @@ def inspect_shards(pattern: str, decode: bool = False, progress: bool = True) ->
     exts: Counter[str] = Counter()
     mods: Counter[str] = Counter()
     problems: Counter[str] = Counter()
+    shard_problems: dict[str, list[str]] = {}
     samples, example_keys = 0, []
     for url in tqdm(urls, disable=not progress, desc="inspect", unit="shard"):
         for s in iter_samples(url):
             if isinstance(s, ShardEvent):
-                problems[s.reason] += 1
+                shard_problems.setdefault(s.reason, []).append(s.url)
+                continue
+            if s.get("__cut__"):
+                problems[CUT_REASON] += 1
                 continue
             samples += 1
             if len(example_keys) < 5:
@@ -44,4 +52,5 @@ def inspect_shards(pattern: str, decode: bool = False, progress: bool = True) ->
                         reason = "decompression_bomb" if "DecompressionBomb" in type(exc).__name__ else "decode_error"
                         problems[f"{reason}_{by_ext[ext]}"] += 1
     return {"shards": len(urls), "samples": samples, "example_keys": example_keys,
-            "extensions": dict(exts), "modalities": dict(mods), "problems": dict(problems)}
+            "extensions": dict(exts), "modalities": dict(mods), "problems": dict(problems),
+            "shard_problems": dict(sorted(shard_problems.items()))}

@@ -7,7 +7,12 @@ Each (rank, DataLoader worker) pair is a *logical worker* whose sample stream is
     -> decode + transform (per sample, reseeded by sample index) -> collate a batch (batch ops)
 
 Resume skips the first N raw samples of each logical worker *before* decoding, so a resumed run
-sees the same samples in the same order as an uninterrupted one. Training streams never end (shards
+sees the same samples in the same order as an uninterrupted one. Sample skips are counted when a
+sample is consumed (after the shuffle buffer), so counts match the resume position; shard events
+(unreadable, truncated) are recorded once per shard, as a set of URLs, however often the stream reads
+the shard ahead. A training stream that yields nothing usable (a run of ``max_consecutive_skips``
+skipped samples, or two passes' worth when shards are small) stops with a DataError naming the
+shards and reasons; from a DataLoader worker it reaches the main process as that one error. Training streams never end (shards
 repeat, reshuffled each pass), so every rank runs the same number of steps however uneven the
 shards are; eval/embedding streams are finite.
 """
@@ -16,7 +21,8 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterator
+from collections import Counter
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -24,25 +30,67 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmpt.data.batch import Batch
-from mmpt.data.shards import DataError, ShardEvent, assign, expand_urls, iter_samples
+from mmpt.data.shards import (
+    CUT_REASON,
+    SHARD_REASONS,
+    DataError,
+    ShardEvent,
+    assign,
+    expand_urls,
+    iter_samples,
+)
 from mmpt.encoders.base import ModalityData
 
 
 @dataclass
 class LoaderState:
-    """Where a rank's loader stands: batches taken, raw samples consumed and skip counts per logical worker."""
+    """Where a rank's loader stands, per logical worker: raw samples consumed, skipped samples by reason,
+    and the shards with a problem by reason."""
 
     batches: int = 0
     consumed: list[int] = field(default_factory=list)
     skips: list[dict[str, int]] = field(default_factory=list)
+    shards: list[dict[str, list[str]]] = field(default_factory=list)
 
     def total_skips(self) -> dict[str, int]:
-        """Skip counts summed over logical workers."""
-        out: dict[str, int] = {}
+        """Skipped-sample counts summed over logical workers (shard events are in :meth:`shard_events`)."""
+        out: Counter[str] = Counter()
         for s in self.skips:
-            for k, v in s.items():
-                out[k] = out.get(k, 0) + v
-        return out
+            out.update({k: v for k, v in s.items() if k not in SHARD_REASONS})  # older states mixed them in
+        return dict(out)
+
+    def shard_events(self) -> dict[str, list[str]]:
+        """Shards with a problem (reason -> sorted distinct URLs) over logical workers."""
+        return merge_shard_events(self.shards)
+
+
+def merge_shard_events(parts: Iterable[dict[str, list[str]]]) -> dict[str, list[str]]:
+    """Union of several ``reason -> URLs`` maps (workers, ranks), each URL once."""
+    out: dict[str, set[str]] = {}
+    for part in parts:
+        for reason, urls in part.items():
+            out.setdefault(reason, set()).update(urls)
+    return {reason: sorted(urls) for reason, urls in sorted(out.items())}
+
+
+def skip_counts(skips: Iterable[dict[str, int]], shards: Iterable[dict[str, list[str]]]) -> dict[str, int]:
+    """One flat count map for logs and summaries: samples per skip reason (summed) and, per shard-event
+    reason, the number of distinct shards."""
+    total: Counter[str] = Counter()
+    for s in skips:
+        total.update(s)
+    return {**dict(total), **{r: len(u) for r, u in merge_shard_events(shards).items()}}
+
+
+def format_skips(counts: dict[str, int]) -> str:
+    """``skipped 16 samples (decode_error_image=16); 1 truncated shard`` from :func:`skip_counts`."""
+    samples = {k: v for k, v in sorted(counts.items()) if k not in SHARD_REASONS and v}
+    text = f"skipped {sum(samples.values())} samples"
+    if samples:
+        text += f" ({', '.join(f'{k}={v}' for k, v in samples.items())})"
+    events = [f"{n} {r.replace('_', ' ')}{'s' if n != 1 else ''}" for r, n in sorted(counts.items())
+              if r in SHARD_REASONS and n]
+    return text + (f"; {', '.join(events)}" if events else "")
 
 
 @dataclass
@@ -65,6 +113,15 @@ class StreamSpec:
     repeat: bool = True
     drop_last: bool = True
     by_shard: bool = False
+    max_consecutive_skips: int = 10_000
+
+
+@dataclass
+class _StreamFailure:
+    """Sent from a DataLoader worker in place of a batch, so the main process raises the worker's DataError
+    as that one error rather than torch's wrapped worker traceback."""
+
+    message: str
 
 
 def _skip_reason(exc: BaseException, modality: str) -> str:
@@ -75,7 +132,8 @@ def _skip_reason(exc: BaseException, modality: str) -> str:
 class WorkerStream:
     """The stream of one logical worker."""
 
-    def __init__(self, spec: StreamSpec, logical: int, skip: int = 0, skips: dict[str, int] | None = None):
+    def __init__(self, spec: StreamSpec, logical: int, skip: int = 0, skips: dict[str, int] | None = None,
+                 shards: dict[str, list[str]] | None = None):
         self.spec = spec
         self.logical = logical
         w = max(spec.workers, 1)
@@ -84,14 +142,24 @@ class WorkerStream:
         self.skip_target = skip
         self.consumed = 0
         self.skips: dict[str, int] = dict(skips or {})
+        self.shards: dict[str, list[str]] = {r: list(u) for r, u in (shards or {}).items()}
         self.rng = random.Random(f"{spec.seed}-{self.gw}-stream")
+        self.run_reasons: Counter[str] = Counter()  # the current run of consecutive skipped samples
+        self.run_urls: Counter[str] = Counter()
+        self.pass_sizes: dict[int, int] = {}  # raw samples of one full pass, per source
+
+    def _note_event(self, event: ShardEvent) -> None:
+        urls = self.shards.setdefault(event.reason, [])
+        if event.url not in urls:
+            urls.append(event.url)
 
     def _count(self, reason: str) -> None:
         if self.consumed >= self.skip_target:  # during a resume replay these were counted already
             self.skips[reason] = self.skips.get(reason, 0) + 1
 
-    def _source(self, urls: list[str]) -> Iterator[dict | ShardEvent]:
+    def _source(self, urls: list[str], index: int = 0) -> Iterator[dict | ShardEvent]:
         mine, stride, offset = assign(urls, self.gw, self.gworkers)
+        empty_passes: set[str] = set()  # shards read in consecutive passes that gave this worker nothing
         while True:
             if self.spec.resampled:
                 order = [self.rng.choice(urls) for _ in range(max(len(mine), 1))]
@@ -100,10 +168,11 @@ class WorkerStream:
                 order = list(mine)
                 if self.spec.train:
                     self.rng.shuffle(order)
-            produced, idx = 0, 0
+            produced, idx, events = 0, 0, Counter()
             for url in order:
                 for s in iter_samples(url):
                     if isinstance(s, ShardEvent):
+                        events[s.reason] += 1
                         yield s
                         continue
                     idx += 1
@@ -112,12 +181,39 @@ class WorkerStream:
                         yield s
             if not self.spec.repeat:
                 return
-            if produced == 0:  # every shard of this worker is broken: stop rather than spin
-                yield ShardEvent("no_readable_samples", ",".join(mine[:3]))
-                return
+            self.pass_sizes[index] = produced
+            empty_passes = empty_passes | set(order) if produced == 0 else set()
+            if empty_passes >= set(mine or urls):  # nothing to repeat: stop rather than spin
+                raise DataError(self._nothing_readable(sorted(empty_passes), idx, events))
+
+    def _nothing_readable(self, urls: list[str], idx: int, events: Counter[str]) -> str:
+        where = f"data worker {self.gw} of {self.gworkers}"
+        if idx:
+            return (f"data: {where} gets no sample of the {idx} in shard(s) {_names(urls)}: "
+                    f"fewer samples than data workers; lower data.workers")
+        return (f"data: no readable sample in shard(s) {_names(urls)} of {where} "
+                f"({_reasons(events)}); check them with `mmpt data inspect`")
+
+    def _skipped(self, reason: str, url: str) -> None:
+        """Count a sample in the current run of skips; stop when the run shows nothing usable is coming."""
+        self.run_reasons[reason] += 1
+        self.run_urls[url] += 1
+        run, limit = sum(self.run_reasons.values()), self.spec.max_consecutive_skips
+        if not self.spec.repeat:
+            return  # a finite stream ends by itself; its counts are reported
+        full_pass = len(self.pass_sizes) == len(self.spec.sources) and run >= 2 * sum(self.pass_sizes.values()) \
+            + max(self.spec.shuffle_buffer, 0)
+        if run >= limit or full_pass:
+            why = f"data.max_consecutive_skips={limit} reached" if run >= limit else \
+                "two passes over this data worker's shards gave nothing usable"
+            events = {r: len(u) for r, u in self.shards.items()}
+            raise DataError(
+                f"data: {run} samples in a row skipped in shard(s) {_names(list(self.run_urls))} "
+                f"({_reasons(self.run_reasons)}){'; shard problems: ' + _reasons(events) if events else ''}; "
+                f"{why}: check the shards with `mmpt data inspect --decode`, or raise data.max_consecutive_skips")
 
     def _mixed(self) -> Iterator[dict | ShardEvent]:
-        streams = [self._source(urls) for urls, _ in self.spec.sources]
+        streams = [self._source(urls, i) for i, (urls, _) in enumerate(self.spec.sources)]
         if not streams:
             return
         if len(streams) == 1:
@@ -154,6 +250,8 @@ class WorkerStream:
 
     def decode(self, raw: dict) -> dict | str:
         """Decode + transform one raw sample; returns the sample or the reason it was skipped."""
+        if raw.get("__cut__"):
+            return CUT_REASON
         random.seed(f"{self.spec.seed}-{self.gw}-{self.consumed}")  # per-sample: resume-exact augmentation
         sample: dict[str, Any] = {"__key__": raw["__key__"], "__url__": raw["__url__"]}
         for modality, spec in self.spec.modalities.items():
@@ -182,7 +280,7 @@ class WorkerStream:
         """Decoded samples after the resume skip; skipped samples are counted by reason."""
         for raw in self._shuffled():
             if isinstance(raw, ShardEvent):
-                self._count(raw.reason)
+                self._note_event(raw)
                 continue
             if self.consumed < self.skip_target:
                 self.consumed += 1
@@ -191,7 +289,10 @@ class WorkerStream:
             self.consumed += 1
             if isinstance(out, str):
                 self._count(out)
+                self._skipped(out, raw["__url__"])
                 continue
+            self.run_reasons.clear()
+            self.run_urls.clear()
             yield out
 
     def batches(self) -> Iterator[Batch]:
@@ -224,11 +325,20 @@ class WorkerStream:
         meta: dict[str, Any] = {
             "url": [s["__url__"] for s in samples],
             "_loader": {"worker": self.logical, "consumed": self.consumed, "skips": dict(self.skips),
-                        "shards_done": shards_done or []},
+                        "shards": {r: list(u) for r, u in self.shards.items()}, "shards_done": shards_done or []},
         }
         for ext in self.spec.keep:
             meta[ext] = [s.get(f"__{ext}__") for s in samples]
         return Batch(fields=fields, present=present, keys=[s["__key__"] for s in samples], meta=meta)
+
+
+def _names(urls: list[str], most: int = 3) -> str:
+    more = f" and {len(urls) - most} more" if len(urls) > most else ""
+    return ", ".join(urls[:most]) + more
+
+
+def _reasons(counts: dict[str, int]) -> str:
+    return ", ".join(f"{k}={v}" for k, v in sorted(counts.items()))
 
 
 def _decode_extra(data: bytes, ext: str) -> Any:
@@ -246,7 +356,9 @@ class ShardDataset(IterableDataset):
     def __init__(self, spec: StreamSpec, state: LoaderState | None = None):
         self.spec = spec
         w = max(spec.workers, 1)
-        self.state = state or LoaderState(0, [0] * w, [{} for _ in range(w)])
+        self.state = state or LoaderState(0, [0] * w, [{} for _ in range(w)], [{} for _ in range(w)])
+        if len(self.state.shards) != w:  # a state saved before shard events were kept apart
+            self.state.shards = [{} for _ in range(w)]
         if len(self.state.consumed) != w:
             raise DataError(f"resume state has {len(self.state.consumed)} data workers per rank, this run {w}: "
                             f"resume with data.workers={len(self.state.consumed)}")
@@ -258,10 +370,17 @@ class ShardDataset(IterableDataset):
         # DataLoader takes batches from physical workers round robin starting at 0; the next batch of
         # the interrupted run belonged to logical worker (batches % w).
         logical = (phys + self.state.batches) % w
-        stream = WorkerStream(self.spec, logical, self.state.consumed[logical], self.state.skips[logical])
+        stream = WorkerStream(self.spec, logical, self.state.consumed[logical], self.state.skips[logical],
+                              self.state.shards[logical])
         if info is None and w > 1:
             raise DataError("ShardDataset with workers > 1 must run inside a DataLoader with as many workers")
-        yield from stream.batches()
+        if info is None:
+            yield from stream.batches()
+            return
+        try:
+            yield from stream.batches()
+        except DataError as exc:
+            yield _StreamFailure(str(exc))
 
 
 class Loader:
@@ -271,8 +390,9 @@ class Loader:
                  prefetch: int = 2):
         self.spec = spec
         self.dataset = ShardDataset(spec, state)
-        self.state = LoaderState(self.dataset.state.batches, list(self.dataset.state.consumed),
-                                 [dict(s) for s in self.dataset.state.skips])
+        st = self.dataset.state
+        self.state = LoaderState(st.batches, list(st.consumed), [dict(s) for s in st.skips],
+                                 [{r: list(u) for r, u in s.items()} for s in st.shards])
         self.pin_memory = pin_memory
         self.prefetch = prefetch
 
@@ -282,19 +402,25 @@ class Loader:
                             prefetch_factor=self.prefetch if workers > 0 else None,
                             persistent_workers=False, multiprocessing_context="fork" if workers > 0 else None)
         for batch in loader:
+            if isinstance(batch, _StreamFailure):
+                raise DataError(batch.message)
             info = batch.meta["_loader"]
             self.state.consumed[info["worker"]] = info["consumed"]
             self.state.skips[info["worker"]] = info["skips"]
+            self.state.shards[info["worker"]] = info["shards"]
             self.state.batches += 1
             yield batch
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-serialisable loader position."""
-        return {"batches": self.state.batches, "consumed": self.state.consumed, "skips": self.state.skips}
+        return {"batches": self.state.batches, "consumed": self.state.consumed, "skips": self.state.skips,
+                "shards": self.state.shards}
 
     @staticmethod
     def state_from_dict(d: dict[str, Any]) -> LoaderState:
-        return LoaderState(int(d["batches"]), [int(c) for c in d["consumed"]], [dict(s) for s in d["skips"]])
+        """The inverse of :meth:`state_dict` (states saved before ``shards`` existed load too)."""
+        shards = [{r: list(u) for r, u in s.items()} for s in d.get("shards", [])]
+        return LoaderState(int(d["batches"]), [int(c) for c in d["consumed"]], [dict(s) for s in d["skips"]], shards)
 
 
 def resolve_sources(sources: list[Any]) -> list[tuple[list[str], float]]:
@@ -333,11 +459,14 @@ def train_loader(cfg: Any, modalities: dict[str, ModalityData], rank: int, world
     d = cfg.data
     sources = resolve_sources(d.sources)
     per_epoch = d.samples_per_epoch or count_samples([u for urls, _ in sources for u in urls])
+    if d.max_consecutive_skips < 1:
+        raise DataError(f"data.max_consecutive_skips: must be >= 1, got {d.max_consecutive_skips}")
     global_batch = d.batch_size * world * cfg.train.grad_accum
     if per_epoch < global_batch:
         raise DataError(f"data.batch_size: {d.batch_size} x {world} ranks x {cfg.train.grad_accum} accumulation "
                         f"= {global_batch} samples per step, but an epoch has only {per_epoch} samples")
     spec = StreamSpec(sources=sources, modalities=modalities, batch_size=d.batch_size, train=True, seed=cfg.seed,
                       rank=rank, world=world, workers=d.workers, resampled=d.resampled,
-                      shuffle_buffer=d.shuffle_buffer, required=tuple(d.required), repeat=True)
+                      shuffle_buffer=d.shuffle_buffer, required=tuple(d.required), repeat=True,
+                      max_consecutive_skips=d.max_consecutive_skips)
     return Loader(spec, state, pin_memory=torch.cuda.is_available(), prefetch=d.prefetch), per_epoch

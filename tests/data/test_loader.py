@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import io
 import itertools
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 from PIL import Image
-from shardkit import color_sample, jpeg, write_color_shards, write_tar
+from shardkit import bad_samples, color_sample, cut_tar, jpeg, member_spans, write_color_shards, write_tar
 
 from mmpt.data.loader import Loader, StreamSpec, eval_loader
-from mmpt.data.shards import DataError, assign, expand_urls
+from mmpt.data.shards import DataError, ShardEvent, assign, expand_urls, iter_samples
 from mmpt.registry import modalities
 
 
@@ -123,7 +124,8 @@ def test_bad_input_is_skipped_and_counted(tmp_path: Path) -> None:
     keys = [k for b in loader for k in b.keys]
     skips = loader.state.total_skips()
     assert skips == {"decode_error_image": 1, "missing_text": 1, "empty_jpg": 1, "decompression_bomb": 1,
-                     "decode_error_text": 1, "truncated_shard": 1}
+                     "decode_error_text": 1, "cut_by_truncation": 1}
+    assert loader.state.shard_events() == {"truncated_shard": [str(cut)]}
     assert sorted(k for k in keys if k.startswith("g")) == [f"g{i:03d}" for i in range(10)]
     assert 0 < sum(k.startswith("t") for k in keys) < 20  # samples before the cut survive
 
@@ -157,3 +159,143 @@ def test_by_shard_batches_never_span_shards(color_shards: list[str]) -> None:
         urls.update(b.meta["url"])
         done += b.meta["_loader"]["shards_done"]
     assert sorted(done) == sorted(color_shards) == sorted(urls)
+
+
+# A shard that yields nothing usable must stop the run with one clear error (issue 7.5) ----------------------
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_all_bad_shard_stops_with_one_clear_error(tmp_path: Path, workers: int) -> None:
+    # Today this spins forever at step 0: the stream repeats and every sample is skipped.
+    shard = write_tar(tmp_path / "allbad.tar", bad_samples(12))
+    loader = Loader(stream([shard], workers=workers, shuffle_buffer=5))
+    with pytest.raises(DataError) as err:
+        next(iter(loader))
+    msg = str(err.value)
+    assert "\n" not in msg and "Traceback" not in msg  # the worker's error, not its traceback
+    assert "allbad.tar" in msg and "decode_error_image=" in msg and "data.max_consecutive_skips" in msg
+
+
+@pytest.mark.timeout(60)
+def test_consecutive_skip_limit_names_shard_and_reasons(tmp_path: Path) -> None:
+    good = write_color_shards(tmp_path, counts=(40,), prefix="g")
+    mixed = write_tar(tmp_path / "mixed.tar", bad_samples(6) + [color_sample(f"m{i}", "red") for i in range(30)])
+    spec = stream([mixed] + good, workers=0, shuffle_buffer=0, max_consecutive_skips=5)
+    with pytest.raises(DataError, match=r"5 samples in a row.*mixed\.tar.*decode_error_image=5"):
+        take_keys(Loader(spec), 20)
+    # the default limit lets the same run through: a few bad samples among good ones are skipped
+    spec = stream([mixed] + good, workers=0, shuffle_buffer=0)
+    assert len(take_keys(Loader(spec), 20)) == 20
+
+
+@pytest.mark.timeout(60)
+def test_one_bad_shard_among_good_ones_is_skipped_not_fatal(tmp_path: Path) -> None:
+    good = write_color_shards(tmp_path, counts=(40, 40), prefix="g")
+    bad = write_tar(tmp_path / "allbad.tar", bad_samples(20))
+    loader = Loader(stream(good + [bad], workers=0, shuffle_buffer=10))
+    assert len(take_keys(loader, 30)) == 30
+    assert loader.state.total_skips()["decode_error_image"] >= 20
+
+
+# A truncated shard yields every complete sample before the cut (issue 7.6) -------------------------------
+
+
+def _truncated_at(tmp_path: Path, member: str, where: str) -> tuple[list, str]:
+    full = tmp_path / "full.tar"
+    write_tar(full, [color_sample(f"k{i}", "blue") for i in range(6)])
+    start, end = member_spans(full)[member]
+    size = {"header": start + 100, "data": (start + 512 + end) // 2, "boundary": start}[where]
+    return list(iter_samples(cut_tar(full, tmp_path / "cut.tar", size))), str(tmp_path / "cut.tar")
+
+
+@pytest.mark.parametrize("where", ["header", "data"])
+def test_truncation_inside_next_sample_keeps_the_previous_one(tmp_path: Path, where: str) -> None:
+    got, url = _truncated_at(tmp_path, "k3.jpg", where)
+    samples = [s for s in got if isinstance(s, dict) and not s.get("__cut__")]
+    assert [s["__key__"] for s in samples] == ["k0", "k1", "k2"]  # k2 was dropped before the fix
+    assert set(samples[-1]) >= {"jpg", "txt", "json"}
+    events = [s for s in got if isinstance(s, ShardEvent)]
+    assert [(e.reason, e.url) for e in events] == [("truncated_shard", url)]
+
+
+def test_sample_split_by_the_cut_is_counted_not_yielded(tmp_path: Path) -> None:
+    # k3.jpg is whole but k3.txt is cut: k3 is incomplete (its json and txt are lost) and is counted
+    got, url = _truncated_at(tmp_path, "k3.txt", "data")
+    keys = [s["__key__"] for s in got if isinstance(s, dict) and not s.get("__cut__")]
+    cut = [s["__key__"] for s in got if isinstance(s, dict) and s.get("__cut__")]
+    assert keys == ["k0", "k1", "k2"] and cut == ["k3"]
+    loader = eval_loader([url], specs(), 4, workers=0)
+    assert sum(len(b) for b in loader) == 3
+    assert loader.state.total_skips() == {"cut_by_truncation": 1}
+    assert loader.state.shard_events() == {"truncated_shard": [url]}
+
+
+def test_cut_inside_end_of_archive_loses_no_sample(tmp_path: Path) -> None:
+    full = tmp_path / "full.tar"
+    write_tar(full, [color_sample(f"k{i}", "blue") for i in range(4)])
+    end = max(e for _, e in member_spans(full).values())
+    end = -(-end // 512) * 512
+    got = list(iter_samples(cut_tar(full, tmp_path / "cut.tar", end + 300)))
+    assert [s["__key__"] for s in got if isinstance(s, dict)] == ["k0", "k1", "k2", "k3"]
+    assert [e.reason for e in got if isinstance(e, ShardEvent)] == ["truncated_shard"]
+
+
+# Shard events are counted once per shard, apart from sample skips, when consumed (issue 7.7) ----------------
+
+
+def test_shard_events_counted_once_and_apart_from_sample_skips(tmp_path: Path) -> None:
+    full = Path(write_tar(tmp_path / "full.tar", [color_sample(f"t{i:03d}", "blue") for i in range(12)]))
+    cut = cut_tar(full, tmp_path / "truncated.tar", member_spans(full)["t008.txt"][1] - 10)
+    good = write_color_shards(tmp_path, counts=(20,), prefix="g")
+    loader = Loader(stream([cut] + good, workers=2, shuffle_buffer=64))
+    take_keys(loader, 5)
+    # 5 steps of 8 read the short truncated shard many times over while the buffer fills
+    assert loader.state.shard_events() == {"truncated_shard": [cut]}
+    skips = loader.state.total_skips()
+    assert "truncated_shard" not in skips and set(skips) <= {"cut_by_truncation"}
+    # sample skips are those consumed: a resumed loader carries exactly the same counts forward
+    state = Loader.state_from_dict(json.loads(json.dumps(loader.state_dict())))
+    assert state.shard_events() == loader.state.shard_events() and state.total_skips() == skips
+
+
+def test_sample_skips_follow_consumption(tmp_path: Path) -> None:
+    shard = write_tar(tmp_path / "s.tar", [color_sample(f"a{i:02d}", "red") for i in range(8)] + bad_samples(4)
+                      + [color_sample(f"b{i:02d}", "red") for i in range(20)])
+    loader = Loader(stream([shard], workers=0, shuffle_buffer=0, batch_size=4))
+    it = iter(loader)
+    next(it), next(it)  # the 8 samples before the bad ones: nothing skipped yet
+    assert loader.state.total_skips() == {}
+    next(it)
+    assert loader.state.total_skips() == {"decode_error_image": 4}
+
+
+# An unreadable source (issue 7, config gaps) ----------------------------------------------------------------
+
+
+def _text_file_tar(tmp_path: Path) -> str:
+    path = tmp_path / "notes.tar"
+    path.write_text("this is a text file, not a tar archive\n" * 20)
+    return str(path)
+
+
+def test_unreadable_source_is_named_not_an_empty_epoch(tmp_path: Path) -> None:
+    from shardkit import tiny_config
+
+    from mmpt.config import load_config
+    from mmpt.data.loader import train_loader
+    from mmpt.pretrainer import build_data_specs
+
+    cfg = load_config(tiny_config([_text_file_tar(tmp_path)], tmp_path / "run"))
+    with pytest.raises(DataError, match=r"unreadable.*notes\.tar") as err:
+        train_loader(cfg, build_data_specs(cfg), 0, 1)
+    assert "only 0 samples" not in str(err.value)
+
+
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize("workers", [0, 2])
+def test_unreadable_source_with_samples_per_epoch_is_a_clear_error(tmp_path: Path, workers: int) -> None:
+    url = _text_file_tar(tmp_path)
+    with pytest.raises(DataError, match=r"notes\.tar.*unreadable_shard") as err:
+        next(iter(Loader(stream([url], workers=workers))))
+    assert "\n" not in str(err.value)
