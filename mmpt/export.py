@@ -45,24 +45,28 @@ def _run_dir_of(ckpt: Path) -> Path:
 
 
 def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path]:
-    """fp32 state dict and config of a run directory (its latest checkpoint) or a ``step_*`` folder."""
-    path = Path(path)
-    ckpt = checkpoint.resolve(str(path), path)
-    if ckpt is None:
-        raise FileNotFoundError(f"{path}: no checkpoint to export")
-    run_dir = _run_dir_of(ckpt)
-    cfg_file = run_dir / "config.yaml"
-    if not cfg_file.exists():
-        raise FileNotFoundError(f"{cfg_file} is missing: cannot rebuild the model of {ckpt}")
-    cfg = load_config(str(cfg_file))
-    if any(ckpt.glob("*optim_states.pt")) and cfg.train.zero_stage > 0:
-        from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    """fp32 state dict and config of a run directory (its newest intact checkpoint) or a ``step_*`` folder.
+    The checkpoint is verified against its manifest and unpickled with DeepSpeed's allow-list only."""
+    from mmpt.train.safe_load import check_pickles, restricted_unpickling, safe_torch_load
 
-        state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    path = Path(path)
+    ckpt = checkpoint.find(str(path), path)  # a run directory with none raises; "latest" is never passed
+    check_pickles(ckpt)
+    saved = checkpoint.saved_run(ckpt) or {}
+    cfg_file = _run_dir_of(ckpt) / "config.yaml"
+    if saved.get("config"):
+        cfg = load_config(saved["config"])
+    elif cfg_file.exists():
+        cfg = load_config(str(cfg_file))
     else:
-        # Our own checkpoint (stage 0): DeepSpeed pickles its module state with config objects.
-        blob = torch.load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu", weights_only=False)
-        state = blob["module"]
+        raise ConfigError(f"{ckpt}: no config stored with the checkpoint and no {cfg_file}: cannot rebuild its model")
+    with restricted_unpickling():
+        if any(ckpt.glob("*optim_states.pt")) and cfg.train.zero_stage > 0:
+            from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+            state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
+        else:
+            state = safe_torch_load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, cfg, ckpt
 
 

@@ -1,18 +1,22 @@
-"""Atomic, resumable checkpoints on top of DeepSpeed's ``save_checkpoint``.
+"""Atomic, verified, resumable checkpoints on top of DeepSpeed's ``save_checkpoint``.
 
-Layout: ``RUN/checkpoints/step_00000100/`` (DeepSpeed files + ``rank_<r>.json`` with each rank's
-data position and RNG state) and ``RUN/checkpoints/latest`` naming the newest complete one. A save
-writes ``step_N.tmp`` first, every rank finishes, then rank 0 renames it and rewrites ``latest``
+Layout: ``RUN/checkpoints/step_00000100/`` (DeepSpeed files, ``rank_<r>.json`` with each rank's data
+position and RNG state, ``checkpoint.json`` with the resolved config and world size, ``manifest.json``
+with every file's size and sha256) and ``RUN/checkpoints/latest`` naming the newest complete one. A
+save writes ``step_N.tmp`` first, every rank finishes, then rank 0 renames it and rewrites ``latest``
 atomically, so a crash during a save leaves the previous checkpoint as ``latest`` and loadable.
+Every checkpoint is verified against its manifest before use; ``find`` falls back from a damaged one.
 """
 
 from __future__ import annotations
 
 import base64
+import hashlib
 import json
 import os
 import random
 import shutil
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -20,12 +24,23 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmpt.registry import ConfigError
+from mmpt.train.safe_load import check_pickles, restricted_unpickling
+
+MANIFEST = "manifest.json"
+META = "checkpoint.json"
+
 
 class InjectedFault(RuntimeError):
     """Raised by the fault-injection switches (train.crash_at_step, train.crash_in_save) in tests."""
 
 
+class CheckpointError(ConfigError):
+    """A checkpoint is missing, damaged, or cannot resume this run."""
+
+
 def ckpt_root(run_dir: str | Path) -> Path:
+    """Where a run directory keeps its checkpoints."""
     return Path(run_dir) / "checkpoints"
 
 
@@ -59,38 +74,74 @@ def set_rng_state(state: dict[str, Any]) -> None:
         torch.cuda.set_rng_state(unb64(state["cuda"]))
 
 
+def _rank_world() -> tuple[int, int]:
+    if dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
 def _barrier() -> None:
     if dist.is_initialized():
         dist.barrier()
 
 
 def save(engine: Any, run_dir: str | Path, step: int, client: dict[str, Any], rank_state: dict[str, Any],
-         keep_last: int, crash_in_save: bool = False) -> Path:
-    """Save a checkpoint atomically on every rank; returns its final path."""
+         keep_last: int, crash_in_save: bool = False, config: dict[str, Any] | None = None) -> Path:
+    """Save a checkpoint atomically on every rank (with its config and checksum manifest); returns its path."""
     root = ckpt_root(run_dir)
     tag = f"step_{step:08d}"
-    tmp_tag = f"{tag}.tmp"
-    rank = dist.get_rank() if dist.is_initialized() else 0
+    tmp = root / f"{tag}.tmp"
+    rank, world = _rank_world()
     if rank == 0:
         root.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(root / tmp_tag, ignore_errors=True)  # debris of an earlier failed save
+        shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier failed save
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp_tag, client_state=client, save_latest=False)
-    (root / tmp_tag).mkdir(parents=True, exist_ok=True)
-    with open(root / tmp_tag / f"rank_{rank}.json", "w") as f:
+    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client, save_latest=False)
+    tmp.mkdir(parents=True, exist_ok=True)
+    with open(tmp / f"rank_{rank}.json", "w") as f:
         json.dump({**rank_state, "rng": rng_state()}, f)
+    if rank == 0:
+        (tmp / META).write_text(json.dumps({"step": step, "world_size": world, "config": config}, default=str))
+    _barrier()
+    _hash_share(tmp, rank, world)  # each rank hashes every world-th file: the cost splits over ranks
     _barrier()
     if crash_in_save:
         raise InjectedFault(f"injected crash inside the save of {tag}")
     if rank == 0:
+        _merge_manifest(tmp, world)
         final = root / tag
         if final.exists():
             shutil.rmtree(final)
-        os.replace(root / tmp_tag, final)
+        os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
         _prune(root, keep_last)
     _barrier()
     return root / tag
+
+
+def sha256_file(path: Path) -> str:
+    """Hex sha256 of a file (2 GB/s with SHA-NI: cheap next to writing the checkpoint)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 23):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _hash_share(ckpt: Path, rank: int, world: int) -> None:
+    files = sorted(p for p in ckpt.rglob("*") if p.is_file() and not p.name.startswith("manifest"))
+    part = {str(p.relative_to(ckpt)): {"size": p.stat().st_size, "sha256": sha256_file(p)}
+            for p in files[rank::world]}
+    (ckpt / f"manifest.part{rank}.json").write_text(json.dumps(part))
+
+
+def _merge_manifest(ckpt: Path, world: int) -> None:
+    files: dict[str, Any] = {}
+    for r in range(world):
+        part = ckpt / f"manifest.part{r}.json"
+        files.update(json.loads(part.read_text()))
+        part.unlink()
+    _write_atomic(ckpt / MANIFEST, json.dumps({"files": dict(sorted(files.items()))}, indent=0))
 
 
 def _write_atomic(path: Path, text: str) -> None:
@@ -103,40 +154,123 @@ def _write_atomic(path: Path, text: str) -> None:
 
 
 def _prune(root: Path, keep_last: int) -> None:
-    done = sorted(p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp"))
-    for old in done[:-keep_last]:
+    done = _complete(root)
+    for old in done[keep_last:] if keep_last > 0 else []:
         shutil.rmtree(old, ignore_errors=True)
 
 
-def resolve(path_or_latest: str, run_dir: str | Path) -> Path | None:
-    """Find the checkpoint directory for ``--resume``: 'latest' (None if the run has none yet), a run
-    directory, a ``checkpoints`` folder or a ``step_*`` folder."""
-    p = Path(run_dir) if path_or_latest == "latest" else Path(path_or_latest)
-    for root in (p / "checkpoints", p):
-        latest = root / "latest"
-        if latest.exists():
-            found = root / latest.read_text().strip()
-            if not found.is_dir():
-                raise FileNotFoundError(f"{latest} names {found.name}, which does not exist")
-            return found
+def _complete(root: Path) -> list[Path]:
+    """Finished checkpoint folders under ``root``, newest first."""
+    return sorted((p for p in root.glob("step_*") if p.is_dir() and not p.name.endswith(".tmp")), reverse=True)
+
+
+def verify(ckpt: Path) -> str | None:
+    """What is wrong with ``ckpt`` (a missing, resized or changed file, no manifest), or None if intact."""
+    try:
+        files = json.loads((ckpt / MANIFEST).read_text())["files"]
+    except FileNotFoundError:
+        return f"{MANIFEST} is missing"
+    except (ValueError, KeyError, TypeError):
+        return f"{MANIFEST} is unreadable"
+    for name, entry in files.items():
+        path = ckpt / name
+        if ".." in Path(name).parts or Path(name).is_absolute():
+            return f"{MANIFEST} names {name!r} outside the checkpoint"
+        if not path.is_file():
+            return f"{name} is missing"
+        if path.stat().st_size != entry["size"]:
+            return f"{name} has {path.stat().st_size} bytes, the manifest says {entry['size']}"
+        if sha256_file(path) != entry["sha256"]:
+            return f"{name} does not match its checksum"
+    return None
+
+
+def find(resume: str, run_dir: str | Path) -> Path | None:
+    """The checkpoint to resume or export, verified: ``resume`` is 'latest' (of ``run_dir``; None when it has
+    none), a run directory or its ``checkpoints`` folder (the newest intact one, warning about each damaged
+    one skipped), or a ``step_*`` folder (used as named: damage is an error, no fallback)."""
+    p = Path(run_dir) if resume == "latest" else Path(resume)
     if p.name.startswith("step_") and p.is_dir():
+        problem = verify(p)
+        if problem:
+            raise CheckpointError(f"{p}: damaged checkpoint: {problem}")
         return p
-    if path_or_latest == "latest":
+    root = p / "checkpoints" if (p / "checkpoints").is_dir() else p
+    candidates, problems = _candidates(root)
+    if not candidates and not problems:
+        if resume == "latest":
+            return None
+        raise CheckpointError(f"{p}: no checkpoint found (expected a run directory, its checkpoints/ folder "
+                              "or a step_* folder)")
+    for ckpt in candidates:
+        problem = verify(ckpt)
+        if problem is None:
+            for text in problems:
+                warnings.warn(f"{text}; using {ckpt}", stacklevel=2)
+            return ckpt
+        problems.append(f"{ckpt}: {problem}")
+    raise CheckpointError(f"{root}: no intact checkpoint ({'; '.join(problems)})")
+
+
+def _candidates(root: Path) -> tuple[list[Path], list[str]]:
+    """Checkpoints to try, best first: the one ``latest`` names, then older ones; all of them when
+    ``latest`` is unusable (a checkpoint newer than ``latest`` can be from an abandoned branch of the run)."""
+    done, latest = _complete(root), root / "latest"
+    if not latest.exists():
+        return done, ([f"{latest} is missing"] if done else [])
+    name = latest.read_text().strip()
+    if not name:
+        return done, [f"{latest} is empty"]
+    named = root / name
+    if named not in done:
+        return done, [f"{latest} names {name}, which does not exist"]
+    return [named, *(p for p in done if p.name < named.name)], []
+
+
+def saved_run(ckpt: Path) -> dict[str, Any] | None:
+    """The checkpoint's ``checkpoint.json`` (step, world_size, config), or None for one written without it."""
+    path = ckpt / META
+    if not path.exists():
         return None
-    raise FileNotFoundError(f"--resume {path_or_latest}: no checkpoint found (expected a run directory, "
-                            "its checkpoints/ folder or a step_* folder)")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as exc:
+        raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
 
 
 def load(engine: Any, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns (client, rank_state)."""
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    _, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    """Restore engine (model, optimizer, scheduler) and this rank's RNG; returns (client, rank_state).
+    DeepSpeed's own unpickling is restricted to tensors and its allow-listed state classes."""
+    rank, _ = _rank_world()
+    try:
+        with restricted_unpickling():
+            _, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
+    except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
+        raise CheckpointError(f"{ckpt}: DeepSpeed cannot load it into this model ({first})") from exc
     if client is None:
-        raise RuntimeError(f"DeepSpeed could not load {ckpt}")
+        raise CheckpointError(f"DeepSpeed could not load {ckpt}")
     path = ckpt / f"rank_{rank}.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: was the checkpoint written with a different world size?")
-    with open(path) as f:
-        rank_state = json.load(f)
-    set_rng_state(rank_state.pop("rng"))
+    try:
+        rank_state = json.loads(path.read_text())
+        set_rng_state(rank_state.pop("rng"))
+    except FileNotFoundError:
+        raise CheckpointError(f"{path} is missing: was the checkpoint written with a different world size?") from None
+    except (ValueError, KeyError, TypeError, IndexError) as exc:
+        raise CheckpointError(f"{path}: not a valid rank state ({exc})") from None
     return client, rank_state
+
+
+def prepare_resume(resume: str, run_dir: str | Path) -> Path | None:
+    """Rank 0's choice of checkpoint (verified, its pickles scanned), shared with every rank."""
+    from mmpt.train.rank0 import on_rank0
+
+    def choose() -> Path | None:
+        ckpt = find(resume, run_dir)
+        if ckpt is None:
+            print(f"mmpt: --resume {resume}: no checkpoint in {ckpt_root(run_dir)}; starting fresh", flush=True)
+        else:
+            check_pickles(ckpt)
+        return ckpt
+
+    return on_rank0(choose, share=True)

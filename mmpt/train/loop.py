@@ -12,12 +12,15 @@ from typing import Any
 import torch
 import torch.distributed as dist
 
-from mmpt.config import Config, dump_config
+from mmpt.config import Config
 from mmpt.data.loader import Loader, train_loader
 from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
 from mmpt.train import checkpoint
-from mmpt.train.engine import build_engine, init_distributed
-from mmpt.train.logger import RunLogger, plot_losses
+from mmpt.train.engine import DistInfo, build_engine, init_distributed
+from mmpt.train.lock import RunLock
+from mmpt.train.logger import RunLogger, StepRecords, plot_losses
+from mmpt.train.rank0 import on_rank0
+from mmpt.train.resume_config import check_resume_config, write_config_history
 
 
 @dataclass
@@ -51,10 +54,20 @@ def total_steps(cfg: Config, per_epoch: int, world: int) -> int:
 def train(cfg: Config, resume: str | None = None) -> RunSummary:
     """Train ``cfg`` (optionally resuming) and return the run summary; every rank calls this."""
     d = init_distributed()
+    lock = on_rank0(RunLock(cfg.train.out_dir).acquire)  # one writer per run directory, for the run's life
+    try:
+        return _train(cfg, resume, d)
+    finally:
+        if lock is not None:
+            lock.release()
+
+
+def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
     set_seed(cfg.seed + d.rank)
     run_dir, t = Path(cfg.train.out_dir), cfg.train
     specs = build_data_specs(cfg)
-    ckpt = checkpoint.resolve(resume, run_dir) if resume else None
+    ckpt = checkpoint.prepare_resume(resume, run_dir) if resume else None  # verified, on every rank
+    changed = on_rank0(lambda: check_resume_config(ckpt, cfg, d.world)) if ckpt else None
     probe, per_epoch = train_loader(cfg, specs, d.rank, d.world)  # validates data before building the model
     steps = total_steps(cfg, per_epoch, d.world)
     engine, ds_config = build_engine(cfg, d, steps)
@@ -64,13 +77,15 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         start, loader_state = int(client["step"]), Loader.state_from_dict(rank_state["loader"])
     loader = probe if loader_state is None else train_loader(cfg, specs, d.rank, d.world, loader_state)[0]
     run_dir.mkdir(parents=True, exist_ok=True)  # every rank: per-rank files live here too
-    logger = RunLogger(run_dir, enabled=d.is_main)
+    logger = RunLogger(run_dir, enabled=d.is_main, start=start)  # drops records of steps about to re-run
     if d.is_main:
-        (run_dir / "config.yaml").write_text(dump_config(cfg))
+        write_config_history(run_dir, cfg, start)
+        if changed:
+            logger.log(start, {"changed": changed}, kind="resume")
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
         print(f"mmpt: {cfg.name}: {count_parameters(engine.module) / 1e6:.2f} M params, {d.world} rank(s), "
               f"ZeRO {t.zero_stage}, {ds_config['train_batch_size']} samples/step, steps {start}->{steps}", flush=True)
-    keys_log = open(run_dir / f"keys_rank{d.rank}.jsonl", "a") if t.log_sample_keys else None
+    keys_log = StepRecords(run_dir / f"keys_rank{d.rank}.jsonl", t.log_sample_keys, start)
     bar = _progress(d.is_main and t.progress, start, steps)
     it, last_ckpt, meter = iter(loader), ckpt, _Meter(time.perf_counter())
     last, evals = {}, {}
@@ -84,8 +99,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
             engine.step()
             meter.samples += len(batch) * d.world
             if keys_log:
-                keys_log.write(json.dumps({"step": step, "micro": micro, "keys": batch.keys,
-                                           "loss": out["loss"].item()}) + "\n")
+                keys_log.write({"step": step, "micro": micro, "keys": batch.keys, "loss": out["loss"].item()})
         done = step + 1
         if done % t.log_every == 0 or done == steps:
             last = _log_step(logger, engine, out, loader, meter, done, d.world)
@@ -93,14 +107,15 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
         if t.eval_every and cfg.eval and (done % t.eval_every == 0 or done == steps):
             evals = run_eval(engine.module, cfg, specs, d, logger, done)
         if done % t.checkpoint_every == 0 or done == steps:
+            keys_log.sync()  # what this checkpoint covers survives a kill -9
+            logger.sync()
             last_ckpt = checkpoint.save(engine, run_dir, done, {"step": done}, {"loader": loader.state_dict()},
-                                        t.keep_last, crash_in_save=t.crash_in_save == done)
+                                        t.keep_last, crash_in_save=t.crash_in_save == done, config=cfg.to_dict())
         bar.update(1)
         if t.crash_at_step == done:
             raise checkpoint.InjectedFault(f"injected crash at step {done}")
     bar.close()
-    if keys_log:
-        keys_log.close()
+    keys_log.close()
     elapsed = time.perf_counter() - meter.start
     summary = RunSummary(str(run_dir), steps, elapsed, meter.total_samples / max(elapsed, 1e-9),
                          last.get("loss", math.nan), _global_skips(loader), str(last_ckpt or ""), evals, engine)
