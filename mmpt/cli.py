@@ -99,11 +99,19 @@ def _parser() -> argparse.ArgumentParser:
     dd.add_argument("--eval-samples", type=int, default=1000)
     dd.add_argument("--image-size", type=int, default=64)
     dd.add_argument("--seed", type=int, default=0)
-    dw = dsub.add_parser("write", help="write shards from a CSV/Parquet/JSONL table or an image folder")
+    dw = dsub.add_parser("write", help="write shards from a CSV/Parquet/JSONL table or an image folder",
+                         description="Each sample gets the image (jpg/png/webp, by its bytes), its caption (txt) "
+                         "and a json member with every other column of its row (CSV numbers kept as numbers) "
+                         "or the image's sidecar .json. Writing no sample at all is an error.")
     dw.add_argument("input", help="table of (file path, caption) rows, or a folder of images with .txt sidecars")
     dw.add_argument("--out", required=True, help="output pattern, e.g. shards/train-%%06d.tar")
     dw.add_argument("--max-size", type=float, default=256, help="target shard size in MB")
     dw.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
+    dw.add_argument("--path-column", help="table column with the image paths (default: found by name: file, path, "
+                    "image, url, ...)")
+    dw.add_argument("--caption-column", help="table column with the captions (default: caption, text or title)")
+    dw.add_argument("--key-prefix", help="sample keys are PREFIX + row number; default: the input's name and a "
+                    "hash of its path and content (train-1a2b3c4d_000000012): separate tables never collide")
     di = dsub.add_parser("inspect", help="count samples, keys, modalities and decode errors of shards")
     di.add_argument("shards", help="path, glob, brace list or pipe: URL")
     di.add_argument("--decode", action="store_true", help="also decode every member to find bad ones")
@@ -294,7 +302,8 @@ def _data(args: argparse.Namespace) -> None:
     elif args.data_command == "write":
         from mmpt.data.writer import write_shards
 
-        print(write_shards(args.input, args.out, max_size=int(args.max_size * 2**20), max_count=args.max_count))
+        print(write_shards(args.input, args.out, path_column=args.path_column, caption_column=args.caption_column,
+                           key_prefix=args.key_prefix, max_size=int(args.max_size * 2**20), max_count=args.max_count))
     elif args.data_command == "inspect":
         from mmpt.data.inspect import inspect_shards
 

@@ -2,21 +2,27 @@
 
 ``ShardWriter`` appends samples (``key.ext`` members) to numbered tars and rolls to the next one at a
 size or count limit. ``write_shards`` turns a table of (image path, caption) rows, or a folder of
-images with sidecar captions, into such shards, skipping and counting what it cannot read.
+images with sidecar captions, into such shards, skipping and counting what it cannot read; writing
+nothing at all is a DataError naming the input and the reasons.
 """
 
 from __future__ import annotations
 
 import csv
+import hashlib
 import io
 import json
 import os
+import re
 import tarfile
 from collections import Counter
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from mmpt.data.shards import DataError
+from mmpt.registry import ConfigError
 
 # Python's tarfile pads every archive to a multiple of its record size and ends it with two zero blocks.
 _BLOCK = tarfile.BLOCKSIZE
@@ -46,11 +52,7 @@ class ShardWriter:
     """
 
     def __init__(self, pattern: str, max_size: int = 256 << 20, max_count: int = 10000):
-        try:
-            if pattern % 0 == pattern % 1:
-                raise TypeError
-        except TypeError:
-            raise ValueError(f"shard pattern {pattern!r} needs a %-format for the shard index, e.g. 'out/train-%06d.tar'") from None
+        self.check_pattern(pattern)
         if max_count < 1 or max_size < 1:
             raise ValueError(f"max_count and max_size must be positive, got {max_count} and {max_size}")
         self.pattern = pattern
@@ -62,6 +64,16 @@ class ShardWriter:
         self._path: Path | None = None
         self._count = 0
         self._last_key: str | None = None
+
+    @staticmethod
+    def check_pattern(pattern: str) -> None:
+        """Raise ConfigError unless ``pattern % index`` names a different file for each shard index."""
+        try:
+            if pattern % 0 == pattern % 1:
+                raise TypeError
+        except TypeError:
+            raise ConfigError(f"shard pattern {pattern!r} needs a %-format for the shard index, "
+                              f"e.g. 'out/train-%06d.tar'") from None
 
     @property
     def shards(self) -> list[Path]:
@@ -182,18 +194,32 @@ def write_shards(
     *,
     path_column: str | None = None,
     caption_column: str | None = None,
+    key_prefix: str | None = None,
     max_size: int = 256 << 20,
     max_count: int = 10000,
     progress: bool = True,
 ) -> WriteSummary:
-    """Convert a CSV/TSV/Parquet/JSONL table of (image path, caption) rows, or an image folder with
-    sidecar ``.txt`` captions, to WebDataset shards with ``jpg|png|webp``, ``txt`` and ``json`` members."""
+    """Convert a table or an image folder to WebDataset shards with ``jpg|png|webp``, ``txt`` and ``json`` members.
+
+    ``table``: a CSV/TSV/Parquet/JSONL table of (image path, caption) rows (columns found by name or
+    set with ``path_column``/``caption_column``; relative paths resolve next to the table), or a
+    folder of images with sidecar ``.txt`` captions. The ``json`` member holds every other column of
+    the row (CSV values that read as numbers are stored as numbers: ``"8"`` -> 8, ``"0.5"`` -> 0.5;
+    ``"007"`` stays a string) or, for a folder, the image's sidecar ``.json`` verbatim. Keys are
+    ``<key_prefix><row number, 9 digits>``: the default prefix is the input's name plus a hash of its
+    absolute path and content (``train-1a2b3c4d_000000012``), so tables written separately never
+    collide, the same input rewritten gets the same keys, and a key leads back to its row; pass
+    ``key_prefix=""`` for bare row numbers. Rows that cannot be read are
+    skipped and counted; writing no sample at all raises DataError naming the input and the reasons.
+    """
     from tqdm import tqdm
 
-    table = Path(table).expanduser()
+    ShardWriter.check_pattern(out_pattern)
+    table = Path(table).expanduser().absolute()  # relative folders: rglob results already carry the root
+    prefix = _key_prefix(table, key_prefix)
     if table.is_dir():
         if path_column or caption_column:
-            raise ValueError(f"{table} is an image folder: path_column/caption_column apply only to tables")
+            raise ConfigError(f"{table} is an image folder: --path-column/--caption-column apply only to tables")
         source = _folder_source(table)
     else:
         source = _table_source(table, path_column, caption_column)
@@ -207,13 +233,40 @@ def write_shards(
             except _Skip as skip:
                 skipped[str(skip)] += 1
             else:
-                # Keys are the row number, so a key leads back to its row and skipped rows leave gaps.
-                writer.write(f"{index:09d}", members)
+                # Keys end in the row number, so a key leads back to its row and skipped rows leave gaps.
+                writer.write(f"{prefix}{index:09d}", members)
                 written += 1
             bar.update()
             if skipped and bar.n % 256 == 0:
                 bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
-    return WriteSummary(written, dict(skipped.most_common()), writer.shards)
+    summary = WriteSummary(written, dict(skipped.most_common()), writer.shards)
+    if not written:
+        raise DataError(f"{table}: {summary}: nothing to write"
+                        + ("" if skipped else " (no rows or images found)"))
+    return summary
+
+
+def _key_prefix(table: Path, key_prefix: str | None) -> str:
+    """The given prefix (checked), or ``<input name>-<8 hex digits>_`` hashing the input's absolute path and
+    content: two inputs differ in one or the other (equal tables elsewhere may name other images)."""
+    if key_prefix is not None:
+        if "." in key_prefix or "/" in key_prefix:
+            raise ConfigError(f"--key-prefix {key_prefix!r}: must not contain '.' or '/' (webdataset splits "
+                              f"keys at the first dot of the file name)")
+        return key_prefix
+    if not table.exists():
+        raise DataError(f"{table}: no such table or image folder")
+    digest = hashlib.sha1(f"{table}\0".encode())
+    if table.is_dir():  # names and sizes: the same folder written twice gets the same keys
+        for p in sorted(table.rglob("*")):
+            if p.is_file():
+                digest.update(f"{p.relative_to(table)}\0{p.stat().st_size}\0".encode())
+    else:
+        with open(table, "rb") as f:
+            for block in iter(lambda: f.read(1 << 20), b""):
+                digest.update(block)
+    name = re.sub(r"[^A-Za-z0-9_-]+", "_", table.name.split(".")[0]) or "data"
+    return f"{name}-{digest.hexdigest()[:8]}_"
 
 
 def _members(path: Any, caption: Any, extra: dict | bytes, root: Path) -> dict[str, bytes]:
@@ -264,17 +317,19 @@ def _table_source(table: Path, path_column: str | None, caption_column: str | No
     suffix = table.suffix.lower()
     readers = {".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet, ".pq": _read_parquet,
                ".jsonl": _read_jsonl, ".ndjson": _read_jsonl}
-    if suffix not in readers:
-        raise ValueError(f"{table}: unsupported table type {suffix!r} (use .csv, .tsv, .parquet, .jsonl or an image folder)")
     if not table.is_file():
-        raise FileNotFoundError(f"table {table} does not exist")
+        raise DataError(f"{table}: no such table or image folder")
+    if suffix not in readers:
+        raise DataError(f"{table}: unsupported table type {suffix!r} "
+                        f"(use .csv, .tsv, .parquet, .jsonl or an image folder)")
     columns, records, total = readers[suffix](table)
-    path_col = _pick_column(table, columns, path_column, PATH_COLUMNS, "path", "path_column")
-    caption_col = _pick_column(table, columns, caption_column, CAPTION_COLUMNS, "caption", "caption_column")
+    path_col = _pick_column(table, columns, path_column, PATH_COLUMNS, "path", "--path-column")
+    caption_col = _pick_column(table, columns, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
+    typed = _number if suffix in (".csv", ".tsv") else (lambda v: v)  # Parquet and JSON keep their own types
 
     def rows() -> Iterator[tuple[int, Any, Any, dict]]:
         for index, record in enumerate(records()):
-            extra = {k: v for k, v in record.items() if k not in (path_col, caption_col)}
+            extra = {k: typed(v) for k, v in record.items() if k not in (path_col, caption_col)}
             yield index, record.get(path_col), record.get(caption_col), extra
 
     return _Source(rows, total, table.parent)
@@ -284,14 +339,28 @@ def _pick_column(table: Path, columns: list[str], wanted: str | None, candidates
                  option: str) -> str:
     if wanted is not None:
         if wanted not in columns:
-            raise ValueError(f"{table}: no {role} column {wanted!r}; available columns: {', '.join(columns) or '(none)'}")
+            raise DataError(f"{table}: no {role} column {wanted!r} ({option}); "
+                            f"available columns: {', '.join(columns) or '(none)'}")
         return wanted
     by_lower = {c.lower(): c for c in columns}
     for name in candidates:
         if name in by_lower:
             return by_lower[name]
-    raise ValueError(f"{table}: no {role} column found (looked for {', '.join(candidates)}); "
-                     f"available columns: {', '.join(columns) or '(none)'}; name it with {option}")
+    raise DataError(f"{table}: no {role} column found (looked for {', '.join(candidates)}); "
+                    f"available columns: {', '.join(columns) or '(none)'}; name it with {option}")
+
+
+_INT = re.compile(r"-?(0|[1-9][0-9]*)")
+_FLOAT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?|-?\.[0-9]+([eE][-+]?[0-9]+)?")
+
+
+def _number(value: Any) -> Any:
+    """A CSV cell as int or float when it is written as one; anything else (``007``, ``nan``, ``""``) as is."""
+    if not isinstance(value, str):
+        return value
+    if _INT.fullmatch(value):
+        return int(value)
+    return float(value) if _FLOAT.fullmatch(value) else value
 
 
 def _read_csv(table: Path) -> tuple[list[str], Callable[[], Iterator[dict]], int]:
