@@ -246,8 +246,8 @@ def load(engine: Any, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
         with restricted_unpickling():
             _, client = engine.load_checkpoint(str(ckpt.parent), tag=ckpt.name)
     except (RuntimeError, ValueError, KeyError, AssertionError) as exc:
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0][:300]
-        raise CheckpointError(f"{ckpt}: DeepSpeed cannot load it into this model ({first})") from exc
+        what = " ".join(str(exc).split())[:300] or type(exc).__name__
+        raise CheckpointError(f"{ckpt}: DeepSpeed cannot load it into this model ({what})") from exc
     if client is None:
         raise CheckpointError(f"DeepSpeed could not load {ckpt}")
     path = ckpt / f"rank_{rank}.json"

@@ -7,7 +7,9 @@ Writes OUT_DIR/<scenario>/... run directories and OUT_DIR/zero3_embeddings.pt (r
 from __future__ import annotations
 
 import json
+import shutil
 import sys
+import warnings
 from pathlib import Path
 
 import torch
@@ -21,6 +23,7 @@ from shardkit import tiny_config  # noqa: E402
 from mmpt.config import load_config  # noqa: E402
 from mmpt.data.loader import eval_loader  # noqa: E402
 from mmpt.pretrainer import build_data_specs  # noqa: E402
+from mmpt.registry import ConfigError  # noqa: E402
 from mmpt.train.checkpoint import InjectedFault  # noqa: E402
 from mmpt.train.loop import train  # noqa: E402
 
@@ -64,8 +67,32 @@ def main() -> None:
                for case, raw in cases().items()}
     if dist.get_rank() == 0:
         (out / "zero_init_digests.json").write_text(json.dumps(digests))
+    damaged_then_refused(shards, out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def damaged_then_refused(shards: list[str], out: Path) -> None:
+    """A flipped byte in the newest checkpoint: every rank falls back to the same older one (rank 0 warns);
+    then a ZeRO-stage change is refused on every rank with one line, none left waiting in a collective."""
+    run, rank = out / "zero2_damaged", dist.get_rank()
+    if rank == 0:
+        shutil.copytree(out / "zero2_resume", run)
+        optim = run / "checkpoints" / "step_00000006" / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+        data = bytearray(optim.read_bytes())
+        data[-4096] ^= 0x10
+        optim.write_bytes(bytes(data))
+    dist.barrier()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        train(load_config(config(shards, run, 2)), resume="latest")
+    if rank == 0:
+        (out / "zero2_damaged_warnings.json").write_text(json.dumps([str(w.message) for w in caught]))
+    try:
+        train(load_config(config(shards, run, 3)), resume="latest")
+        (out / f"refused_rank{rank}.txt").write_text("not refused")
+    except ConfigError as exc:
+        (out / f"refused_rank{rank}.txt").write_text(str(exc))
 
 
 if __name__ == "__main__":

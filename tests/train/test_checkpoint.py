@@ -194,6 +194,24 @@ def test_resume_refuses_a_different_zero_stage(runs: dict[int, Path], color_shar
         train(load_config(small(color_shards, run, steps=5, zero_stage=2)), resume="latest")
 
 
+def test_resume_refuses_another_world_size_and_a_changed_model(runs: dict[int, Path], color_shards: list[str],
+                                                               tmp_path: Path) -> None:
+    run = copy_run(runs[0], tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_00000004"
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    (ckpt / "checkpoint.json").write_text(json.dumps({**meta, "world_size": 2}))
+    reseal(ckpt)
+    with pytest.raises(ConfigError, match=r"written by 2 rank\(s\), this run has 1"):
+        train(load_config(small(color_shards, run, steps=5)), resume="latest")
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+    reseal(ckpt)
+    raw = small(color_shards, run, steps=5)
+    raw["model"]["embed_dim"] = 16
+    with pytest.warns(UserWarning, match="model.embed_dim: 32 -> 16"), \
+            pytest.raises(ConfigError, match="cannot load it into this model.*size mismatch"):
+        train(load_config(raw), resume="latest")
+
+
 def test_resume_warns_and_records_config_changes(runs: dict[int, Path], color_shards: list[str],
                                                  tmp_path: Path) -> None:
     run = copy_run(runs[0], tmp_path / "run")

@@ -58,6 +58,18 @@ def test_two_rank_training_and_resume(ranks_out: Path, stage: int) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_two_ranks_fall_back_from_a_damaged_checkpoint_and_refuse_together(ranks_out: Path) -> None:
+    warned = json.loads((ranks_out / "zero2_damaged_warnings.json").read_text())
+    assert any("zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its checksum" in w for w in warned)
+    for r in range(2):  # resumed from step 4 after the fallback: the same steps as the uninterrupted run
+        ref, got = steps(ranks_out / "zero2_ref", r), steps(ranks_out / "zero2_damaged", r)
+        assert sorted(got) == sorted(ref)
+        assert all(got[k][0] == ref[k][0] for k in ref)
+        refused = (ranks_out / f"refused_rank{r}.txt").read_text()
+        assert "train.zero_stage" in refused and "\n" not in refused
+
+
+@pytest.mark.timeout(600)
 def test_zero3_export_reproduces_engine_embeddings(ranks_out: Path, tmp_path: Path) -> None:
     import mmpt
     from mmpt.export import export
