@@ -215,4 +215,4 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
                          np.zeros((0, model.model.embed_dim), dtype=dtype))
             finished += 1
     bar.close()
-    return EmbedSummary(str(out_dir), finished, len(mine) - len(todo), rows, loader.state.total_skips())
+    return EmbedSummary(str(out_dir), finished, len(mine) - len(todo), rows, loader.state.counts())

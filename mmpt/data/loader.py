@@ -63,6 +63,10 @@ class LoaderState:
         """Shards with a problem (reason -> sorted distinct URLs) over logical workers."""
         return merge_shard_events(self.shards)
 
+    def counts(self) -> dict[str, int]:
+        """Skipped samples per reason and distinct shards per shard-event reason, as summaries show them."""
+        return skip_counts([self.total_skips()], [self.shard_events()])
+
 
 def merge_shard_events(parts: Iterable[dict[str, list[str]]]) -> dict[str, list[str]]:
     """Union of several ``reason -> URLs`` maps (workers, ranks), each URL once."""
@@ -183,7 +187,7 @@ class WorkerStream:
                 return
             self.pass_sizes[index] = produced
             empty_passes = empty_passes | set(order) if produced == 0 else set()
-            if empty_passes >= set(mine or urls):  # nothing to repeat: stop rather than spin
+            if empty_passes >= set(urls if self.spec.resampled else mine):  # nothing to repeat: stop, not spin
                 raise DataError(self._nothing_readable(sorted(empty_passes), idx, events))
 
     def _nothing_readable(self, urls: list[str], idx: int, events: Counter[str]) -> str:
