@@ -239,30 +239,41 @@ def test_logs_hold_each_step_once_after_a_crash(color_shards: list[str], tmp_pat
     assert [r["step"] for r in metrics if r["kind"] == "train"] == [1, 2, 3, 4, 5, 6]
 
 
-def test_logs_before_the_checkpoint_survive_a_hard_kill(color_shards: list[str], tmp_path: Path) -> None:
-    """os._exit skips every Python-level flush, as kill -9 does."""
+def test_logs_survive_kill_9_and_the_next_run_takes_over(color_shards: list[str], tmp_path: Path) -> None:
+    """A real SIGKILL right after step 3 (checkpoint at 2): records up to the checkpoint were synced; the
+    resume takes over the dead run's lock with a warning and every step is logged once."""
     run = tmp_path / "run"
     script = textwrap.dedent(f"""
-        import os, sys
+        import os, signal, sys
         sys.path.insert(0, {str(REPO / "tests")!r})
         from shardkit import tiny_config
         from mmpt.config import load_config
-        from mmpt.train.checkpoint import InjectedFault
+        from mmpt.train import checkpoint
         from mmpt.train.loop import train
-        raw = tiny_config({color_shards!r}, {str(run)!r}, steps=6, checkpoint_every=2, log_every=1, crash_at_step=3)
+
+        class KillNow(Exception):  # the injected fault becomes a SIGKILL inside the running loop
+            def __init__(self, *args):
+                os.kill(os.getpid(), signal.SIGKILL)
+
+        checkpoint.InjectedFault = KillNow
+        raw = tiny_config({color_shards!r}, {str(run)!r}, steps=4, checkpoint_every=2, log_every=1, crash_at_step=3)
         raw["data"]["workers"] = 1
-        try:
-            train(load_config(raw))
-        except InjectedFault:
-            os._exit(9)
+        train(load_config(raw))
     """)
     dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}  # this process's group
     env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    proc = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=120,
-                          env={**env, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 9, proc.stderr[-2000:]
+    proc = subprocess.Popen([sys.executable, "-c", script], env={**env, "OMP_NUM_THREADS": "1"},
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == -9, err[-2000:]
     keys = [json.loads(x) for x in open(run / "keys_rank0.jsonl")]
     assert {r["step"] for r in keys} >= {0, 1}
+    assert f'"pid": {proc.pid}' in (run / "mmpt.lock").read_text()
+    with pytest.warns(UserWarning, match=f"taking over the lock of pid {proc.pid}"):
+        train(load_config(small(color_shards, run, steps=4)), resume="latest")
+    keys = [json.loads(x) for x in open(run / "keys_rank0.jsonl")]
+    assert [r["step"] for r in keys] == [0, 1, 2, 3]
+    assert [json.loads(x)["step"] for x in open(run / "metrics.jsonl") if '"train"' in x] == [1, 2, 3, 4]
 
 
 HOLDER = """
