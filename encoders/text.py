@@ -17,6 +17,28 @@ from mmpt.layers import Transformer, last_token, masked_mean
 from mmpt.registry import ConfigError, encoders, modalities
 
 
+def _open_clip_tokenizer_module() -> Any:
+    """``open_clip/tokenizer.py`` without running ``open_clip/__init__``, which imports every OpenCLIP model,
+    torchvision and training helpers (~2 s of a 4 s ``mmpt.load``); the module imports only ftfy, regex,
+    numpy and torch at the top."""
+    import importlib.util
+    import sys
+
+    if "open_clip" in sys.modules:
+        import open_clip.tokenizer
+
+        return open_clip.tokenizer
+    name = "mmpt._open_clip_tokenizer"
+    if name not in sys.modules:
+        package = importlib.util.find_spec("open_clip")  # locates the package without executing it
+        spec = importlib.util.spec_from_file_location(name, os.path.join(package.submodule_search_locations[0],
+                                                                         "tokenizer.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
 class OpenCLIPTokenizer:
     """OpenCLIP's BPE behind the mmpt tokenizer contract.
 
@@ -26,9 +48,7 @@ class OpenCLIPTokenizer:
     """
 
     def __init__(self, context_length: int = 77):
-        from open_clip.tokenizer import SimpleTokenizer
-
-        self._bpe = SimpleTokenizer(context_length=context_length)
+        self._bpe = _open_clip_tokenizer_module().SimpleTokenizer(context_length=context_length)
         self.context_length = context_length
         self.bos_id, self.eos_id = self._bpe.all_special_ids[:2]
         self.pad_id = 0

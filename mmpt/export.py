@@ -15,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import json
+import math
 import os
 import tempfile
 import warnings
@@ -22,9 +23,10 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from torch.overrides import TorchFunctionMode
 
 from mmpt.config import Config, dump_config, load_config
-from mmpt.pretrainer import Pretrainer, build_data_specs, build_pretrainer
+from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
 from mmpt.train import checkpoint
 
@@ -215,12 +217,49 @@ def check_finite(state: dict[str, torch.Tensor], path: str | Path, allow: bool) 
     warnings.warn(msg, stacklevel=3)
 
 
+class _AllocationBudget(TorchFunctionMode):
+    """Counts the bytes tensor factories are asked for while a model is built and stops at the first
+    request past ``budget``, before it is allocated. Cheaper than a meta-device build (which imports
+    torch._dynamo: ~1.2 s) and the model is built once."""
+
+    FACTORIES = frozenset({torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full, torch.rand,
+                           torch.randn, torch.randint, torch.eye, torch.arange})
+
+    def __init__(self, budget: int, path: str | Path, held: int):
+        super().__init__()
+        self.budget, self.path, self.held, self.used = budget, path, held, 0
+
+    def __torch_function__(self, func: Any, types: Any, args: tuple = (), kwargs: dict | None = None) -> Any:
+        kwargs = kwargs or {}
+        if func in self.FACTORIES:
+            dtype = kwargs.get("dtype") or torch.get_default_dtype()
+            self.used += _requested_numel(func, args, kwargs) * dtype.itemsize
+            if self.used > self.budget:
+                raise ConfigError(f"{self.path}: the embedded config does not match the file's tensors (building it "
+                                  f"asks for more than {self.budget / 2**20:.0f} MB; the file holds "
+                                  f"{self.held / 2**20:.1f} MB)")
+        return func(*args, **kwargs)
+
+
+def _requested_numel(func: Any, args: tuple, kwargs: dict) -> int:
+    if func is torch.arange or func is torch.eye:
+        return 0  # index helpers, sized by small config values
+    size = kwargs.get("size")
+    if size is None:
+        size = next((a for a in args if isinstance(a, (tuple, list, torch.Size))), None)
+    if size is None:  # torch.empty(3, 4)
+        size = [a for a in args if isinstance(a, int) and not isinstance(a, bool)]
+    return math.prod(int(n) for n in size)
+
+
 def _build_checked(cfg: Config, shapes: dict[str, tuple[int, ...]], path: str | Path) -> Pretrainer:
-    # Tokenizers first (cached per process), so none is built while the meta device is the default.
-    build_data_specs(cfg)
-    with torch.device("meta"):  # shapes without allocating: a tampered config cannot ask for gigabytes
-        check_shapes(build_pretrainer(cfg), shapes, path)
-    return build_pretrainer(cfg)
+    held = 4 * sum(math.prod(s) for s in shapes.values())  # what the file's tensors take in float32
+    # Twice the file plus slack covers non-persistent buffers and temporaries of any honest config;
+    # a tampered one fails before its first oversized tensor exists.
+    with _AllocationBudget(2 * held + 64 * 2**20, path, held):
+        model = build_pretrainer(cfg)
+    check_shapes(model, shapes, path)
+    return model
 
 
 def load(path: str | Path, device: str | torch.device = "cpu", *,
