@@ -13,7 +13,7 @@ shifted every later tensor, and timm's ``named_apply`` init was lost entirely. T
 tensors on the accelerator in the training dtype, so even untouched defaults would come from the CUDA
 generator (and bf16 arithmetic) rather than the CPU generator stages 0-2 draw from.
 
-What :func:`build_module` does instead: every part a registry builds (encoder, objective) is
+What :func:`build_module` does instead: every part the builder reports (encoder, objective) is
 constructed exactly as at stages 0-2 (CPU, fp32, same random draws in the same order) and partitioned
 as soon as its constructor returns; heads and anything else are partitioned when the whole module is
 built. A rank therefore holds at most one whole part plus its shards of the rest, never the whole
@@ -26,8 +26,7 @@ with ``deepspeed.zero.GatheredParameters(params, modifier_rank=0)``.
 
 from __future__ import annotations
 
-import contextlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 import torch
@@ -36,13 +35,14 @@ from torch import nn
 M = TypeVar("M", bound=nn.Module)
 
 
-def build_module(build: Callable[[], M], ds_config: dict[str, Any] | None, device: torch.device) -> M:
-    """``build()``; for a ZeRO-3 ``ds_config`` each registered part is partitioned as soon as it is built
-    and the rest at the end. Without one (stages 0-2, no DeepSpeed) it is just ``build()``."""
+def build_module(build: Callable[[Callable[[nn.Module], None] | None], M], ds_config: dict[str, Any] | None,
+                 device: torch.device) -> M:
+    """``build(on_part)`` where the builder calls ``on_part`` on each part (encoder, objective) it has
+    just built; for a ZeRO-3 ``ds_config`` that partitions the part, and the rest is partitioned at the
+    end. Without one (stages 0-2, no DeepSpeed) it is just ``build(None)``."""
     if not ds_config or ds_config.get("zero_optimization", {}).get("stage") != 3:
-        return build()
-    with _partition_parts_when_built(ds_config, device):
-        module = build()
+        return build(None)
+    module = build(lambda part: partition(part, ds_config, device))
     partition(module, ds_config, device)
     return module
 
@@ -71,35 +71,3 @@ def _param_dtype(ds_config: dict[str, Any]) -> torch.dtype | None:
     if ds_config.get("bf16", {}).get("enabled"):
         return torch.bfloat16
     return None
-
-
-@contextlib.contextmanager
-def _partition_parts_when_built(ds_config: dict[str, Any], device: torch.device) -> Iterator[None]:
-    """While open, the encoder and objective registries partition each part they build, once its
-    constructor has returned (a part built inside another part's constructor waits for the outer one)."""
-    from mmpt.registry import encoders, objectives
-
-    depth = 0
-
-    def wrap(orig: Callable[..., Any]) -> Callable[..., Any]:
-        def build(*args: Any, **kwargs: Any) -> Any:
-            nonlocal depth
-            depth += 1
-            try:
-                part = orig(*args, **kwargs)
-            finally:
-                depth -= 1
-            if depth == 0 and isinstance(part, nn.Module):
-                partition(part, ds_config, device)
-            return part
-
-        return build
-
-    registries = (encoders, objectives)
-    for reg in registries:
-        reg.build = wrap(reg.build)  # an instance attribute shadowing the method until the context closes
-    try:
-        yield
-    finally:
-        for reg in registries:
-            del reg.build

@@ -6,6 +6,7 @@ GradCache call the two phases separately.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -83,19 +84,26 @@ def build_data_specs(cfg: Config) -> dict[str, ModalityData]:
     return specs
 
 
-def build_pretrainer(cfg: Config) -> Pretrainer:
-    """Build the whole trainable module from a validated config."""
+def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = None) -> Pretrainer:
+    """Build the whole trainable module from a validated config; ``on_part`` is called on each encoder
+    and objective as soon as it is built (ZeRO-3 partitions it there, see :mod:`mmpt.init`)."""
+    def built(part: nn.Module) -> nn.Module:
+        if on_part is not None:
+            on_part(part)
+        return part
+
     towers = {}
     for modality, enc in cfg.model.encoders.items():
         kwargs = {k: v for k, v in enc.items() if k != "name"}
-        towers[modality] = encoder_registry.build(enc["name"], path=f"model.encoders.{modality}", **kwargs)
+        tower = encoder_registry.build(enc["name"], path=f"model.encoders.{modality}", **kwargs)
         if cfg.model.grad_checkpointing:
-            towers[modality].set_grad_checkpointing(True)
+            tower.set_grad_checkpointing(True)
+        towers[modality] = built(tower)
     model = MultimodalModel(towers, cfg.model.embed_dim, cfg.model.head, build_data_specs(cfg))
     objs, weights = {}, {}
     for name, obj in cfg.objectives.items():
         kwargs = {k: v for k, v in obj.items() if k not in ("name", "weight")}
-        objs[name] = objective_registry.build(obj.get("name", name), path=f"objectives.{name}", **kwargs)
+        objs[name] = built(objective_registry.build(obj.get("name", name), path=f"objectives.{name}", **kwargs))
         weights[name] = obj.get("weight", 1.0)
     return Pretrainer(model, objs, weights)
 

@@ -164,7 +164,7 @@ def build_engine(cfg: Config, dist_info: DistInfo, total_steps: int):
     import deepspeed
 
     ds = deepspeed_config(cfg, dist_info.world)
-    module = build_module(lambda: build_pretrainer(cfg), ds, dist_info.device)
+    module = build_module(lambda on_part: build_pretrainer(cfg, on_part), ds, dist_info.device)
     o = cfg.optim
     optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))

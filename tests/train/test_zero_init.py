@@ -32,7 +32,7 @@ def test_zero3_starts_from_the_stage0_model(case: str) -> None:
 
 def test_zero3_parts_are_partitioned_as_soon_as_built() -> None:
     """No rank holds the whole model: each encoder and objective is sharded once its constructor
-    returns, before the next part is built; what no registry builds (heads) follows at the end."""
+    returns, before the next part is built; the rest (heads) follows at the end."""
     from mmpt.config import load_config
     from mmpt.init import build_module
     from mmpt.pretrainer import build_pretrainer
@@ -43,8 +43,8 @@ def test_zero3_parts_are_partitioned_as_soon_as_built() -> None:
     d = init_distributed()
     seen: dict[str, bool] = {}
 
-    def build():
-        module = build_pretrainer(cfg)
+    def build(on_part):
+        module = build_pretrainer(cfg, on_part)
         seen.update({n: hasattr(p, "ds_id") for n, p in module.named_parameters()})
         return module
 
