@@ -40,6 +40,7 @@ MAX_TOKENIZER_BYTES = 64 * 2**20
 # The export holds every weight: encoder keys that would fetch weights (hub downloads, pickled files)
 # are reset on load, so a crafted export cannot reach the network or unpickle through them.
 WEIGHT_SOURCE_KEYS = {"pretrained": False, "checkpoint_path": ""}
+REMOTE_PREFIXES = ("pipe:", "hf-hub:", "hf_hub:")  # timm fetches an hf-hub: model's config even unpretrained
 
 
 def _run_dir_of(ckpt: Path) -> Path:
@@ -184,6 +185,10 @@ def export_config(path: str | Path, meta: dict[str, str]) -> Config:
         if not isinstance(enc, dict):
             continue  # validation below names it
         enc.update({k: v for k, v in WEIGHT_SOURCE_KEYS.items() if k in enc})
+        for key, value in enc.items():
+            if isinstance(value, str) and (value.startswith(REMOTE_PREFIXES) or "://" in value):
+                raise ConfigError(f"{path}: model.encoders.{name}.{key}: {value[:60]!r} names a remote source or "
+                                  "a command; a model file's config may not fetch or run anything")
         blob = meta.get(TOKENIZER_META + name)
         if blob is not None:
             enc["tokenizer"] = "hf:" + _tokenizer_folder(blob, f"{path}: model.encoders.{name}.tokenizer")

@@ -71,6 +71,15 @@ def test_weight_fetching_keys_are_reset(exported: Path, tmp_path: Path) -> None:
     assert enc["pretrained"] is False and enc["checkpoint_path"] == ""
 
 
+@pytest.mark.parametrize("model_name", ["hf-hub:someone/vit", "pipe:curl x", "https://example.com/m.bin"])
+def test_remote_names_in_config_refused(exported: Path, tmp_path: Path, model_name: str) -> None:
+    cfg = config_of(exported)
+    cfg["model"]["encoders"]["image"] = {"name": "image/timm", "model_name": model_name, "image_size": 32}
+    bad = with_config(exported, tmp_path / "remote.safetensors", cfg)
+    with pytest.raises(ConfigError, match=r"model.encoders.image.model_name: .* names a remote source"):
+        mmpt.load(str(bad))
+
+
 def test_not_a_safetensors_file_is_one_line(tmp_path: Path) -> None:
     junk = tmp_path / "model.safetensors"
     junk.write_bytes(struct.pack("<Q", 10**12) + b"not a header")
