@@ -186,7 +186,7 @@ class ImageData(ModalityData):
     """
 
     modality = "image"
-    extensions = ("jpg", "jpeg", "png", "webp")
+    extensions = ("jpg", "jpeg", "png", "webp", "bmp")
     file_prefix = "img"  # clip-retrieval's name: img_emb/img_emb_<i>.npy
 
     def __init__(self, image_size: int = 224, train_crop_scale: list = (0.9, 1.0), max_image_pixels: int = 64_000_000):

@@ -26,8 +26,6 @@ from mmpt.encoders.base import ModalityData
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError
 
-IMAGE_FOLDER_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp")
-
 
 @dataclass(kw_only=True)
 class Task:
@@ -106,8 +104,8 @@ def embed_images(model: MultimodalModel, specs: dict[str, ModalityData], pattern
                  desc: str = "embed") -> Embedded:
     """Embed every sample of ``pattern`` (shards, or an image folder) with the ``modality`` tower."""
     spec = require_modality(specs, modality, f"embedding '{pattern}'")
-    if modality == "image" and is_image_folder(pattern):
-        loader: Iterable[Batch] = image_folder_batches(spec, pattern, batch_size, workers)
+    if is_image_folder(pattern):
+        loader: Iterable[Batch] = class_folder_batches(spec, pattern, batch_size, workers, modality)
         extras: tuple[str, ...] = ("label",)
     else:
         loader = eval_loader(pattern, {modality: spec}, batch_size, keep=keep, workers=workers)
@@ -152,10 +150,11 @@ def embed_texts(model: MultimodalModel, specs: dict[str, ModalityData], texts: l
     return torch.cat(out).float() if out else torch.zeros(0, model.embed_dim, device=device)
 
 
-# ImageFolder-style data (``root/class_name/*.jpg``), the layout of ImageNet's validation set.
+# ImageFolder-style data (``root/class_name/*.jpg``), the layout of ImageNet's validation set; any
+# modality's files work the same way (its ``extensions`` say which files are samples).
 
-class _ImageFiles(torch.utils.data.Dataset):
-    """(path, folder label, transformed image or None) per file."""
+class _ClassFolderFiles(torch.utils.data.Dataset):
+    """(path, folder label, transformed input or None) per file."""
 
     def __init__(self, files: list[tuple[str, str]], spec: ModalityData):
         self.files, self.spec = files, spec
@@ -182,24 +181,27 @@ def _collate_files(items: list[tuple[str, str, Any]], spec: ModalityData, modali
                  keys=[p for p, _, _ in items], meta={"label": [label for _, label, _ in items]})
 
 
-def image_folder_files(root: str) -> list[tuple[str, str]]:
-    """(path, class folder name) of every image under ``root/<class>/``, sorted (torchvision's order)."""
+def class_folder_files(root: str, extensions: tuple[str, ...]) -> list[tuple[str, str]]:
+    """(path, class folder name) of every file with one of ``extensions`` under ``root/<class>/``, sorted
+    (torchvision's order)."""
+    suffixes = {f".{e.lower()}" for e in extensions}
     files = []
     for class_dir in sorted(p for p in Path(root).iterdir() if p.is_dir()):
         for path in sorted(class_dir.rglob("*")):
-            if path.suffix.lower() in IMAGE_FOLDER_SUFFIXES and path.is_file():
+            if path.suffix.lower() in suffixes and path.is_file():
                 files.append((str(path), class_dir.name))
     if not files:
-        raise DataError(f"{root!r} has neither shards (*.tar) nor class subfolders of images")
+        raise DataError(f"{root!r} has neither shards (*.tar) nor class subfolders of {'/'.join(extensions)} files")
     return files
 
 
-def image_folder_batches(spec: ModalityData, root: str, batch_size: int, workers: int = 1) -> Iterator[Batch]:
-    """Batches of an image folder: ``meta['label']`` is each image's class folder name."""
-    dataset = _ImageFiles(image_folder_files(root), spec)
+def class_folder_batches(spec: ModalityData, root: str, batch_size: int, workers: int = 1,
+                         modality: str | None = None) -> Iterator[Batch]:
+    """Batches of a class-folder dataset: ``meta['label']`` is each file's class folder name."""
+    dataset = _ClassFolderFiles(class_folder_files(root, spec.extensions), spec)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
-        collate_fn=functools.partial(_collate_files, spec=spec, modality=spec.modality or "image"),
+        collate_fn=functools.partial(_collate_files, spec=spec, modality=modality or spec.modality),
         multiprocessing_context="fork" if workers > 0 else None)
     yield from loader
 

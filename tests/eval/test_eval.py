@@ -291,6 +291,18 @@ def test_zero_shot_without_classnames_warns_naming_task_and_labels(tiny_model: n
     assert "(1, 2, 3" in warning and "prompts unchanged" in warning and "label_type: index" in warning
 
 
+def test_class_folders_work_for_any_modality(tiny_model: nn.Module, tmp_path: Path) -> None:
+    # The eval core names no modality: a folder of class subfolders of .txt files is read like an ImageFolder.
+    for color in ("red", "blue"):
+        (tmp_path / "texts" / color).mkdir(parents=True)
+        for i in range(3):
+            (tmp_path / "texts" / color / f"{i}.txt").write_text(f"a {color} thing number {i}")
+    res = run_tasks(tiny_model, tiny_model.data, [{"name": "zero_shot", "data": str(tmp_path / "texts"),
+                                                   "modality": "text", "templates": ["a {} thing"]}],
+                    device="cpu", progress=False)["zero_shot/texts"]
+    assert res["n"] == 6 and res["num_classes"] == 2
+
+
 # Retrieval oracles: a fake model whose embeddings are chosen by the test.
 
 class TableText(ModalityData):
