@@ -271,6 +271,20 @@ def prepare_resume(resume: str, run_dir: str | Path) -> Path | None:
             print(f"mmpt: --resume {resume}: no checkpoint in {ckpt_root(run_dir)}; starting fresh", flush=True)
         else:
             check_pickles(ckpt)
+            _check_rank_states(ckpt)
         return ckpt
 
     return on_rank0(choose, share=True)
+
+
+def _check_rank_states(ckpt: Path) -> None:
+    """Every ``rank_<r>.json`` parses and holds a loader position and RNG state: a bad one is found here, on
+    rank 0 before any rank loads, rather than on its own rank while the others wait in a collective."""
+    for path in sorted(ckpt.glob("rank_*.json")):
+        try:
+            state = json.loads(path.read_text())
+            ok = isinstance(state, dict) and {"loader", "rng"} <= state.keys()
+        except ValueError:
+            ok = False
+        if not ok:
+            raise CheckpointError(f"{path}: not a valid rank state (expected JSON with 'loader' and 'rng')")

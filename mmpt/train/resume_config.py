@@ -35,6 +35,7 @@ MAY_CHANGE = {
 REFUSE = {
     "train.zero_stage": "DeepSpeed lays out optimizer state per ZeRO stage; export the checkpoint and start a "
                         "new run from its weights instead",
+    "data.workers": "each data worker's stream position is saved on its own; resume with the same number",
 }
 
 

@@ -163,6 +163,16 @@ def test_resume_latest_falls_back_and_fails_clearly_when_nothing_is_intact(
         train(load_config(small(color_shards, run, steps=6)), resume="latest")
 
 
+def test_bad_rank_state_with_a_matching_manifest_is_one_line(runs: dict[int, Path], color_shards: list[str],
+                                                             tmp_path: Path) -> None:
+    run = copy_run(runs[0], tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_00000004"
+    (ckpt / "rank_0.json").write_text('{"loader": {}}')
+    reseal(ckpt)
+    with pytest.raises(ConfigError, match="rank_0.json: not a valid rank state"):
+        train(load_config(small(color_shards, run, steps=5)), resume=str(ckpt))
+
+
 def test_resume_latest_without_checkpoint_says_it_starts_fresh(color_shards: list[str], tmp_path: Path,
                                                                capsys: pytest.CaptureFixture) -> None:
     train(load_config(small(color_shards, tmp_path / "run", steps=1)), resume="latest")
