@@ -105,9 +105,9 @@ class ZeroShot(Task):
     label_key: json field holding the class (shards; unused for image folders). classnames/templates:
     file, inline list or ``openclip:imagenet`` (templates contain ``{}``; default: the bare class
     name; classnames default: the labels found in the data, with a warning: they become the prompts).
-    label_type: 'name' (a label is a class name) or 'index' (a label is an integer position in
-    ``classnames``, as ImageNet's 0-999). Samples whose label is not a class are counted
-    (``n_unknown_label``), not scored.
+    label_type: 'auto' (JSON integers index ``classnames``, as ImageNet's 0-999; strings are class
+    names), 'index' (digit strings index too) or 'name' (every label is a class name). Samples whose
+    label is not a class are counted (``n_unknown_label``), not scored.
 
     modality: the tower embedding the data. text_modality: the tower embedding the prompts.
     """
@@ -115,14 +115,15 @@ class ZeroShot(Task):
     label_key: str | None = None
     classnames: str | list[str] | None = None
     templates: str | list[str] | None = None
-    label_type: str = "name"
+    label_type: str = "auto"
     modality: str = "image"
     text_modality: str = "text"
 
     def __post_init__(self) -> None:
         super().__post_init__()
-        if self.label_type not in ("name", "index"):
-            raise ConfigError(f"label_type: expected name|index{closest(self.label_type, ['name', 'index'])}, "
+        kinds = ["auto", "index", "name"]
+        if self.label_type not in kinds:
+            raise ConfigError(f"label_type: expected {'|'.join(kinds)}{closest(self.label_type, kinds)}, "
                               f"got {self.label_type!r}")
         if self.label_type == "index" and self.classnames is None:
             raise ConfigError("label_type: 'index' needs classnames (the list the integer labels index into)")
@@ -147,7 +148,7 @@ class ZeroShot(Task):
         emb = embed_images(model, specs, self.data, self.batch_size, keep=("json",), device=device,
                            progress=progress, workers=self.workers, modality=self.modality, desc=self.default_id())
         labels = sample_labels(emb, self.label_key)
-        if self.label_type == "index":
+        if self._indexed(emb):
             labels = index_labels(labels, self._classes)
         classes = self._classes or self._classes_from_labels(labels)
         if "label" in emb.meta:
@@ -159,7 +160,7 @@ class ZeroShot(Task):
                         self.default_id(), len(unknown), len(classes), ", ".join(examples))
         scored = ids >= 0
         if not scored.any():
-            if self.label_type == "name" and all(_is_index(u) for u in unknown):
+            if self.label_type != "index" and all(_is_index(u) for u in unknown):
                 seen = ", ".join(sorted({str(u) for u in unknown})[:5])
                 raise ConfigError(f"label_type: the labels are integers ({seen}, ...), not class names: set "
                                   "label_type: index to read them as positions in classnames")
@@ -170,6 +171,16 @@ class ZeroShot(Task):
         metrics = accuracy_metrics(top, ids[scored], classes)
         metrics.update(n_unknown_label=len(unknown), skipped=emb.skipped)
         return metrics
+
+    def _indexed(self, emb: Any) -> bool:
+        """Whether labels are positions in classnames: asked for, or (auto) every label is a JSON integer."""
+        if self.label_type != "auto":
+            return self.label_type == "index"
+        if self._classes is None or "label" in emb.meta:
+            return False
+        raw = [m.get(self.label_key) for m in emb.meta.get("json", []) if isinstance(m, dict)]
+        raw = [v for v in raw if v is not None]
+        return bool(raw) and all(isinstance(v, int) and not isinstance(v, bool) for v in raw)
 
     def _classes_from_labels(self, labels: list[str | None]) -> list[str]:
         classes = sorted({label for label in labels if label is not None})

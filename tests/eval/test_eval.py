@@ -257,23 +257,27 @@ def test_zero_shot_image_folder(tiny_model: nn.Module, tmp_path: Path) -> None:
 
 
 def test_zero_shot_integer_labels_index_classnames(tiny_model: nn.Module, tmp_path: Path) -> None:
-    # ImageNet-style: json holds the class's position in classnames, not its name.
+    # ImageNet-style: json holds the class's position in classnames (a JSON integer), not its name.
     names = list(COLORS)
     samples = shape_samples(30, seed=3, prefix="i")
     for s in samples:
         s["json"]["color_id"] = names.index(s["json"]["color"])
+        s["json"]["color_digits"] = str(names.index(s["json"]["color"]))
     data = write_shard(tmp_path / "ids-000.tar", samples)
     by_name = {"name": "zero_shot", "data": data, "label_key": "color", "classnames": names, "id": "n"}
-    by_index = {"name": "zero_shot", "data": data, "label_key": "color_id", "classnames": names, "id": "i",
-                "label_type": "index"}
-    res = run_tasks(tiny_model, tiny_model.data, [by_name, by_index], device="cpu", progress=False)
+    by_index = {"name": "zero_shot", "data": data, "label_key": "color_id", "classnames": names, "id": "i"}
+    digits = {**by_index, "label_key": "color_digits", "label_type": "index", "id": "d"}
+    res = run_tasks(tiny_model, tiny_model.data, [by_name, by_index, digits], device="cpu", progress=False)
     assert res["i"]["n"] == 30 and res["i"]["n_unknown_label"] == 0
-    assert res["i"]["top1"] == res["n"]["top1"] and res["i"]["per_class_top1"] == res["n"]["per_class_top1"]
-    with pytest.raises(ConfigError, match=r"label_type: the labels are integers .*set label_type: index"):
-        run_tasks(tiny_model, tiny_model.data, [{**by_index, "label_type": "name"}], device="cpu", progress=False)
+    for task in ("i", "d"):
+        assert res[task]["top1"] == res["n"]["top1"] and res[task]["per_class_top1"] == res["n"]["per_class_top1"]
+    # digit strings are names unless label_type says index; integers are names when label_type says so
+    for wrong in ({**digits, "label_type": "auto"}, {**by_index, "label_type": "name"}):
+        with pytest.raises(ConfigError, match=r"label_type: the labels are integers .*set label_type: index"):
+            run_tasks(tiny_model, tiny_model.data, [wrong], device="cpu", progress=False)
     with pytest.raises(ConfigError, match=r"label_type: 'index' needs classnames"):
         build_tasks([{"name": "zero_shot", "data": data, "label_key": "color_id", "label_type": "index"}])
-    with pytest.raises(ConfigError, match=r"label_type: expected name\|index \(did you mean 'index'"):
+    with pytest.raises(ConfigError, match=r"label_type: expected auto\|index\|name \(did you mean 'index'"):
         build_tasks([{**by_index, "label_type": "indx"}])
 
 
