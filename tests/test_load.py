@@ -106,6 +106,18 @@ def test_export_is_group_readable(exported: Path) -> None:
     assert mode == 0o666 & ~mask, oct(mode)
 
 
+def test_load_imports_no_model_zoo(exported: Path) -> None:
+    # open_clip/__init__ (its models, torchvision) and torch._dynamo (a meta-device build) took ~2.5 s
+    # of a ~4 s load; the BPE tokenizer and the header checks need neither.
+    import subprocess
+    import sys
+
+    code = (f"import sys, mmpt; mmpt.load({str(exported)!r}); "
+            "print(sorted(m for m in ('open_clip', 'torchvision', 'torch._dynamo', 'deepspeed') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip().splitlines()[-1] == "[]"
+
+
 # hf: tokenizers travel inside the export.
 
 def minilm_tokenizer(dst: Path) -> Path:
@@ -119,6 +131,7 @@ def minilm_tokenizer(dst: Path) -> Path:
 
 def test_hf_tokenizer_export_survives_moving_the_folder(color_shards: list[str], tmp_path: Path,
                                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("MMPT_CACHE", str(tmp_path / "cache"))  # materialised tokenizers go here, not to ~
     folder = minilm_tokenizer(tmp_path / "minilm")
     path = train_and_export(color_shards, tmp_path, text={"tokenizer": f"hf:{folder}", "causal": False, "pool": "cls"})
     texts = ["a red square", "a blue square with a longer caption"]
@@ -129,7 +142,7 @@ def test_hf_tokenizer_export_survives_moving_the_folder(color_shards: list[str],
     from mmpt.encoders.text import build_tokenizer
 
     build_tokenizer.cache_clear()  # a fresh process: nothing cached from the folder
-    monkeypatch.setenv("MMPT_CACHE", str(tmp_path / "cache"))
+    shutil.rmtree(tmp_path / "cache")
     model, _, tokenizer = mmpt.load(str(path))
     assert torch.equal(tokenizer.encode(texts)[0], ids_before)
     torch.testing.assert_close(model.encode("text", texts), expected, rtol=0, atol=0)
