@@ -211,3 +211,13 @@ def test_cli_embed_metadata_columns_and_errors(trained: tuple[Path, Path], color
     assert main(["embed", str(path), "--data", color_shards[0], "--modality", "image", "--out", str(out),
                  "--metadata", "captions"]) == 2
     assert "--metadata captions: unknown field" in capsys.readouterr().err
+
+
+def test_weights_digest_covers_every_tensor_kind() -> None:
+    from mmpt.embed import weights_digest
+
+    model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).to(torch.bfloat16)  # 0-dim buffer
+    before = weights_digest(model)
+    assert weights_digest(model) == before
+    model[1].running_mean[0] += 1
+    assert weights_digest(model) != before
