@@ -120,7 +120,7 @@ def save(engine: Any, run_dir: str | Path, step: int, client: dict[str, Any], ra
 
 
 def sha256_file(path: Path) -> str:
-    """Hex sha256 of a file (2 GB/s with SHA-NI: cheap next to writing the checkpoint)."""
+    """Hex sha256 of a file (~1.3 GB/s from the page cache here: a fifth of a save's time, split over ranks)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while chunk := f.read(1 << 23):
