@@ -60,8 +60,10 @@ def _parser() -> argparse.ArgumentParser:
                        epilog=_task_keys_help, formatter_class=_LazyEpilogFormatter)
     e.add_argument("model", help="exported .safetensors file or run directory (its latest checkpoint)")
     e.add_argument("--task", action="append", default=[], metavar="ID",
-                   help="task id or name from the model's recipe (e.g. zero_shot/color, retrieval); default: all")
-    e.add_argument("--tasks-file", help="YAML list of task configs to run instead of the recipe's")
+                   help="task id or name to run (e.g. zero_shot/color, retrieval); repeatable; default: all. "
+                        "Only selected tasks get --set and are validated")
+    e.add_argument("--tasks-file", help="YAML list of task configs (or a recipe with eval:); your own file, "
+                                        "so pipe: sources are allowed")
     e.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
                    help="set a key on every selected task, e.g. --set data=/path/to/eval")
     e.add_argument("--out", help="write results JSON here")
