@@ -278,6 +278,8 @@ def _eval(args: argparse.Namespace) -> None:
             tasks = load_yaml(Path(args.model) / "config.yaml").get("eval", [])
         else:
             tasks = yaml.safe_load(read_header(args.model)[0]["config"]).get("eval", [])
+        if not isinstance(tasks, list):
+            raise ConfigError(f"{where}: eval: expected a list of tasks, got {type(tasks).__name__}")
     else:
         raise ConfigError(f"{args.model}: no tasks: give --tasks-file FILE (your task list), or "
                           "--use-embedded-tasks to run the eval tasks stored with the model")
