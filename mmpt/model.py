@@ -76,6 +76,8 @@ class MultimodalModel(nn.Module):
         if isinstance(inputs, Tensor):
             return data.fields_from_tensor(inputs)
         if isinstance(inputs, (list, tuple)):
+            if not inputs:
+                raise ConfigError(f"encode('{modality}', []): nothing to encode")
             return data.prepare(list(inputs), train=False)
         raise ConfigError(f"encode('{modality}', ...): pass a list of inputs (e.g. [x]), a batch tensor or a dict "
                           f"of fields, not one {type(inputs).__name__}")

@@ -170,6 +170,7 @@ def test_encode_text_ids_without_mask_is_refused(exported: Path) -> None:
 @pytest.mark.parametrize("modality, value, message", [
     ("text", "a red square", r"encode\('text', ...\): pass a list"),
     ("image", "PIL", r"encode\('image', ...\): pass a list"),
+    ("image", [], r"encode\('image', \[\]\): nothing to encode"),
     ("image", torch.zeros(2, 3, 24, 24, dtype=torch.uint8), r"image tensor of shape \(2, 3, 24, 24\).*\(B, 3, 32, 32\)"),
     ("image", torch.zeros(3, 32, 32, dtype=torch.uint8), r"image tensor of shape \(3, 32, 32\)"),
     ("image", torch.zeros(2, 3, 32, 32, dtype=torch.int32), r"image tensor of dtype torch.int32"),
