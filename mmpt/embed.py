@@ -41,9 +41,10 @@ class EmbedSummary:
     skips: dict[str, int] = field(default_factory=dict)
 
     def __str__(self) -> str:
-        bad = sum(self.skips.values())
-        return (f"embedded {self.rows} samples from {self.shards_done} shards ({self.shards_skipped} already done, "
-                f"{bad} bad samples skipped) -> {self.out}")
+        from mmpt.data.loader import format_skips
+
+        return (f"embedded {self.rows} samples from {self.shards_done} shards ({self.shards_skipped} already done; "
+                f"{format_skips(self.skips)}) -> {self.out}")
 
 
 def output_paths(out: Path, prefix: str, index: int) -> tuple[Path, Path]:

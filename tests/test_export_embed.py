@@ -133,6 +133,7 @@ def test_embed_into_existing_folder_is_keyed_by_shard_identity(trained: tuple[Pa
     # A second shard list into the same folder: s1 is new, not "already done" because it is first in the list.
     second = embed(str(path), s1, "image", str(out), batch_size=16, progress=False)
     assert second.shards_done == 1 and second.shards_skipped == 0 and second.rows == 50
+    assert str(second).startswith("embedded 50 samples from 1 shards (0 already done; skipped 0 samples)")
     assert sorted(read_keys(out)) == sorted(shard_keys(s0) + shard_keys(s1))
     # Another order with one new shard: only s2 runs, every key once.
     third = embed(str(path), "::".join([s2, s1, s0]), "image", str(out), batch_size=16, progress=False)
