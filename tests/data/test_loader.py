@@ -231,6 +231,25 @@ def test_sample_split_by_the_cut_is_counted_not_yielded(tmp_path: Path) -> None:
     assert loader.state.shard_events() == {"truncated_shard": [url]}
 
 
+def test_cut_between_samples_counts_the_open_one_as_cut(tmp_path: Path) -> None:
+    # Cut exactly where k3's header would start: k2's members read so far are whole, but more of them
+    # could have followed, so k2 is counted as cut rather than trained on with members possibly missing.
+    got, _ = _truncated_at(tmp_path, "k3.jpg", "boundary")
+    assert [s["__key__"] for s in got if isinstance(s, dict) and not s.get("__cut__")] == ["k0", "k1"]
+    assert [s["__key__"] for s in got if isinstance(s, dict) and s.get("__cut__")] == ["k2"]
+
+
+def test_compressed_shard_is_complete_not_truncated(tmp_path: Path) -> None:
+    # The end-of-archive check compared compressed bytes with tar offsets: every .tar.gz looked
+    # truncated and lost its last sample.
+    import gzip
+
+    plain = Path(write_tar(tmp_path / "plain.tar", [color_sample(f"k{i}", "red") for i in range(5)]))
+    (tmp_path / "z.tar.gz").write_bytes(gzip.compress(plain.read_bytes()))
+    got = list(iter_samples(str(tmp_path / "z.tar.gz")))
+    assert [s["__key__"] for s in got] == [f"k{i}" for i in range(5)]
+
+
 def test_cut_inside_end_of_archive_loses_no_sample(tmp_path: Path) -> None:
     full = tmp_path / "full.tar"
     write_tar(full, [color_sample(f"k{i}", "blue") for i in range(4)])
