@@ -30,7 +30,7 @@ EPILOG = """examples:
   torchrun --nproc_per_node 2 -m mmpt.cli train clip-tiny --set train.zero_stage=3
   mmpt train clip-tiny --resume latest        # continue the run in train.out_dir
   mmpt export runs/demo/clip-tiny --out model.safetensors
-  mmpt eval model.safetensors --task zero_shot/color
+  mmpt eval model.safetensors --tasks-file tasks.yaml --task zero_shot/color
   mmpt embed model.safetensors --data 'shards/{000..009}.tar' --modality image --out emb/
   mmpt data inspect 'shards/*.tar'
 

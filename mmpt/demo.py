@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from pathlib import Path
 
@@ -37,6 +38,8 @@ def run_demo(out: str = "runs/demo", smoke: bool = False, overrides: list[str] |
     model, transforms, _ = load(model_file)
     results = run_tasks(model.model, transforms, cfg.eval, device="cpu")
     write_results(results, root / "results.json")
+    # a new model each run: its embeddings replace the last run's (embed refuses to mix two models)
+    shutil.rmtree(root / "embeddings", ignore_errors=True)
     emb = embed(str(model_file), str(data / "eval"), "image", str(root / "embeddings"), progress=False)
     print()
     print(format_table(results))

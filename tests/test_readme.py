@@ -96,7 +96,10 @@ def test_readme_lists_the_two_commands_and_ci_calls_one() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_readme_commands_and_python_run(sandbox: Path) -> None:
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMPT_DIST_TIMEOUT": "120"}
+    # a fresh shell: no rendezvous variables left by in-process training in this pytest process
+    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
+    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
+    env.update(OMP_NUM_THREADS="1", MMPT_DIST_TIMEOUT="120")
     lines = commands()
     assert len(lines) >= 8, lines
     for line in lines:

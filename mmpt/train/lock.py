@@ -29,9 +29,11 @@ class RunLock:
     def __init__(self, run_dir: str | Path):
         self.path = Path(run_dir) / LOCK_NAME
         self._fd: int | None = None
+        self._made_dir = False
 
     def acquire(self) -> RunLock:
         """Take the lock or raise ConfigError naming its holder; warn when taking over a dead run's lock."""
+        self._made_dir = not self.path.parent.exists()
         self.path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
@@ -57,6 +59,10 @@ class RunLock:
         if self._fd is None:
             return
         os.ftruncate(self._fd, 0)
+        if self._made_dir and [p.name for p in self.path.parent.iterdir()] == [LOCK_NAME]:
+            # a run that failed before writing anything leaves no directory behind
+            self.path.unlink()
+            self.path.parent.rmdir()
         os.close(self._fd)  # closing the descriptor drops the flock
         self._fd = None
 

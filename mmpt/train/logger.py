@@ -1,4 +1,4 @@
-"""Run logs: JSONL of every logged step, TensorBoard events, a loss-curve PNG (rank 0 only).
+"""Run logs: JSONL of every logged step and TensorBoard events (rank 0 only; loss.png is plot.py).
 
 Each step appears once: a (re)started run first cuts every log back to its start step (records of steps
 it will run again came from a run that crashed after its last checkpoint), and logs are flushed and
@@ -123,34 +123,4 @@ def read_jsonl(path: str | Path, kind: str | None = None) -> list[dict[str, Any]
                 rec = json.loads(line)
                 if kind is None or rec.get("kind") == kind:
                     out.append(rec)
-    return out
-
-
-def plot_losses(run_dir: str | Path) -> Path | None:
-    """Plot every ``loss*`` series of metrics.jsonl against step into ``loss.png``."""
-    path = Path(run_dir) / "metrics.jsonl"
-    if not path.exists():
-        return None
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    recs = read_jsonl(path, "train")
-    keys = sorted({k for r in recs for k in r if k == "loss" or k.startswith("loss/")})
-    if not keys:
-        return None
-    fig, ax = plt.subplots(figsize=(7, 4))
-    for k in keys:
-        pts = [(r["step"], r[k]) for r in recs if k in r]
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], label=k, lw=1.5 if k == "loss" else 1)
-    ax.set_xlabel("step")
-    ax.set_ylabel("loss")
-    ax.set_title(Path(run_dir).name)
-    ax.grid(alpha=0.3)
-    ax.legend()
-    fig.tight_layout()
-    out = Path(run_dir) / "loss.png"
-    fig.savefig(out, dpi=120)
-    plt.close(fig)
     return out

@@ -18,7 +18,8 @@ from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
 from mmpt.train import checkpoint
 from mmpt.train.engine import DistInfo, build_engine, init_distributed
 from mmpt.train.lock import RunLock
-from mmpt.train.logger import RunLogger, StepRecords, plot_losses
+from mmpt.train.logger import RunLogger, StepRecords
+from mmpt.train.plot import headline, plot_run
 from mmpt.train.rank0 import on_rank0
 from mmpt.train.resume_config import check_resume_config, write_config_history
 
@@ -38,10 +39,17 @@ class RunSummary:
     engine: Any = field(default=None, repr=False, compare=False)
 
     def __str__(self) -> str:
-        skipped = sum(self.skips.values())
-        detail = f" ({', '.join(f'{k}={v}' for k, v in sorted(self.skips.items()))})" if skipped else ""
-        return (f"done: {self.steps} steps in {self.seconds:.0f} s, {self.samples_per_s:.0f} samples/s, "
-                f"final loss {self.final_loss:.4f}, skipped {skipped} samples{detail}, checkpoint {self.checkpoint}")
+        from mmpt.data.loader import format_skips
+
+        text = (f"done: {self.steps} steps in {self.seconds:.0f} s, {self.samples_per_s:.0f} samples/s, "
+                f"final loss {self.final_loss:.4f}, {format_skips(self.skips)}, checkpoint {self.checkpoint}")
+        return text + "".join(f"; {headline_metrics(task, m)}" for task, m in self.eval.items())
+
+
+def headline_metrics(task: str, metrics: dict[str, Any]) -> str:
+    """'task top1 0.998, ...': the metrics worth a glance in the one-line summary."""
+    shown = [f"{k} {v:.3f}" for k, v in metrics.items() if headline(k) and isinstance(v, (int, float))]
+    return f"{task} {', '.join(shown)}" if shown else task
 
 
 def total_steps(cfg: Config, per_epoch: int, world: int) -> int:
@@ -104,7 +112,7 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
         if done % t.log_every == 0 or done == steps:
             last = _log_step(logger, engine, out, loader, meter, done, d.world)
             bar.set_postfix(loss=f"{last['loss']:.4f}")
-        if t.eval_every and cfg.eval and (done % t.eval_every == 0 or done == steps):
+        if cfg.eval and t.eval_every != 0 and ((t.eval_every and done % t.eval_every == 0) or done == steps):
             evals = run_eval(engine.module, cfg, specs, d, logger, done)
         if done % t.checkpoint_every == 0 or done == steps:
             keys_log.sync()  # what this checkpoint covers survives a kill -9
@@ -120,7 +128,7 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
     summary = RunSummary(str(run_dir), steps, elapsed, meter.total_samples / max(elapsed, 1e-9),
                          last.get("loss", math.nan), _global_skips(loader), str(last_ckpt or ""), evals, engine)
     if d.is_main:
-        plot_losses(run_dir)
+        plot_run(run_dir)
         logger.log(steps, {"summary": str(summary)}, kind="summary")
         print(summary, flush=True)
     logger.close()
@@ -156,23 +164,24 @@ def _log_step(logger: RunLogger, engine: Any, out: dict[str, Any], loader: Loade
     rate, wait = meter.take()
     rec = dict(zip(names, vec.tolist(), strict=True))
     rec.update(lr=engine.get_lr()[0], samples_per_s=round(rate, 2), data_wait=round(wait, 4))
-    rec.update({f"skipped/{k}": v for k, v in _global_skips(loader).items()})
+    from mmpt.data.shards import SHARD_REASONS  # shard events are shards, not skipped samples
+
+    rec.update({f"{'shards' if k in SHARD_REASONS else 'skipped'}/{k}": v for k, v in _global_skips(loader).items()})
     logger.log(step, rec)
     return rec
 
 
 def _global_skips(loader: Loader) -> dict[str, int]:
-    """Skip counts summed over every rank (a collective: all ranks call it at the same steps)."""
-    local = loader.state.total_skips()
-    if not dist.is_initialized() or dist.get_world_size() == 1:
-        return local
-    gathered: list[dict[str, int]] = [{} for _ in range(dist.get_world_size())]
-    dist.all_gather_object(gathered, local)
-    total: dict[str, int] = {}
-    for g in gathered:
-        for k, v in g.items():
-            total[k] = total.get(k, 0) + v
-    return total
+    """Skipped samples per reason summed over every rank, and per shard-event reason the number of
+    distinct shards (a collective: all ranks call it at the same steps)."""
+    from mmpt.data.loader import skip_counts
+
+    local = (loader.state.total_skips(), loader.state.shard_events())
+    gathered = [local]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        gathered = [({}, {}) for _ in range(dist.get_world_size())]
+        dist.all_gather_object(gathered, local)
+    return skip_counts([s for s, _ in gathered], [e for _, e in gathered])
 
 
 def run_eval(module: Any, cfg: Config, specs: dict, d: Any, logger: RunLogger, step: int) -> dict[str, Any]:
@@ -185,6 +194,12 @@ def run_eval(module: Any, cfg: Config, specs: dict, d: Any, logger: RunLogger, s
     module.train()
     for task, metrics in results.items():
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, kind=f"eval/{task}")
+    if d.is_main:
+        from tqdm import tqdm
+
+        from mmpt.eval import format_table
+
+        tqdm.write(f"eval at step {step}:\n{format_table(results)}")  # above the progress bar, not through it
     return results
 
 

@@ -304,8 +304,8 @@ def _engine_scale_path(shards: list[str], out: Path, stage: int, steps: int, mon
     from mmpt.data.loader import train_loader
     from mmpt.pretrainer import build_data_specs, build_pretrainer, set_seed
 
-    def build_past_the_bound(cfg):
-        module = build_pretrainer(cfg)
+    def build_past_the_bound(cfg, on_part=None):
+        module = build_pretrainer(cfg, on_part)
         p = module.objectives["clip"].logit_scale
         with deepspeed.zero.GatheredParameters([p], modifier_rank=0, enabled=hasattr(p, "ds_id")):
             p.data.fill_(math.log(200.0))
