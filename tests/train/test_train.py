@@ -101,3 +101,21 @@ def test_periodic_eval_and_offload(color_shards: list[str], tmp_path: Path) -> N
     assert [r["step"] for r in evals] == [2, 4] and "top1" in evals[0]
     ds = json.loads((out / "deepspeed.json").read_text())
     assert ds["zero_optimization"]["offload_optimizer"]["device"] == "cpu"
+
+
+def test_eval_list_runs_at_the_end_by_default_and_prints(color_shards: list[str], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """No train.eval_every: a recipe's eval list runs once, at the end; the table prints on the console,
+    the one-line summary carries the headline metrics, loss.png gets the eval panel."""
+    out = tmp_path / "run"
+    raw = tiny_config(color_shards, out, steps=3, checkpoint_every=3, log_sample_keys=False)
+    raw["eval"] = [{"name": "zero_shot", "data": color_shards[0], "label_key": "color",
+                    "classnames": ["red", "green", "blue", "yellow"], "templates": ["a {} square"]}]
+    summary = train(load_config(raw))
+    printed = capsys.readouterr().out
+    assert "eval at step 3:" in printed and "zero_shot/color  top1" in printed
+    records = [json.loads(line) for line in open(out / "metrics.jsonl")]
+    assert [r["step"] for r in records if r["kind"] == "eval/zero_shot/color"] == [3]
+    assert f"zero_shot/color top1 {summary.eval['zero_shot/color']['top1']:.3f}" in str(summary)
+    train(load_config({**raw, "train": {**raw["train"], "out_dir": str(tmp_path / "never"), "eval_every": 0}}))
+    assert not [r for r in map(json.loads, open(tmp_path / "never" / "metrics.jsonl")) if r["kind"].startswith("eval/")]
