@@ -107,6 +107,25 @@ class Tokenizer(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class DemoConcepts:
+    """Attributes of N demo samples, shared by every modality that renders them (``mmpt data demo``).
+
+    Each field is an (N,) int array indexing the vocabularies of :mod:`mmpt.data.demo`: ``shape`` into
+    ``SHAPES`` (8), ``color`` into ``COLORS`` (10), ``size`` into ``SIZES`` (3), ``position`` into
+    ``POSITIONS`` (5). Zero-shot prompts name shape and colour, so every modality renders at least
+    those two learnably (an image draws them; a sound might map shape to rhythm and colour to pitch).
+    """
+
+    shape: Any
+    color: Any
+    size: Any
+    position: Any
+
+    def __len__(self) -> int:
+        return len(self.shape)
+
+
 class ModalityData:
     """Data side of a modality: extensions, decode, transform and collate.
 
@@ -143,6 +162,11 @@ class ModalityData:
     def coerce(self, value: Any) -> Any:
         """Convert one raw user input into what ``transform`` takes (default: unchanged)."""
         return value
+
+    def render_demo(self, concepts: DemoConcepts, rng: Any) -> list[dict[str, bytes]]:
+        """Shard members (``{ext: bytes}``, decodable by :meth:`decode`) rendering each demo concept;
+        ``rng`` is a ``numpy.random.Generator``. Vectorise over the N concepts where it pays."""
+        raise NotImplementedError(f"modality {self.modality!r} has no demo renderer")
 
     @property
     def file_prefix(self) -> str:
