@@ -95,12 +95,15 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="demo data, shard writing and inspection")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
+    from mmpt.data.demo import add_modalities_argument
+
     dd = dsub.add_parser("demo", help="generate the embedded synthetic shapes/colours set")
     dd.add_argument("--out", required=True)
     dd.add_argument("--train-samples", type=int, default=20000)
     dd.add_argument("--eval-samples", type=int, default=1000)
     dd.add_argument("--image-size", type=int, default=64)
     dd.add_argument("--seed", type=int, default=0)
+    add_modalities_argument(dd)
     dw = dsub.add_parser("write", help="write shards from a CSV/Parquet/JSONL table or an image folder",
                          description="Each sample gets the image (jpg/png/webp, by its bytes), its caption (txt) "
                          "and a json member with every other column of its row (CSV numbers kept as numbers) "
@@ -301,7 +304,7 @@ def _data(args: argparse.Namespace) -> None:
         from mmpt.data.demo import generate_demo
 
         info = generate_demo(args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
-                             image_size=args.image_size, seed=args.seed)
+                             image_size=args.image_size, seed=args.seed, modalities=args.modalities)
         print(f"demo data written to {args.out}: {info}")
     elif args.data_command == "write":
         from mmpt.data.writer import write_shards

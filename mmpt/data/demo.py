@@ -5,7 +5,13 @@ learns colour, shape, size and position words from these images, and zero-shot c
 shape and colour uses prompt templates written in the same grammar as the captions.
 
     python -m mmpt.data.demo --out runs/demo/data
+
+Other modalities render the same concepts through their registered data side
+(``ModalityData.render_demo``): ``--modalities image,text,audio`` adds each sample's sound, drawn
+from the shape, colour, size and position the picture and caption show. The generator draws the
+picture (``jpg``) and captions (``txt``, ``json``) itself; it names no other modality.
 """
+
 
 from __future__ import annotations
 
@@ -14,13 +20,16 @@ import io
 import json
 import math
 import time
-from collections.abc import Callable
-from dataclasses import dataclass
+import zlib
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from mmpt.data.writer import ShardWriter
+from mmpt.registry import ConfigError
 
 # Every class name starts with a consonant because captions and templates write the article "a"
 # (hence cyan rather than orange): a filled template must be a string the captions contain.
@@ -84,6 +93,13 @@ _EDGE_MARGIN = 0.01
 _COLOR_NAMES = tuple(COLORS)
 _SIZE_NAMES = tuple(SIZES)
 _POSITION_NAMES = tuple(POSITIONS)
+# Modalities whose members the generator draws itself (the picture and the captions every prompt is
+# written in); any other modality renders through its registered data side.
+OWN_MODALITIES = ("image", "text")
+DEFAULT_MODALITIES = OWN_MODALITIES
+# Share of samples lacking each rendered modality (drawn independently per modality), so presence
+# masks are exercised; the picture and the captions are in every sample.
+ABSENT_FRACTION = 0.1
 
 
 @dataclass
@@ -100,6 +116,8 @@ class DemoInfo:
     eval_samples: int
     image_size: int
     seed: int
+    modalities: tuple[str, ...] = DEFAULT_MODALITIES
+    present: dict[str, dict[str, int]] = field(default_factory=dict)  # split -> modality -> samples with it
 
     @property
     def train_pattern(self) -> str:
@@ -121,21 +139,37 @@ def generate_demo(
     shard_size: int = 2000,
     seed: int = 0,
     progress: bool = True,
+    modalities: Sequence[str] = DEFAULT_MODALITIES,
+    modality_configs: dict[str, dict[str, Any]] | None = None,
+    absent_fraction: float = ABSENT_FRACTION,
 ) -> DemoInfo:
-    """Write the demo dataset (train/eval shards, class names, prompt templates, info.json) under ``out``."""
+    """Write the demo dataset (train/eval shards, class names, prompt templates, info.json) under ``out``.
+
+    ``modalities`` beyond the picture and captions are rendered by their data side, built from
+    ``modality_configs[m]`` (an encoder's keyword arguments) or its defaults; each is absent from
+    about ``absent_fraction`` of the samples.
+    """
     from tqdm import tqdm
 
+    renderers = demo_renderers(modalities, modality_configs or {})
+    if not 0 <= absent_fraction < 1:
+        raise ConfigError(f"absent_fraction: expected a value in [0, 1), got {absent_fraction}")
     if image_size < 16:
         raise ValueError(f"image_size must be at least 16, got {image_size}")
     if train_samples < 0 or eval_samples < 0:
         raise ValueError(f"sample counts must be >= 0, got train_samples={train_samples}, eval_samples={eval_samples}")
     root = Path(out)
     shards: dict[str, list[Path]] = {}
+    present: dict[str, dict[str, int]] = {}
     with tqdm(total=train_samples + eval_samples, disable=not progress, unit="img", desc="demo data") as bar:
         # Separate child seeds: the eval split does not change when train_samples does, and vice versa.
         for stream, (split, count) in enumerate((("train", train_samples), ("eval", eval_samples))):
             rng = np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream,)))
-            shards[split] = _write_split(root / split, split, count, image_size, shard_size, rng, bar.update)
+            extras = {m: _Rendered(spec, _modality_rng(seed, stream, m), count, absent_fraction)
+                      for m, spec in renderers.items()}
+            shards[split] = _write_split(root / split, split, count, image_size, shard_size, rng, bar.update,
+                                         draw_images="image" in modalities, extras=extras)
+            present[split] = {m: int(r.present.sum()) for m, r in extras.items()}
     info = DemoInfo(
         root=root,
         train_shards=shards["train"],
@@ -147,9 +181,67 @@ def generate_demo(
         eval_samples=eval_samples,
         image_size=image_size,
         seed=seed,
+        modalities=tuple(dict.fromkeys(modalities)),
+        present=present,
     )
     _write_info(info, shard_size)
     return info
+
+
+def demo_renderers(modalities: Sequence[str], configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """The data side of every requested modality the generator does not draw itself, checked to have a
+    demo renderer; a ConfigError names the first that is unknown or has none."""
+    from mmpt.encoders.base import ModalityData
+    from mmpt.registry import modalities as registry
+
+    if isinstance(modalities, str) or not modalities:
+        raise ConfigError(f"modalities: expected a list of modality names, got {modalities!r}")
+    specs: dict[str, Any] = {}
+    for name in dict.fromkeys(modalities):
+        if name in OWN_MODALITIES:
+            continue
+        cls = registry.get(name, path="modalities")
+        if getattr(cls, "render_demo", None) is ModalityData.render_demo:
+            raise ConfigError(f"modalities: modality '{name}' has no demo renderer ({cls.__module__}.{cls.__name__} "
+                              "does not implement ModalityData.render_demo)")
+        specs[name] = cls.from_encoder_config(**configs.get(name, {}))
+    return specs
+
+
+def _modality_rng(seed: int, stream: int, modality: str) -> np.random.Generator:
+    # Keyed by the modality's name: adding or removing one modality leaves every other one's bytes as they were.
+    return np.random.default_rng(np.random.SeedSequence(seed, spawn_key=(stream, 1 + zlib.crc32(modality.encode()))))
+
+
+class _Rendered:
+    """One extra modality of a split: which samples carry it, and its renderer with its own RNG."""
+
+    def __init__(self, spec: Any, rng: np.random.Generator, n: int, absent_fraction: float):
+        self.spec, self.rng = spec, rng
+        self.present = rng.random(n) >= absent_fraction
+
+    def render(self, attrs: _Attributes, rows: slice) -> dict[int, dict[str, bytes]]:
+        """Members of the chunk's samples that carry this modality, by sample index."""
+        from mmpt.encoders.base import DemoConcepts
+
+        index = np.arange(rows.start, rows.stop)[self.present[rows]]
+        if not index.size:
+            return {}
+        concepts = DemoConcepts(shape=attrs.shape[index], color=attrs.color[index], size=attrs.size[index],
+                                position=attrs.position[index])
+        members = self.spec.render_demo(concepts, self.rng)
+        name = self.spec.modality
+        if len(members) != index.size:
+            raise ValueError(f"{type(self.spec).__name__}.render_demo: returned {len(members)} samples for "
+                             f"{index.size} concepts")
+        allowed = set(self.spec.extensions) | {"json"}
+        for sample in members:
+            bad = set(sample) - allowed
+            if bad or not set(sample) & set(self.spec.extensions):
+                raise ValueError(f"{type(self.spec).__name__}.render_demo: members {sorted(sample)} of modality "
+                                 f"'{name}' must include one of its extensions {list(self.spec.extensions)} "
+                                 "(plus an optional json)")
+        return dict(zip(index.tolist(), members, strict=True))
 
 
 def render_shapes(
@@ -349,25 +441,37 @@ def _words(attrs: _Attributes, i: int) -> dict[str, str]:
     }
 
 
-def _sample_members(attrs: _Attributes, i: int, pixels: np.ndarray) -> dict[str, bytes]:
+def _sample_members(attrs: _Attributes, i: int, pixels: np.ndarray | None,
+                    extra: Sequence[dict[str, bytes]] = ()) -> dict[str, bytes]:
     from PIL import Image
 
     words = _words(attrs, i)
     variants = [DESCRIPTIVE_FORMS[k][0].format(**words) for k in attrs.variant_forms[i]]
-    meta = {k: words[k] for k in ("shape", "color", "background", "size", "position")}
+    meta: dict[str, Any] = {k: words[k] for k in ("shape", "color", "background", "size", "position")}
     meta["captions"] = variants
-    jpeg = io.BytesIO()
-    # 4:4:4 chroma: colour is half of what the captions say, so keep it sharp at 64 px.
-    Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90, subsampling=0)
-    return {
-        "jpg": jpeg.getvalue(),
-        "txt": FORMS[attrs.caption_form[i]].format(**words).encode("utf-8"),
-        "json": json.dumps(meta).encode("utf-8"),
-    }
+    members: dict[str, bytes] = {}
+    if pixels is not None:
+        jpeg = io.BytesIO()
+        # 4:4:4 chroma: colour is half of what the captions say, so keep it sharp at 64 px.
+        Image.fromarray(pixels).save(jpeg, format="JPEG", quality=90, subsampling=0)
+        members["jpg"] = jpeg.getvalue()
+    members["txt"] = FORMS[attrs.caption_form[i]].format(**words).encode("utf-8")
+    for rendered in extra:
+        for ext, data in rendered.items():
+            if ext == "json":  # a modality's own labels (e.g. one per token) join the sample's json
+                own = json.loads(data)
+                if set(own) & set(meta):
+                    raise ValueError(f"render_demo: json keys {sorted(set(own) & set(meta))} are already the sample's")
+                meta.update(own)
+            else:
+                members[ext] = data
+    members["json"] = json.dumps(meta).encode("utf-8")
+    return members
 
 
 def _write_split(folder: Path, split: str, n: int, image_size: int, shard_size: int,
-                 rng: np.random.Generator, advance: Callable[[int], object]) -> list[Path]:
+                 rng: np.random.Generator, advance: Callable[[int], object], draw_images: bool = True,
+                 extras: dict[str, _Rendered] | None = None) -> list[Path]:
     """Render, encode and shard one split; returns its shard paths."""
     folder.mkdir(parents=True, exist_ok=True)
     # A previous, larger run may have left more shards; a glob over the folder must not pick them up.
@@ -378,11 +482,14 @@ def _write_split(folder: Path, split: str, n: int, image_size: int, shard_size: 
     with ShardWriter(str(folder / f"demo-{split}-%06d.tar"), max_size=1 << 40, max_count=shard_size) as writer:
         for start in range(0, n, _CHUNK):
             rows = slice(start, min(n, start + _CHUNK))
-            images = render_shapes(attrs.shape[rows], attrs.centers[rows], attrs.radii[rows], attrs.angles[rows],
-                                   attrs.fg[rows], attrs.bg[rows], image_size, noise_bank[attrs.noise[rows]])
+            images = (render_shapes(attrs.shape[rows], attrs.centers[rows], attrs.radii[rows], attrs.angles[rows],
+                                    attrs.fg[rows], attrs.bg[rows], image_size, noise_bank[attrs.noise[rows]])
+                      if draw_images else [None] * (rows.stop - start))
+            rendered = [r.render(attrs, rows) for r in (extras or {}).values()]
             for offset, pixels in enumerate(images):
                 i = start + offset
-                writer.write(f"{split}_{i:08d}", _sample_members(attrs, i, pixels))
+                extra = [r[i] for r in rendered if i in r]
+                writer.write(f"{split}_{i:08d}", _sample_members(attrs, i, pixels, extra))
             advance(len(images))
     return writer.shards
 
@@ -411,6 +518,8 @@ def _write_info(info: DemoInfo, shard_size: int) -> None:
         "colors": list(COLORS),
         "sizes": list(SIZES),
         "positions": list(POSITIONS),
+        "modalities": list(info.modalities),
+        "present": info.present,
         "caption_forms": list(FORMS),
         "train_shards": [rel(p) for p in info.train_shards],
         "eval_shards": [rel(p) for p in info.eval_shards],
@@ -429,6 +538,21 @@ def _brace(shards: list[Path]) -> str:
     return str(shards[0].parent / f"{prefix}-{{{first}..{last}}}.tar")
 
 
+def parse_modalities(text: str) -> tuple[str, ...]:
+    """``image,text,audio`` -> ('image', 'text', 'audio'); an empty list is an error."""
+    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
+    if not names:
+        raise argparse.ArgumentTypeError(f"expected comma-separated modality names, got {text!r}")
+    return names
+
+
+def add_modalities_argument(parser: argparse.ArgumentParser) -> None:
+    """The ``--modalities`` option shared by ``python -m mmpt.data.demo`` and ``mmpt data demo``."""
+    parser.add_argument("--modalities", type=parse_modalities, default=DEFAULT_MODALITIES, metavar="M,M",
+                        help="modalities rendering the shared concepts; other than image and text, each "
+                        "through its registered data side, absent from ~10%% of samples (default: image,text)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Command line: ``python -m mmpt.data.demo --out DIR``."""
     parser = argparse.ArgumentParser(
@@ -441,12 +565,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--image-size", type=int, metavar="N", default=64, help="image side in pixels (default: %(default)s)")
     parser.add_argument("--shard-size", type=int, metavar="N", default=2000, help="samples per shard (default: %(default)s)")
     parser.add_argument("--seed", type=int, metavar="N", default=0, help="random seed; same seed, same bytes (default: %(default)s)")
+    add_modalities_argument(parser)
     parser.add_argument("--no-progress", action="store_true", help="hide the progress bar")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     info = generate_demo(args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
                          image_size=args.image_size, shard_size=args.shard_size, seed=args.seed,
-                         progress=not args.no_progress)
+                         progress=not args.no_progress, modalities=args.modalities)
     seconds = time.perf_counter() - start
     total = info.train_samples + info.eval_samples
     print(f"wrote {info.train_samples} train + {info.eval_samples} eval samples "

@@ -7,14 +7,18 @@ import json
 import re
 import tarfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from mmpt.data import demo
 from mmpt.data.demo import COLORS, SHAPES, DemoInfo, generate_demo
+from mmpt.encoders.base import DemoConcepts, ModalityData, stack_present
+from mmpt.registry import ConfigError
 
 SMALL = {"train_samples": 300, "eval_samples": 50, "shard_size": 128}
 
@@ -166,3 +170,107 @@ def test_bench_generation_speed(tmp_path: Path) -> None:
     generate_demo(tmp_path, train_samples=count, eval_samples=0, progress=False)
     rate = count / (time.perf_counter() - start)
     print(f"\ndemo generation: {rate:,.0f} samples/s at 64 px (render + JPEG + tar)")
+
+
+# Extra modalities render the shared concepts through their registered data side (a fake one here:
+# the core and the generator name no modality beyond the picture and the captions they draw).
+
+class ToyDemoData(ModalityData):
+    """Two bytes per sample: the concept's shape and colour index; per-token labels in its json."""
+
+    modality = "toy_demo"
+    extensions = ("toy",)
+
+    def decode(self, data: bytes, ext: str) -> torch.Tensor:
+        return torch.tensor(list(data), dtype=torch.long)
+
+    def collate(self, values: list) -> dict[str, torch.Tensor]:
+        return {"codes": stack_present(values)}
+
+    def render_demo(self, concepts: DemoConcepts, rng: np.random.Generator) -> list[dict[str, bytes]]:
+        noise = rng.integers(0, 100, len(concepts))  # draws from its own RNG, like a real renderer
+        return [{"toy": bytes([int(s), int(c)]), "json": json.dumps({"toy_noise": int(n)}).encode()}
+                for s, c, n in zip(concepts.shape, concepts.color, noise)]
+
+
+class OtherToyData(ToyDemoData):
+    modality = "toy_other"
+    extensions = ("toy2",)
+
+    def render_demo(self, concepts: DemoConcepts, rng: np.random.Generator) -> list[dict[str, bytes]]:
+        return [{"toy2": bytes([int(s)])} for s in rng.permutation(concepts.size)]
+
+
+class NoRendererData(ToyDemoData):
+    modality = "toy_silent"
+    extensions = ("toy3",)
+    render_demo = ModalityData.render_demo
+
+
+@pytest.fixture(scope="module")
+def toy_modalities() -> Iterator[None]:
+    from mmpt.registry import modalities
+
+    added = {cls.modality: cls for cls in (ToyDemoData, OtherToyData, NoRendererData)}
+    for name, cls in added.items():
+        modalities.register(name)(cls)
+    yield
+    for name in added:
+        modalities._items.pop(name)
+
+
+def members_by_key(paths: list[Path]) -> dict[str, dict]:
+    return {s["__key__"]: s for s in read_samples(paths)}
+
+
+def test_extra_modality_renders_each_samples_concepts(tmp_path: Path, toy_modalities: None) -> None:
+    info = generate_demo(tmp_path, **SMALL, modalities=("image", "text", "toy_demo"), progress=False)
+    samples = read_samples(info.train_shards)
+    with_toy = [s for s in samples if "toy" in s]
+    # ~10% of samples lack it (presence masks get exercised); every sample keeps its picture and captions
+    assert 0.8 * len(samples) < len(with_toy) < 0.97 * len(samples)
+    assert all("jpg" in s and "txt" in s for s in samples)
+    for s in with_toy:
+        assert s["toy"] == bytes([SHAPES.index(s["json"]["shape"]), list(COLORS).index(s["json"]["color"])])
+        assert isinstance(s["json"]["toy_noise"], int)  # the renderer's json joins the sample's json
+    assert all("toy_noise" not in s["json"] for s in samples if "toy" not in s)
+    meta = json.loads(info.info_file.read_text())
+    assert meta["modalities"] == ["image", "text", "toy_demo"]
+    assert meta["present"]["train"] == {"toy_demo": len(with_toy)}
+    # read back through the loader: the presence mask says which rows carry the modality
+    from mmpt.data.loader import eval_loader
+
+    present = torch.cat([b.present["toy_demo"] for b in eval_loader(info.train_pattern, {"toy_demo": ToyDemoData()}, 64)])
+    assert present.tolist() == ["toy" in s for s in samples]
+
+
+def test_adding_a_modality_changes_no_other_bytes(tmp_path: Path, toy_modalities: None) -> None:
+    base = members_by_key(generate_demo(tmp_path / "a", **SMALL, progress=False).train_shards)
+    one = members_by_key(generate_demo(tmp_path / "b", **SMALL, modalities=("image", "text", "toy_demo"),
+                                       progress=False).train_shards)
+    two = members_by_key(generate_demo(tmp_path / "c", **SMALL, modalities=("image", "text", "toy_other", "toy_demo"),
+                                       progress=False).train_shards)
+    assert base.keys() == one.keys() == two.keys()
+    for key, sample in base.items():
+        assert (one[key]["jpg"], one[key]["txt"]) == (sample["jpg"], sample["txt"])
+        assert {k: v for k, v in one[key]["json"].items() if k != "toy_noise"} == sample["json"]
+        assert one[key].get("toy") == two[key].get("toy") and one[key]["json"] == two[key]["json"]
+    assert any("toy2" in s for s in two.values())
+
+
+def test_without_image_the_picture_is_left_out(tmp_path: Path, toy_modalities: None) -> None:
+    info = generate_demo(tmp_path, **SMALL, modalities=("text", "toy_demo"), progress=False)
+    samples = read_samples(info.eval_shards)
+    assert samples and not any("jpg" in s for s in samples) and all("txt" in s for s in samples)
+
+
+def test_modality_without_renderer_or_unknown_is_one_clear_error(tmp_path: Path, toy_modalities: None,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(ConfigError, match="modality 'toy_silent' has no demo renderer"):
+        generate_demo(tmp_path, **SMALL, modalities=("image", "text", "toy_silent"), progress=False)
+    assert not (tmp_path / "train").exists()  # refused before writing anything
+    from mmpt.cli import main as cli
+
+    code = cli(["data", "demo", "--out", str(tmp_path), "--modalities", "image,text,toy_demoo"])
+    err = capsys.readouterr().err
+    assert code == 2 and err.count("\n") == 1 and "unknown modality 'toy_demoo'" in err and "toy_demo" in err
