@@ -20,6 +20,8 @@ ENCODER_CASES: dict[str, list[dict]] = {
                   {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2, "stem": "conv"}],
     "image/timm": [{"model_name": "vit_tiny_patch16_224", "image_size": 32, "model_kwargs": {"depth": 2}}],
     "text/transformer": [{"context_length": 16, "width": 32, "depth": 2, "heads": 2}],
+    "audio/ast": [{"sample_rate": 8000, "clip_seconds": 0.5, "n_fft": 256, "hop_length": 80, "n_mels": 16,
+                   "f_max": 4000.0, "patch_size": 8, "width": 32, "depth": 2, "heads": 2}],
     "protein/transformer": [{"context_length": 16, "width": 32, "depth": 2, "heads": 2, "pool": "mean"}],
     "point_cloud/point_transformer": [{"num_points": 64, "groups": 8, "group_size": 8, "width": 32, "depth": 2,
                                        "heads": 2, "pointnet_hidden": 16}],
