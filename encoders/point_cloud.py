@@ -228,16 +228,34 @@ class PointCloudData(ModalityData):
         self.jitter, self.dropout, self.rotate = train_jitter, train_dropout, train_rotate
 
     def decode(self, data: bytes, ext: str) -> np.ndarray:
-        """Bytes -> (N, C) float32 cloud, normalised; never unpickles (object arrays raise)."""
+        """Bytes -> (N, C) float32 cloud, normalised; never unpickles (object arrays raise).
+
+        ``npy``: one (N, C) array in the ``channels`` layout. ``npz``: one such array, or one named
+        ``points`` in the layout, or ``points`` (N, 3) plus ``rgb`` / ``normal`` (N, 3) arrays, from which
+        the layout takes what it needs (the demo writes these, so any layout reads it)."""
         loaded = np.load(io.BytesIO(data), allow_pickle=False)
         if isinstance(loaded, np.lib.npyio.NpzFile):
             with loaded:
-                names = loaded.files
-                name = "points" if "points" in names else (names[0] if len(names) == 1 else None)
-                if name is None:
-                    raise BadPointCloud(f"npz with arrays {names}: expected one array or one named 'points'")
-                loaded = loaded[name]
+                return self.check(self._from_npz({name: loaded[name] for name in loaded.files}))
         return self.check(loaded)
+
+    def _from_npz(self, arrays: dict[str, np.ndarray]) -> np.ndarray:
+        if "points" not in arrays:
+            if len(arrays) != 1:
+                raise BadPointCloud(f"npz with arrays {sorted(arrays)}: expected one array or one named 'points'")
+            return next(iter(arrays.values()))
+        points = arrays["points"]
+        if points.ndim != 2 or points.shape[1] != 3 or self.in_chans == 3:
+            return points
+        extra = [name for name in ("rgb", "normal") if name in self.channels]
+        missing = [name for name in extra if name not in arrays]
+        if missing:
+            raise BadPointCloud(f"npz with arrays {sorted(arrays)}: channels={self.channels!r} needs {missing}")
+        parts = [points] + [arrays[name] for name in extra]
+        if any(a.shape != points.shape or a.dtype.kind not in "fiu" for a in parts):
+            raise BadPointCloud(f"npz arrays {[(n, arrays[n].shape) for n in ['points', *extra]]}: expected "
+                                "numeric (N, 3) each")
+        return np.concatenate(parts, 1)
 
     def check(self, arr: np.ndarray) -> np.ndarray:
         """Validate an (N, C) numeric array and return it normalised as float32."""
@@ -313,8 +331,12 @@ class PointCloudData(ModalityData):
         return {"points": x}
 
     def render_demo(self, concepts: DemoConcepts, rng: Any) -> list[dict[str, bytes]]:
-        """Each concept as a ``num_points`` cloud of its solid (``npy``, float16), coloured and sized."""
-        return [{"npy": _npy(c)} for c in render_solids(concepts, self.num_points, self.channels, rng)]
+        """Each concept as a ``num_points`` cloud of its solid: ``npz`` with float16 ``points`` and ``rgb``
+        (and ``normal`` when the layout has normals), so a data side of any layout reads the same shards."""
+        clouds = render_solids(concepts, self.num_points, "xyzrgbnormal" if "normal" in self.channels else "xyzrgb",
+                               rng)
+        return [{"npz": _npz(points=c[:, :3], rgb=c[:, 3:6], **({"normal": c[:, 6:]} if c.shape[1] > 6 else {}))}
+                for c in clouds]
 
 
 def _rotation_y(angle: float) -> np.ndarray:
@@ -322,9 +344,9 @@ def _rotation_y(angle: float) -> np.ndarray:
     return np.array([[c, 0, s], [0, 1, 0], [-s, 0, c]], np.float32)
 
 
-def _npy(arr: np.ndarray) -> bytes:
+def _npz(**arrays: np.ndarray) -> bytes:
     buf = io.BytesIO()
-    np.save(buf, arr, allow_pickle=False)
+    np.savez(buf, **arrays)
     return buf.getvalue()
 
 
