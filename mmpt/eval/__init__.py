@@ -1,4 +1,4 @@
-"""Eval tasks (zero-shot, retrieval, linear probe) run from a recipe's ``eval:`` list.
+"""Eval tasks (zero-shot, retrieval, linear and per-token probes) of any modality, run from a recipe's ``eval:`` list.
 
 Each entry is ``{name: <registered task>, id: <result name>, ...task keys}``; the keys are the task
 class's fields, so a typo fails with the closest valid key before anything runs. Every rank of a
@@ -18,12 +18,12 @@ from typing import Any
 import torch
 
 from mmpt.encoders.base import ModalityData
-from mmpt.eval.common import Embedded, Task, embed_images, embed_texts
+from mmpt.eval.common import Embedded, Task, embed_data, embed_texts
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError, closest
 from mmpt.registry import tasks as task_registry
 
-__all__ = ["Embedded", "Task", "build_tasks", "embed_images", "embed_texts", "format_table", "refuse_untrusted_sources",
+__all__ = ["Embedded", "Task", "build_tasks", "embed_data", "embed_texts", "format_table", "refuse_untrusted_sources",
            "run_tasks", "select_tasks", "task_id", "write_results"]
 
 

@@ -1,8 +1,8 @@
 """What every eval task shares: the Task base, embedding a dataset or a list of texts, labels and top-k.
 
-Tasks never loop over batches themselves: :func:`embed_images` turns shards (or an ImageFolder-style
-directory) into one embedding matrix plus per-sample metadata, and :func:`embed_texts` does the same
-for strings, so a task is only its scoring.
+Tasks never loop over batches themselves: :func:`embed_data` turns shards (or a class-folder
+directory) of any modality into one embedding matrix plus per-sample metadata, :func:`embed_tokens`
+into per-token features, and :func:`embed_texts` embeds strings, so a task is only its scoring.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from tqdm import tqdm
 from mmpt.data.batch import Batch
 from mmpt.data.loader import Loader, eval_loader
 from mmpt.data.shards import DataError, expand_urls
-from mmpt.encoders.base import ModalityData
+from mmpt.encoders.base import EncoderOutput, ModalityData
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError
 
@@ -32,7 +32,7 @@ class Task:
     """Base of every eval task: the dataclass fields are the recipe keys, validated by the registry.
 
     data: shard pattern (path, glob, brace list, ``pipe:``) or, where a task says so, a directory of
-    class subfolders of images. batch_size: samples per forward. workers: data loading processes.
+    class subfolders of files of the task's modality. batch_size: samples per forward. workers: data loading processes.
     """
 
     data: str
@@ -56,14 +56,14 @@ class Task:
         raise NotImplementedError
 
 
-def is_image_folder(path: str) -> bool:
-    """True for a directory holding no shards (``.tar``): read as ``class_name/image`` files."""
+def is_class_folder(path: str) -> bool:
+    """True for a directory holding no shards (``.tar``): read as ``class_name/<file>`` files."""
     return os.path.isdir(path) and not glob.glob(os.path.join(path, "*.tar"))
 
 
 def check_source(pattern: str, key: str) -> None:
-    """Fail at build time, naming ``key``, when ``pattern`` matches no shards and is no image folder."""
-    if is_image_folder(pattern):
+    """Fail at build time, naming ``key``, when ``pattern`` matches no shards and is no class folder."""
+    if is_class_folder(pattern):
         return
     try:
         expand_urls(pattern)
@@ -97,45 +97,95 @@ class Embedded:
         return len(self.keys)
 
 
-@torch.no_grad()
-def embed_images(model: MultimodalModel, specs: dict[str, ModalityData], pattern: str, batch_size: int,
-                 keep: tuple[str, ...] = ("json", "txt"), device: torch.device | str = "cpu",
-                 progress: bool = True, *, workers: int = 1, modality: str = "image",
-                 desc: str = "embed") -> Embedded:
-    """Embed every sample of ``pattern`` (shards, or an image folder) with the ``modality`` tower."""
+def encoded_batches(model: MultimodalModel, specs: dict[str, ModalityData], pattern: str, batch_size: int,
+                    keep: tuple[str, ...], device: torch.device | str, progress: bool, workers: int, modality: str,
+                    desc: str, skipped: list[int]) -> Iterator[tuple[EncoderOutput, list[int], Batch, tuple[str, ...]]]:
+    """(tower output, rows of present samples, batch, meta extensions) per batch of ``pattern`` (shards or
+    a class folder) through the ``modality`` tower; ``skipped[0]`` counts samples without a row."""
     spec = require_modality(specs, modality, f"embedding '{pattern}'")
-    if is_image_folder(pattern):
+    if is_class_folder(pattern):
         loader: Iterable[Batch] = class_folder_batches(spec, pattern, batch_size, workers, modality)
         extras: tuple[str, ...] = ("label",)
     else:
         loader = eval_loader(pattern, {modality: spec}, batch_size, keep=keep, workers=workers)
         extras = keep
-    chunks: list[Tensor] = []
-    keys: list[str] = []
-    meta: dict[str, list[Any]] = {ext: [] for ext in extras}
-    absent = 0
     for batch in tqdm(loader, disable=not progress, desc=desc, unit="batch", leave=False):
         if not len(batch):
             continue
         fields = {k: v.to(device, non_blocking=True) for k, v in batch.fields[modality].items()}
         # The whole batch goes through the tower (absent rows are zero-filled by collate) so every rank
         # runs the same forwards; absent rows are dropped afterwards.
-        emb = model.encode_fields(modality, fields).embedding
+        out = model.encode_fields(modality, fields)
         rows = batch.present[modality].nonzero().squeeze(1).tolist()
-        absent += len(batch) - len(rows)
-        chunks.append(emb[rows])
-        keys += [batch.keys[i] for i in rows]
-        for ext in extras:
-            values = batch.meta.get(ext, [None] * len(batch))
-            meta[ext] += [values[i] for i in rows]
-    skipped = absent
+        skipped[0] += len(batch) - len(rows)
+        yield out, rows, batch, extras
     if isinstance(loader, Loader):
         # An undecodable input reaches the batch as an absent row (counted above) and in the loader's
         # counts; samples the loader dropped whole (empty members) are only in its counts.
-        skipped += sum(n for reason, n in loader.state.total_skips().items()
-                       if not (reason.startswith("decode_error_") or reason == "decompression_bomb"))
+        skipped[0] += sum(n for reason, n in loader.state.total_skips().items()
+                          if not (reason.startswith("decode_error_") or reason == "decompression_bomb"))
+
+
+def _keep_meta(meta: dict[str, list[Any]], batch: Batch, rows: list[int], extras: tuple[str, ...]) -> None:
+    for ext in extras:
+        values = batch.meta.get(ext, [None] * len(batch))
+        meta.setdefault(ext, []).extend(values[i] for i in rows)
+
+
+@torch.no_grad()
+def embed_data(model: MultimodalModel, specs: dict[str, ModalityData], pattern: str, batch_size: int,
+               keep: tuple[str, ...] = ("json", "txt"), device: torch.device | str = "cpu",
+               progress: bool = True, *, workers: int = 1, modality: str = "image",
+               desc: str = "embed") -> Embedded:
+    """Embed every sample of ``pattern`` (shards, or a class folder) with the ``modality`` tower."""
+    chunks: list[Tensor] = []
+    keys: list[str] = []
+    meta: dict[str, list[Any]] = {}
+    skipped = [0]
+    for out, rows, batch, extras in encoded_batches(model, specs, pattern, batch_size, keep, device, progress,
+                                                    workers, modality, desc, skipped):
+        chunks.append(out.embedding[rows])
+        keys += [batch.keys[i] for i in rows]
+        _keep_meta(meta, batch, rows, extras)
     embeddings = torch.cat(chunks) if chunks else torch.zeros(0, model.embed_dim, device=device)
-    return Embedded(embeddings.float(), keys, meta, skipped=skipped)
+    return Embedded(embeddings.float(), keys, meta, skipped=skipped[0])
+
+
+@dataclass
+class TokenFeatures:
+    """Per-token features of a dataset, in loader order.
+
+    features: one (T_i, D) tensor per sample: the real tokens (mask True) of ``EncoderOutput.tokens``,
+    leading non-content tokens included. keys / meta / skipped: as in :class:`Embedded`.
+    """
+
+    features: list[Tensor]
+    keys: list[str]
+    meta: dict[str, list[Any]] = field(default_factory=dict)
+    skipped: int = 0
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+
+@torch.no_grad()
+def embed_tokens(model: MultimodalModel, specs: dict[str, ModalityData], pattern: str, batch_size: int,
+                 keep: tuple[str, ...] = ("json",), device: torch.device | str = "cpu", progress: bool = True, *,
+                 workers: int = 1, modality: str = "text", desc: str = "tokens") -> TokenFeatures:
+    """Frozen per-token features (``EncoderOutput.tokens`` where its mask is True) of every sample."""
+    features: list[Tensor] = []
+    keys: list[str] = []
+    meta: dict[str, list[Any]] = {}
+    skipped = [0]
+    for out, rows, batch, extras in encoded_batches(model, specs, pattern, batch_size, keep, device, progress,
+                                                    workers, modality, desc, skipped):
+        tokens = out.tokens.float()
+        mask = out.mask if out.mask is not None else torch.ones(tokens.shape[:2], dtype=torch.bool,
+                                                                 device=tokens.device)
+        features += [tokens[i][mask[i]] for i in rows]
+        keys += [batch.keys[i] for i in rows]
+        _keep_meta(meta, batch, rows, extras)
+    return TokenFeatures(features, keys, meta, skipped=skipped[0])
 
 
 @torch.no_grad()
@@ -150,7 +200,7 @@ def embed_texts(model: MultimodalModel, specs: dict[str, ModalityData], texts: l
     return torch.cat(out).float() if out else torch.zeros(0, model.embed_dim, device=device)
 
 
-# ImageFolder-style data (``root/class_name/*.jpg``), the layout of ImageNet's validation set; any
+# Class-folder data (``root/class_name/*.jpg``: ImageNet's validation layout); any
 # modality's files work the same way (its ``extensions`` say which files are samples).
 
 class _ClassFolderFiles(torch.utils.data.Dataset):
@@ -208,8 +258,8 @@ def class_folder_batches(spec: ModalityData, root: str, batch_size: int, workers
 
 # Labels and accuracy, shared by classification tasks.
 
-def sample_labels(emb: Embedded, label_key: str | None) -> list[str | None]:
-    """Each sample's class name: its folder (image folders) or ``json[label_key]`` (shards)."""
+def sample_labels(emb: Embedded | TokenFeatures, label_key: str | None) -> list[str | None]:
+    """Each sample's class name: its folder (class folders) or ``json[label_key]`` (shards)."""
     if "label" in emb.meta:
         return list(emb.meta["label"])
     if not label_key:
@@ -229,7 +279,7 @@ def label_indices(labels: list[str | None], classes: list[str]) -> tuple[Tensor,
     return ids, unknown
 
 
-def no_label_error(emb: Embedded, label_key: str | None, unknown: list[str | None], classes: list[str]) -> ConfigError:
+def no_label_error(emb: Embedded | TokenFeatures, label_key: str | None, unknown: list[str | None], classes: list[str]) -> ConfigError:
     """A ConfigError explaining why no sample could be scored (wrong label_key or class list)."""
     from mmpt.registry import closest
 

@@ -19,8 +19,8 @@ from mmpt.eval.common import (
     Task,
     accuracy_metrics,
     check_source,
-    embed_images,
-    is_image_folder,
+    embed_data,
+    is_class_folder,
     label_indices,
     no_label_error,
     sample_labels,
@@ -67,15 +67,27 @@ def fit_logistic_regression(x: Tensor, y: Tensor, num_classes: int, weight_decay
     return LinearClassifier(mean, std, weight.detach(), bias.detach())
 
 
+def probe_metrics(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tensor, classes: list[str],
+                  weight_decay: float, max_iter: int) -> dict[str, Any]:
+    """Fit a probe on (x_train, y_train), score it on the test rows: accuracy metrics, ``train_top1`` and
+    ``majority`` (always answering the most frequent training class: the bar on skewed labels)."""
+    probe = fit_logistic_regression(x_train, y_train, len(classes), weight_decay, max_iter)
+    metrics = accuracy_metrics(probe(x_test).topk(min(5, len(classes)), dim=1).indices, y_test, classes)
+    metrics["train_top1"] = (probe(x_train).argmax(1) == y_train).double().mean().item()
+    majority = torch.bincount(y_train, minlength=len(classes)).argmax()
+    metrics["majority"] = (y_test == majority).double().mean().item()
+    return metrics
+
+
 @tasks.register("linear_probe")
 @dataclass(kw_only=True)
 class LinearProbe(Task):
     """Top-1 of a logistic-regression probe fitted on ``train_data`` embeddings, tested on ``data``.
 
-    label_key: json field holding the class (shards; image folders use folder names). Classes are the
+    label_key: json field holding the class (shards; class folders use folder names). Classes are the
     labels of the training data; test samples with another label are counted (``n_unknown_label``).
     weight_decay: L2 strength on the standardised features. max_iter: L-BFGS iterations.
-    train_data: shards or image folder the probe is fitted on. modality: the tower whose embeddings
+    train_data: shards or class folder the probe is fitted on. modality: the tower whose embeddings
     are probed.
     """
 
@@ -88,7 +100,7 @@ class LinearProbe(Task):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_source(self.train_data, "train_data")
-        if self.label_key is None and not (is_image_folder(self.data) and is_image_folder(self.train_data)):
+        if self.label_key is None and not (is_class_folder(self.data) and is_class_folder(self.train_data)):
             raise ConfigError("label_key: required for shard data (the json field holding each sample's class)")
         if self.weight_decay < 0 or self.max_iter < 1:
             raise ConfigError(f"weight_decay must be >= 0 and max_iter >= 1, got {self.weight_decay}, {self.max_iter}")
@@ -100,7 +112,7 @@ class LinearProbe(Task):
             progress: bool = True) -> dict[str, Any]:
         """Embed both splits, fit on train, score test."""
         embedded = {
-            split: embed_images(model, specs, pattern, self.batch_size, keep=("json",), device=device,
+            split: embed_data(model, specs, pattern, self.batch_size, keep=("json",), device=device,
                                 progress=progress, workers=self.workers, modality=self.modality,
                                 desc=f"{self.default_id()} {split}")
             for split, pattern in (("train", self.train_data), ("test", self.data))
@@ -124,14 +136,8 @@ class LinearProbe(Task):
             return x[keep], y.to(x.device)[keep]
 
         x_train, y_train = labelled("train", train_y)
-        x_test, y_test = labelled("test", test_y)
-        probe = fit_logistic_regression(x_train, y_train, len(classes), self.weight_decay, self.max_iter)
-        k = min(5, len(classes))
-        metrics = accuracy_metrics(probe(x_test).topk(k, dim=1).indices, y_test, classes)
-        metrics["train_top1"] = (probe(x_train).argmax(1) == y_train).double().mean().item()
-        # Always answering the most frequent training class: the bar a probe must clear on skewed labels.
-        majority = torch.bincount(y_train, minlength=len(classes)).argmax()
-        metrics["majority"] = (y_test == majority).double().mean().item()
+        metrics = probe_metrics(x_train, y_train, *labelled("test", test_y), classes, self.weight_decay,
+                                self.max_iter)
         metrics.update(n_train=len(y_train), n_unknown_label=len(unknown),
                        skipped=embedded["train"].skipped + embedded["test"].skipped)
         return metrics

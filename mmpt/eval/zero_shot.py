@@ -19,9 +19,9 @@ from mmpt.encoders.base import ModalityData
 from mmpt.eval.common import (
     Task,
     accuracy_metrics,
-    embed_images,
+    embed_data,
     embed_texts,
-    is_image_folder,
+    is_class_folder,
     label_indices,
     no_label_error,
     sample_labels,
@@ -135,17 +135,17 @@ class ZeroShot(Task):
         if self._classes is not None and len(set(self._classes)) != len(self._classes):
             dup = next(c for c in self._classes if self._classes.count(c) > 1)
             raise ConfigError(f"classnames: '{dup}' is listed twice")
-        if self.label_key is None and not is_image_folder(self.data):
+        if self.label_key is None and not is_class_folder(self.data):
             raise ConfigError("label_key: required for shard data (the json field holding each sample's class)")
 
     def default_id(self) -> str:
-        folder = is_image_folder(self.data)
+        folder = is_class_folder(self.data)
         return f"zero_shot/{Path(self.data.rstrip('/')).name if folder else self.label_key}"
 
     def run(self, model: MultimodalModel, specs: dict[str, ModalityData], device: torch.device | str,
             progress: bool = True) -> dict[str, Any]:
         """Embed the data, build the prompt classifier, score every labelled sample."""
-        emb = embed_images(model, specs, self.data, self.batch_size, keep=("json",), device=device,
+        emb = embed_data(model, specs, self.data, self.batch_size, keep=("json",), device=device,
                            progress=progress, workers=self.workers, modality=self.modality, desc=self.default_id())
         labels = sample_labels(emb, self.label_key)
         if self._indexed(emb):

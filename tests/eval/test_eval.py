@@ -509,3 +509,168 @@ def test_run_tasks_end_to_end(tiny_model: nn.Module, shards: dict[str, str], tmp
     assert "retrieval" in table and "i2t_r1_over_chance" in table and "chance" in table.splitlines()[0]
     write_results(results, tmp_path / "out" / "eval.json")
     assert json.loads((tmp_path / "out" / "eval.json").read_text()) == json.loads(json.dumps(results))
+
+
+# Any modality: fake "vec" modalities (ragged sequences of 4-d vectors) prove the tasks name none.
+
+VEC_DIM = 4
+
+
+class VecData(ModalityData):
+    """Data side of a fake modality: float32 bytes of a (T, 4) sequence; collate pads and masks."""
+
+    def __init__(self, modality: str = "vec"):
+        self.modality, self.extensions = modality, (modality,)
+
+    def decode(self, data: bytes, ext: str) -> Tensor:
+        return torch.from_numpy(np.frombuffer(data, dtype=np.float32).reshape(-1, VEC_DIM).copy())
+
+    def collate(self, values: list[Any]) -> dict[str, Tensor]:
+        length = max((len(v) for v in values if v is not None), default=1)
+        x = torch.zeros(len(values), length, VEC_DIM)
+        mask = torch.zeros(len(values), length, dtype=torch.bool)
+        for i, v in enumerate(values):
+            if v is not None:
+                x[i, :len(v)], mask[i, :len(v)] = v, True
+        return {"x": x, "mask": mask}
+
+
+class VecModel(nn.Module):
+    """Tokens are the vectors themselves; the embedding is their normalised mean; texts come from a table."""
+
+    def __init__(self, text_table: Tensor | None = None):
+        super().__init__()
+        self.embed_dim, self.text_table = VEC_DIM, text_table
+
+    def encode_fields(self, modality: str, fields: dict[str, Tensor]) -> Any:
+        from mmpt.encoders.base import EncoderOutput
+
+        if "row" in fields:
+            return SimpleNamespace(embedding=self.text_table[fields["row"]])
+        x, mask = fields["x"], fields["mask"]
+        pooled = (x * mask[..., None]).sum(1) / mask.sum(1, keepdim=True).clamp_min(1)
+        return EncoderOutput(tokens=x, mask=mask, pooled=pooled, embedding=F.normalize(pooled, dim=-1))
+
+
+def vec_bytes(rows: np.ndarray) -> bytes:
+    return np.asarray(rows, dtype=np.float32).tobytes()
+
+
+def write_members(path: Path, samples: list[dict[str, Any]]) -> str:
+    """samples: {key, <ext>: bytes | array | dict (json)} -> a tar."""
+    from shardkit import write_tar
+
+    def encode(ext: str, value: Any) -> bytes:
+        return json.dumps(value).encode() if ext == "json" else value if isinstance(value, bytes) else vec_bytes(value)
+
+    return write_tar(path, [(s["key"], {ext: encode(ext, v) for ext, v in s.items() if ext != "key"}) for s in samples])
+
+
+def test_zero_shot_of_a_non_image_modality_against_text_prompts(tmp_path: Path) -> None:
+    protos = torch.eye(VEC_DIM)[:3]
+    classes = ["alpha", "beta", "gamma"]
+    rng = np.random.default_rng(0)
+    samples = []
+    for i in range(24):
+        c = i % 3
+        length = int(rng.integers(1, 6))  # ragged: padding must not count
+        rows = protos[c].numpy() + rng.normal(0, 0.05, (length, VEC_DIM))
+        samples.append({"key": f"s{i:03d}", "json": {"c": classes[c]}} | ({} if i == 5 else {"vec": rows}))
+    pattern = write_members(tmp_path / "zs.tar", samples)
+    prompts = {f"a {c}": i for i, c in enumerate(classes)}
+    specs = {"vec": VecData(), "text": TableText(prompts)}
+    res = run_tasks(VecModel(protos), specs, [{"name": "zero_shot", "data": pattern, "label_key": "c",
+                                                "classnames": classes, "templates": ["a {}"], "modality": "vec",
+                                                "batch_size": 5}], device="cpu", progress=False)["zero_shot/c"]
+    assert res["top1"] == 1.0 and res["n"] == 23 and res["skipped"] == 1  # the sample without a vec member
+
+
+def test_retrieval_between_two_modalities_with_several_positives(tmp_path: Path) -> None:
+    rng = np.random.default_rng(1)
+    groups = [i % 4 for i in range(20)]
+    samples = [{"key": f"s{i:03d}", "vec": rng.normal(size=(int(rng.integers(1, 4)), VEC_DIM)),
+                "other": rng.normal(size=(2, VEC_DIM)), "json": {"group": g}} for i, g in enumerate(groups)]
+    del samples[3]["other"]  # only a query: a candidate less on the other side
+    del samples[6]["json"]["group"]  # no match value: unanswerable, and nobody's positive
+    pattern = write_members(tmp_path / "pair.tar", samples)
+    specs = {"vec": VecData(), "other": VecData("other")}
+    task = {"name": "retrieval", "data": pattern, "modality": "vec", "target": "other", "batch_size": 6,
+            "ks": [1, 3, 5]}
+    res = run_tasks(VecModel(), specs, [task | {"match_key": "group"}, task | {"id": "same"}], device="cpu",
+                    progress=False)
+
+    def emb(ext: str) -> dict[str, list[float]]:
+        out = {}
+        for s in samples:
+            if ext in s:
+                mean = np.asarray(s[ext], dtype=np.float32).mean(0)
+                out[s["key"]] = (mean / np.linalg.norm(mean)).tolist()
+        return out
+
+    q, t = emb("vec"), emb("other")
+    group = {s["key"]: s["json"].get("group") for s in samples}
+
+    def dot(a: list[float], b: list[float]) -> float:
+        return sum(x * y for x, y in zip(a, b))
+
+    for result, same in ((res["retrieval/vec-other"], lambda a, b: group[a] is not None and group[a] == group[b]),
+                         (res["same"], lambda a, b: a == b)):
+        fwd, fwd_chance = naive_recall([[dot(q[a], t[b]) for b in t] for a in q],
+                                       [{j for j, b in enumerate(t) if same(a, b)} for a in q], (1, 3, 5))
+        back, back_chance = naive_recall([[dot(t[b], q[a]) for a in q] for b in t],
+                                         [{j for j, a in enumerate(q) if same(b, a)} for b in t], (1, 3, 5))
+        for k in (1, 3, 5):
+            assert result[f"vec2other_r{k}"] == pytest.approx(fwd[k]) and result[f"other2vec_r{k}"] == pytest.approx(back[k])
+        assert result["vec2other_r1_chance"] == pytest.approx(fwd_chance)
+        assert result["other2vec_r1_chance"] == pytest.approx(back_chance)
+        assert (result["n_vec"], result["n_other"]) == (20, 19)
+    assert res["retrieval/vec-other"]["n_vec_without_positive"] == 1  # sample 6
+    assert res["same"]["n_vec_without_positive"] == 1  # sample 3 has no "other" member
+    with pytest.raises(ConfigError, match="match_key: only used with a target"):
+        build_tasks([{"name": "retrieval", "data": pattern, "match_key": "group"}])
+
+
+def test_linear_probe_on_a_non_image_modality(tmp_path: Path) -> None:
+    rng = np.random.default_rng(2)
+
+    def split(name: str, n: int) -> str:
+        samples = [{"key": f"{name}{i:03d}", "vec": np.eye(VEC_DIM)[i % 2] + rng.normal(0, 0.1, (3, VEC_DIM)),
+                    "json": {"c": ["left", "right"][i % 2]}} for i in range(n)]
+        return write_members(tmp_path / f"{name}.tar", samples)
+
+    res = run_tasks(VecModel(), {"vec": VecData()}, [{"name": "linear_probe", "data": split("test", 12),
+                                                      "train_data": split("train", 20), "label_key": "c",
+                                                      "modality": "vec"}], device="cpu", progress=False)
+    assert res["linear_probe/c"]["top1"] == 1.0 and res["linear_probe/c"]["n_train"] == 20
+
+
+def token_split(tmp_path: Path, name: str, n: int, seed: int) -> str:
+    """Sequences whose token t (after one CLS-like token) is labelled by which axis it points along."""
+    rng = np.random.default_rng(seed)
+    samples = []
+    for i in range(n):
+        length = int(rng.integers(2, 7))
+        labels = rng.integers(0, 3, length)
+        tokens = np.concatenate([rng.normal(0, 1, (1, VEC_DIM)), np.eye(VEC_DIM)[labels] + rng.normal(0, 0.1, (length, VEC_DIM))])
+        names = [["helix", "strand", "coil"][k] for k in labels]
+        if i == 0:
+            names[0] = None  # an unlabelled position: not scored
+        samples.append({"key": f"{name}{i:03d}", "vec": tokens, "json": {"ss": names + ["coil"] * (i == 1)}})
+    return write_members(tmp_path / f"{name}.tar", samples)
+
+
+def test_token_probe_scores_each_labelled_token(tmp_path: Path) -> None:
+    train, test = token_split(tmp_path, "train", 30, 3), token_split(tmp_path, "test", 10, 4)
+    task = {"name": "token_probe", "data": test, "train_data": train, "label_key": "ss", "modality": "vec",
+            "batch_size": 4}
+    res = run_tasks(VecModel(), {"vec": VecData()}, [task | {"token_offset": 1}, task | {"id": "misaligned"}],
+                    device="cpu", progress=False)
+    aligned = res["token_probe/ss"]
+    with tarfile.open(test) as tar:
+        labels = [json.loads(tar.extractfile(m).read())["ss"] for m in tar.getmembers() if m.name.endswith(".json")]
+    scored = sum(v is not None for names in labels for v in names) - 1  # sample 1's extra label has no token
+    assert aligned["top1"] == 1.0 and aligned["n"] == scored and aligned["n_sequences"] == 10
+    assert aligned["n_labels_without_token"] == 2 and aligned["num_classes"] == 3  # one per split
+    assert res["misaligned"]["top1"] < 0.8  # the offset decides which token a label belongs to
+    with pytest.raises(ConfigError, match="token_offset: must be >= 0"):
+        build_tasks([task | {"token_offset": -1}])
