@@ -5,7 +5,7 @@
     mmpt embed MODEL --data SHARDS --modality M --out DIR
     mmpt export RUN_DIR --out FILE
     mmpt data demo|write|inspect ...
-    mmpt demo [--out DIR] [--smoke]
+    mmpt demo [--recipe NAME] [--out DIR] [--smoke]
     mmpt info [--tasks] [--keys]
 
 ``python -m mmpt ...`` is the same command. Errors print one line (``mmpt: error: ...``; exit 2 for a
@@ -125,6 +125,8 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--smoke", action="store_true", help="tiny data and few steps (about a minute)")
     demo.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE")
+    demo.add_argument("--recipe", default="clip-tiny", metavar="NAME",
+                      help="recipe to run on demo data for its modalities (default: %(default)s)")
 
     i = sub.add_parser("info", help="versions and registered encoders, objectives, recipes, eval tasks")
     i.add_argument("--tasks", action="store_true", help="list every eval task's keys with a description")
@@ -249,7 +251,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "demo":
         from mmpt.demo import run_demo
 
-        run_demo(args.out, smoke=args.smoke, overrides=args.overrides)
+        run_demo(args.out, smoke=args.smoke, overrides=args.overrides, recipe=args.recipe)
     elif args.command == "info":
         _info(args)
     return 0

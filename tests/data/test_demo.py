@@ -274,3 +274,27 @@ def test_modality_without_renderer_or_unknown_is_one_clear_error(tmp_path: Path,
     code = cli(["data", "demo", "--out", str(tmp_path), "--modalities", "image,text,toy_demoo"])
     err = capsys.readouterr().err
     assert code == 2 and err.count("\n") == 1 and "unknown modality 'toy_demoo'" in err and "toy_demo" in err
+
+
+def test_demo_data_for_a_recipe_adds_its_modalities_and_reuses_a_set_that_has_them(
+        tmp_path: Path, toy_modalities: None, monkeypatch: pytest.MonkeyPatch) -> None:
+    from mmpt.demo import demo_data
+
+    calls: list[tuple[str, ...]] = []
+    real = demo.generate_demo
+
+    def spy(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(tuple(kwargs["modalities"]))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(demo, "generate_demo", spy)
+    data = tmp_path / "data"
+    demo_data(data, ["image", "text"], {}, 200, 20, 128)
+    first = {p.name: p.read_bytes() for p in (data / "train").iterdir()}
+    demo_data(data, ["toy_demo", "text"], {"toy_demo": {"name": "toy/enc", "unused_width": 8}}, 200, 20, 128)
+    demo_data(data, ["text", "toy_demo"], {}, 200, 20, 128)  # already there: nothing regenerated
+    assert calls == [("image", "text"), ("image", "text", "toy_demo")]
+    samples = read_samples(sorted((data / "train").iterdir()))
+    assert any("toy" in s for s in samples) and all("jpg" in s for s in samples)  # the earlier modalities stay
+    assert json.loads((data / "info.json").read_text())["modalities"] == ["image", "text", "toy_demo"]
+    assert first.keys() == {p.name for p in (data / "train").iterdir()}
