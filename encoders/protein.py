@@ -259,7 +259,7 @@ _FILLER = np.array([ESM_TOKENS.index(c) for c in "LAGVSERTIDKQN"])
 _MOTIF_LETTERS = np.array([ESM_TOKENS.index(c) for c in "WCHMYFP"])
 _MOTIF_LENGTH = 8
 _MOTIFS = np.random.default_rng(8).choice(_MOTIF_LETTERS, (8, _MOTIF_LENGTH))  # one per demo shape
-_LENGTHS = np.array([48, 72, 96])  # small, medium, large
+_LENGTHS = np.array([32, 48, 64])  # small, medium, large: short, so a demo step stays cheap
 _ANCHORS = np.array([0.5, 0.1, 0.9, 0.3, 0.7])  # centre, left, right, top, bottom: where the motif sits
 _ENRICHED = 0.5  # share of filler drawn from the colour's three residues
 _MUTATION = 0.1  # share of motif residues replaced by filler
@@ -280,7 +280,7 @@ def render_sequences(concepts: DemoConcepts, rng: np.random.Generator,
     motif), vectorised over the N concepts; lengths are capped at ``max_residues``."""
     shape, color = np.asarray(concepts.shape), np.asarray(concepts.color)
     n = len(shape)
-    lengths = np.minimum(_LENGTHS[np.asarray(concepts.size)] + rng.integers(-8, 9, n), max_residues)
+    lengths = np.minimum(_LENGTHS[np.asarray(concepts.size)] + rng.integers(-6, 7, n), max_residues)
     width = int(lengths.max()) if n else 0
     cdf = _filler_cdf(int(color.max()) + 1 if n else 1)[color]  # (N, filler)
     residues = _FILLER[(rng.random((n, width, 1)) > cdf[:, None, :]).sum(-1).clip(max=len(_FILLER) - 1)]

@@ -189,7 +189,7 @@ def test_demo_sequences_follow_the_concepts_and_read_back(tmp_path: Path) -> Non
     seqs, labels = render_sequences(c, np.random.default_rng(1))
     motifs = ["".join(s for s, lab_ in zip(seq, lab) if lab_) for seq, lab in zip(seqs, labels)]
     for i, (seq, lab) in enumerate(zip(seqs, labels)):
-        assert len(seq) == len(lab) and 38 <= len(seq) <= 104
+        assert len(seq) == len(lab) and 26 <= len(seq) <= 70
         assert set(lab) == {0, 1 + int(c.shape[i])}  # motif residues carry the shape's label
         assert len(motifs[i]) == 8 and not set(seq) - set("LAGVSERTIDKQNWCHMYFP")
     assert np.mean([ch in "WCHMYFP" for m in motifs for ch in m]) > 0.85  # about 10% of motif residues mutate
