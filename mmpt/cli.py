@@ -307,7 +307,8 @@ def _data(args: argparse.Namespace) -> None:
 
         info = generate_demo(args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
                              image_size=args.image_size, seed=args.seed, modalities=args.modalities)
-        print(f"demo data written to {args.out}: {info}")
+        print(f"demo data written to {args.out}: {info.train_samples} train + {info.eval_samples} eval samples, "
+              f"modalities {', '.join(info.modalities)}; train: {info.train_pattern}, eval: {info.eval_pattern}")
     elif args.data_command == "write":
         from mmpt.data.writer import write_shards
 

@@ -105,3 +105,55 @@ def test_plugin_package_registers_a_modality_and_trains(tmp_path: Path) -> None:
     assert "toy/linear" in listed["encoders"] and "toy" in listed["modalities"]
     steps = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     assert any(r.get("step") == 1 and isinstance(r.get("loss"), float) for r in steps), steps
+
+
+def guide_files() -> dict[str, str]:
+    """The files docs/add_a_modality.md adds: each code block marked ``<!-- file: PATH -->``."""
+    import re
+
+    text = (Path(__file__).parents[1] / "docs" / "add_a_modality.md").read_text(encoding="utf-8")
+    return dict(re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", text, flags=re.S))
+
+
+def test_add_a_modality_guide_runs(tmp_path: Path) -> None:
+    """The guide's modality file, recipe and tests, as written there: demo data, two training steps,
+    zero-shot eval of the new modality against text prompts, and the guide's own tests."""
+    files = guide_files()
+    assert set(files) == {"encoders/time_series.py", "recipes/ts-clip-tiny.yaml", "tests/encoders/test_time_series.py"}
+    site = tmp_path / "site"
+    site.mkdir()
+    # the guide's encoders/ file, registered the way a package would be (the shared tree stays untouched)
+    (site / "guide_time_series.py").write_text(files["encoders/time_series.py"])
+    (site / "guide_ts-0.1.dist-info").mkdir()
+    (site / "guide_ts-0.1.dist-info" / "METADATA").write_text("Metadata-Version: 2.1\nName: guide-ts\nVersion: 0.1\n")
+    (site / "guide_ts-0.1.dist-info" / "entry_points.txt").write_text("[mmpt.encoders]\nts = guide_time_series\n")
+    recipe, tests = tmp_path / "ts-clip-tiny.yaml", tmp_path / "test_time_series.py"
+    recipe.write_text(files["recipes/ts-clip-tiny.yaml"])
+    tests.write_text(files["tests/encoders/test_time_series.py"])
+    run, results = tmp_path / "run", tmp_path / "results.json"
+    script = textwrap.dedent(f"""
+        import sys
+        import pytest
+        from mmpt.cli import main
+        steps = [
+            ["data", "demo", "--out", {str(tmp_path / 'data')!r}, "--train-samples", "256", "--eval-samples", "64",
+             "--modalities", "text,time_series"],
+            ["train", {str(recipe)!r}, "--set", "train.steps=2", "--set", "data.batch_size=32",
+             "--set", "data.shuffle_buffer=0", "--set", "data.workers=0", "--set", "optim.warmup_steps=1",
+             "--set", "train.checkpoint_every=2", "--set", "train.progress=false", "--set", "train.eval_every=0"],
+            ["eval", {str(run)!r}, "--tasks-file", {str(recipe)!r}, "--out", {str(results)!r}],
+        ]
+        for argv in steps:
+            if main(argv):
+                sys.exit(f"failed: mmpt {{' '.join(argv)}}")
+        sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", {str(tests)!r}]))
+    """)
+    env = {**os.environ, "MMPT_DEMO_DATA": str(tmp_path / "data"), "MMPT_RUN_DIR": str(run),
+           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180,
+                         cwd=tmp_path)
+    assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]
+    scores = json.loads(results.read_text())
+    assert {"zero_shot/shape", "zero_shot/color"} <= scores.keys()
+    assert scores["zero_shot/shape"]["n"] > 40 and scores["zero_shot/shape"]["num_classes"] == 8
+    assert "4 passed" in out.stdout
