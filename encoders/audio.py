@@ -124,8 +124,9 @@ class AudioData(ModalityData):
 
     def render_demo(self, concepts: DemoConcepts, rng: Any) -> list[dict[str, bytes]]:
         """FLAC clips (16 kHz, 1 s) whose sound follows the concept: colour -> base pitch (10 notes four
-        semitones apart), shape -> rhythm (1-4 pulses) and timbre (pure or with harmonics), size ->
-        loudness; pitch jitter, onset shift and a noise floor vary per sample. Position is not heard."""
+        semitones apart), shape -> rhythm (1-4 pulses, shorter as they multiply) and timbre (pure or with
+        harmonics), size -> loudness; pitch jitter, onset shift and a noise floor vary per sample.
+        Position is not heard."""
         import soundfile as sf
 
         waves = np.concatenate([_demo_waves(concepts, rng, lo, min(lo + 256, len(concepts)))
@@ -151,9 +152,12 @@ def _demo_waves(c: DemoConcepts, rng: Any, lo: int, hi: int) -> np.ndarray:
     tone = np.einsum("nh,nht->nt", weights, np.sin(harmonics[None, :, None] * phase[:, None, :]))
     tone /= weights.sum(1, keepdims=True)
     pulses = shape % 4 + 1
+    # more pulses, shorter notes: the silent share of the clip then tells the rhythm even to mean pooling
+    # (a tiny AST classifies shape at 0.92 vs 0.73 with one duty cycle for all, same 100 steps)
+    duty = np.array([0.9, 0.65, 0.45, 0.3])[pulses - 1][:, None]
     onset = rng.uniform(0, 0.05, (n, 1))
     frac = ((t - onset) * pulses[:, None] / DEMO_SECONDS) % 1.0  # position inside the current pulse
-    envelope = np.where((t >= onset) & (frac < 0.6), np.sin(np.pi * frac / 0.6) ** 2, 0.0)
+    envelope = np.where((t >= onset) & (frac < duty), np.sin(np.pi * frac / duty) ** 2, 0.0)
     loudness = np.array([0.2, 0.45, 0.9])[np.asarray(size)] * rng.uniform(0.9, 1.1, n)
     noise = rng.normal(0, 0.005, (n, length))
     return (loudness[:, None] * envelope * tone + noise).clip(-1, 1).astype(np.float32)

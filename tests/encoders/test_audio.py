@@ -214,6 +214,8 @@ def test_render_demo_follows_the_concepts(tmp_path: Path) -> None:
     envelope = np.abs(wave).reshape(40, 100, 160).max(2) > 0.05
     pulses = (np.diff(envelope.astype(int), axis=1) == 1).sum(1) + envelope[:, 0]
     assert (pulses == c.shape % 4 + 1).mean() > 0.9  # rhythm follows the shape
+    sounding = [envelope[c.shape % 4 == k].mean() for k in range(4)]  # and so does the silent share
+    assert all(a > b + 0.05 for a, b in zip(sounding, sounding[1:])), sounding
     rich = c.shape >= 4
     near = 2 * peak[:, None] + np.arange(-3, 4)  # the second harmonic, within the 1-Hz bins' rounding
     second = np.take_along_axis(spectrum, near, 1).max(1) / spectrum[np.arange(40), peak]
