@@ -97,15 +97,15 @@ class AudioData(ModalityData):
 
     def coerce(self, value: Any) -> Tensor:
         """A path, file bytes, or an array/tensor already at ``sample_rate`` -> (T,) mono wave."""
-        if isinstance(value, str):
-            with open(value, "rb") as f:
-                value = f.read()
-        if isinstance(value, bytes):
-            return self.decode(value, "audio")
         try:
-            return _checked_wave(value, "encode('audio', ...)")
-        except (TypeError, ValueError) as exc:
-            raise ConfigError(str(exc)) from None
+            if isinstance(value, str):
+                with open(value, "rb") as f:
+                    value = f.read()
+            if isinstance(value, bytes):
+                return self.decode(value, "audio")
+            return _checked_wave(value, "input")
+        except (OSError, TypeError, ValueError, RuntimeError) as exc:  # soundfile's errors are RuntimeErrors
+            raise ConfigError(f"encode('audio', ...): {exc}") from None
 
     def collate(self, values: list[Clip | None]) -> dict[str, Tensor]:
         wave = torch.zeros(len(values), self.clip_samples)

@@ -95,7 +95,8 @@ def test_raw_inputs_are_checked() -> None:
     d = data()
     fields = d.prepare([tone(0.2), torch.from_numpy(np.stack([tone(0.1)] * 2))])
     assert fields["lengths"].tolist() == [1600, 800]
-    for bad, msg in [(np.zeros((2, 2, 10)), "expected"), (np.zeros(0), "zero-length"), (np.full(5, np.inf), "NaN")]:
+    for bad, msg in [(np.zeros((2, 2, 10)), "expected"), (np.zeros(0), "zero-length"), (np.full(5, np.inf), "NaN"),
+                     ("/no/such.wav", "No such file"), (b"RIFF junk", "encode\\('audio'")]:
         with pytest.raises(ConfigError, match=msg):
             d.prepare([bad])
     with pytest.raises(ConfigError, match="expected float"):
