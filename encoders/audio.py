@@ -213,12 +213,11 @@ class AudioSpectrogramTransformer(Encoder):
         self.spec_mean, self.spec_std = float(spec_mean), float(spec_std)
         self.silence = (math.log(LOG_FLOOR) - self.spec_mean) / self.spec_std
         self.augment = (int(freq_mask), int(time_mask), int(n_masks))
-        self.melspec = torchaudio.transforms.MelSpectrogram(
+        # Outside the module tree (no state dict entry, no cast): the window and filterbank follow from the
+        # config, and a module-wide bf16 cast (DeepSpeed's bf16 mode) rounding them moved log-mels by up to 1.6.
+        self.__dict__["melspec"] = torchaudio.transforms.MelSpectrogram(
             sample_rate, n_fft=n_fft, win_length=win_length, hop_length=hop_length, f_min=f_min, f_max=f_max,
             n_mels=n_mels, power=2.0)
-        for m in (self.melspec.spectrogram, self.melspec.mel_scale):  # derived from the config: not weights
-            for name, buf in list(m.named_buffers(recurse=False)):
-                m.register_buffer(name, buf, persistent=False)
         self.grid = (n_mels // self.patch[0], math.ceil((self.clip_samples // hop_length + 1) / self.patch[1]))
         self.patch_embed = nn.Conv2d(1, width, self.patch, self.patch)
         self.cls_token = nn.Parameter(torch.zeros(1, 1, width))
@@ -240,7 +239,7 @@ class AudioSpectrogramTransformer(Encoder):
         wave = F.pad(wave.float() * real, (0, self.n_fft // 2))
         frames = n // self.hop + 1
         with torch.autocast(wave.device.type, enabled=False):
-            mel = self.melspec.float()(wave)[..., :frames]
+            mel = self.melspec.to(wave.device)(wave)[..., :frames]
         spec = (torch.log(mel + LOG_FLOOR) - self.spec_mean) / self.spec_std
         frame_mask = torch.arange(frames, device=wave.device) * self.hop < lengths[:, None]
         return spec.masked_fill(~frame_mask[:, None, :], self.silence), frame_mask

@@ -263,3 +263,14 @@ def test_export_loads_without_the_init_from_file(tmp_path: Path) -> None:
     path = write_export(build_pretrainer(cfg).state_dict(), cfg, tmp_path / "model.safetensors")
     (tmp_path / "vit.safetensors").unlink()  # the export holds every weight: the ViT file is not needed
     load(path)
+
+
+def test_half_precision_cast_leaves_the_spectrogram_exact() -> None:
+    enc = tiny_ast().eval()
+    fields = data().collate([data().transform(torch.from_numpy(tone(0.4)), False)])
+    want, _ = enc.spectrogram(fields["wave"], fields["lengths"])
+    enc.bfloat16()  # what DeepSpeed's bf16 mode does to the whole module
+    got, _ = enc.spectrogram(fields["wave"], fields["lengths"])
+    assert got.dtype == torch.float32
+    torch.testing.assert_close(got, want, atol=0, rtol=0)
+    assert torch.isfinite(enc(fields).pooled).all()
