@@ -176,7 +176,9 @@ class TimmImageEncoder(Encoder):
 
     def no_weight_decay(self) -> set[str]:
         fn = getattr(self.trunk, "no_weight_decay", None)
-        return {f"trunk.{n}" for n in fn()} if fn else set()
+        # timm lists names for its whole family (dist_token, reg_token): keep those this model has
+        own = {n for n, _ in self.trunk.named_parameters()}
+        return {f"trunk.{n}" for n in (fn() if fn else ()) if n in own}
 
 
 @modalities.register("image")

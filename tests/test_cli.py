@@ -62,8 +62,9 @@ def test_python_dash_m_mmpt_is_the_same_command() -> None:
     assert out.returncode == 0 and out.stdout.startswith("mmpt ")
     out = subprocess.run([sys.executable, "-m", "mmpt", "train", "clip-tinny"], capture_output=True, text=True,
                          timeout=120)
-    assert out.returncode == 2 and out.stderr.strip() == (
-        "mmpt: error: unknown recipe 'clip-tinny' (did you mean 'clip-tiny'?); shipped: clip-tiny")
+    assert out.returncode == 2 and out.stderr.startswith(
+        "mmpt: error: unknown recipe 'clip-tinny' (did you mean 'clip-tiny'?); shipped: ")
+    assert len(out.stderr.strip().splitlines()) == 1
 
 
 def test_help_lists_every_key_with_a_description(capsys: pytest.CaptureFixture) -> None:

@@ -77,13 +77,7 @@ def grads_of(tower: nn.Module, fields: dict[str, Tensor], seed: int) -> tuple[Te
     return out.pooled.detach(), {n: p.grad.clone() for n, p in tower.named_parameters() if p.grad is not None}
 
 
-# Known breaches, each failing until its encoder is fixed (strict: a fix makes the mark fail, so it goes).
-KNOWN = {"image/timm": "TimmImageEncoder.no_weight_decay passes on timm's names (trunk.dist_token, "
-                       "trunk.reg_token) that this model has no parameter for"}
-
-
-@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.xfail(reason=KNOWN[n], strict=True)) if n in KNOWN
-                                  else n for n in encoders.names()])
+@pytest.mark.parametrize("name", encoders.names())
 def test_encoder_contract(name: str, demo_shards: str, tmp_path: Path) -> None:
     from mmpt.export import load, write_export
 
