@@ -120,11 +120,14 @@ class PointTransformer(Encoder):
     + MLP positional embedding of the centres -> pre-norm transformer -> CLS or mean pool.
 
     Args:
-        num_points: points per cloud after sampling (data side). groups: G centres. group_size: K
-        neighbours per group. channels: 'xyz', 'xyzrgb', 'xyznormal' or 'xyzrgbnormal'. width, depth,
-        heads, mlp_ratio: transformer. pointnet_hidden: first hidden size of the mini-PointNet.
-        pool: 'cls' or 'mean'. normalize, train_scale, train_jitter, train_dropout, train_rotate: data side
-        (see :class:`PointCloudData`).
+        num_points: points per cloud after sampling (data side). groups: G centres (tokens). group_size: K
+        neighbours per group. channels: 'xyz', 'xyzrgb', 'xyznormal' or 'xyzrgbnormal'. width: token width.
+        depth: transformer blocks. heads: attention heads. mlp_ratio: MLP hidden size over width.
+        pointnet_hidden: first hidden size of the mini-PointNet. pool: 'cls' or 'mean'.
+        normalize: 'sphere', 'center' or 'none' (data side, see :class:`PointCloudData`).
+        train_scale: per-axis training scale range. train_jitter: std of training xyz noise.
+        train_dropout: largest fraction of points dropped in training. train_rotate: rotate about the
+        up axis in training.
     """
 
     modality = "point_cloud"
