@@ -39,12 +39,15 @@ class EmbedSummary:
     shards_skipped: int
     rows: int
     skips: dict[str, int] = field(default_factory=dict)
+    absent: int = 0  # samples of these shards that do not carry the modality (no row, not an error)
+    modality: str = ""
 
     def __str__(self) -> str:
         from mmpt.data.loader import format_skips
 
+        lacking = f"; {self.absent} samples without {self.modality}" if self.absent else ""
         return (f"embedded {self.rows} samples from {self.shards_done} shards ({self.shards_skipped} already done; "
-                f"{format_skips(self.skips)}) -> {self.out}")
+                f"{format_skips(self.skips)}{lacking}) -> {self.out}")
 
 
 def output_paths(out: Path, prefix: str, index: int) -> tuple[Path, Path]:
@@ -179,7 +182,7 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
     loader = eval_loader([u for _, u in todo], {modality: spec}, batch_size, keep=keep, workers=workers,
                          by_shard=True)
     pending: dict[str, dict[str, list[Any]]] = {}
-    rows, finished = 0, 0
+    rows, finished, absent = 0, 0, 0
     from tqdm import tqdm
 
     bar = tqdm(total=len(todo), disable=not (progress and rank == 0), desc=f"embed {modality}", unit="shard")
@@ -198,6 +201,7 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
                 cols[f].extend(_cell(v, f) for v, ok in zip(values, present, strict=True) if ok)
             cols["_vecs"].append(vec[batch.present[modality].to(dev)].cpu().numpy().astype(dtype))
             rows += int(sum(present))
+            absent += len(present) - int(sum(present))
         for url in batch.meta["_loader"]["shards_done"]:
             cols = pending.pop(url, {"key": [], "_vecs": [], **{f: [] for f in fields}})
             vecs = cols.pop("_vecs")
@@ -216,4 +220,4 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
                          np.zeros((0, model.model.embed_dim), dtype=dtype))
             finished += 1
     bar.close()
-    return EmbedSummary(str(out_dir), finished, len(mine) - len(todo), rows, loader.state.counts())
+    return EmbedSummary(str(out_dir), finished, len(mine) - len(todo), rows, loader.state.counts(), absent, modality)

@@ -222,3 +222,16 @@ def test_weights_digest_covers_every_tensor_kind() -> None:
     assert weights_digest(model) == before
     model[1].running_mean[0] += 1
     assert weights_digest(model) != before
+
+
+def test_embed_reports_samples_without_the_modality(trained: tuple[Path, Path], tmp_path: Path) -> None:
+    """Samples lacking the embedded modality get no row; the summary says how many, not 'skipped 0'."""
+    from shardkit import color_sample, write_tar
+
+    samples = [color_sample(f"k{i:03d}", "red") for i in range(10)]
+    for _, members in samples[:3]:
+        del members["jpg"]
+    shard = write_tar(tmp_path / "mixed.tar", samples)
+    summary = embed(str(trained[1]), shard, "image", str(tmp_path / "emb"), batch_size=4, progress=False)
+    assert summary.rows == 7 and summary.absent == 3
+    assert "3 samples without image" in str(summary)
