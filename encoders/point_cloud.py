@@ -154,12 +154,14 @@ class PointTransformer(Encoder):
         self.pos_embed.apply(init_weights)
 
     def group(self, points: Tensor) -> tuple[Tensor, Tensor]:
-        """Centres (B, G, 3) and relative neighbourhoods (B, G, K, C): random FPS start in training,
-        order-independent start in eval."""
+        """Centres (B, G, 3) and relative neighbourhoods (B, G, K, C). Training starts FPS at each cloud's
+        first point, a random one since the data side samples training clouds in random order: the forward
+        draws no random numbers, so a re-forward (gradient checkpointing, GradCache) or a resume sees the
+        same groups. Eval starts at the point farthest from the centroid, whatever the points' order."""
         b, n, c = points.shape
         if c != self.in_chans:
             raise ConfigError(f"point_cloud: points have {c} channels; the encoder expects {self.in_chans}")
-        start = torch.randint(0, n, (b,), device=points.device) if self.training else None
+        start = torch.zeros(b, dtype=torch.long, device=points.device) if self.training else None
         return group_points(points.float(), self.groups, self.group_size, start)
 
     def stem(self, inputs: dict[str, Tensor], with_targets: bool = False) -> StemOutput:
