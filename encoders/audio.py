@@ -179,17 +179,18 @@ class AudioSpectrogramTransformer(Encoder):
     """AST / CLAP-style patch transformer over the log-mel spectrogram, computed on the batch.
 
     Args:
-        sample_rate, clip_seconds: the data side's rate and clip length (set once in the recipe).
-        n_fft, hop_length, win_length, n_mels, f_min, f_max: the mel front end (defaults: LAION-CLAP).
-        spec_mean, spec_std: normalisation of the log-mel power, ``(log(mel + 1e-6) - mean) / std``.
-        patch_size: (mel bins, frames) of a patch, or one int for square patches.
-        width, depth, heads, mlp_ratio: the transformer. pool: 'mean' (over patches with sound) or 'cls'.
-        freq_mask, time_mask, n_masks: SpecAugment in training: ``n_masks`` masks of each kind, widths
-            drawn up to ``freq_mask`` mel bins and ``time_mask`` frames (0 turns a kind off).
-        init_from: a safetensors file of an ``image/vit`` (patch stem) state dict or an mmpt export
-            holding one: trunk copied, patch embedding summed over colour channels, position embedding
-            interpolated to the spectrogram grid (AST's ImageNet initialisation).
-        max_audio_seconds: the data side's limit on a decoded file (unused here).
+        sample_rate: audio rate in Hz (the data side resamples to it). clip_seconds: clip length (data side
+        crops or pads to it). n_fft: STFT size. hop_length: STFT hop in samples. win_length: STFT window
+        (None: n_fft). n_mels: mel bins. f_min: lowest mel frequency in Hz. f_max: highest mel frequency in Hz.
+        spec_mean: subtracted from ``log(mel + 1e-6)``. spec_std: the log-mel is then divided by it.
+        patch_size: (mel bins, frames) of a patch, or one int for square patches. width: token width.
+        depth: transformer blocks. heads: attention heads. mlp_ratio: MLP hidden size over width.
+        pool: 'mean' (over patches with sound) or 'cls'. freq_mask: SpecAugment's widest frequency mask in
+        mel bins (0: none). time_mask: SpecAugment's widest time mask in frames (0: none). n_masks: masks
+        of each kind per clip in training. init_from: a safetensors file of an ``image/vit`` (patch stem)
+        state dict or an mmpt export holding one: trunk copied, patch embedding summed over colour
+        channels, position embedding interpolated to the spectrogram grid (AST's ImageNet
+        initialisation). max_audio_seconds: longest decoded file the data side accepts.
     """
 
     modality = "audio"
