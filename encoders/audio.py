@@ -194,6 +194,9 @@ class AudioSpectrogramTransformer(Encoder):
     """
 
     modality = "audio"
+    tiny_configs = ({"sample_rate": 8000, "clip_seconds": 0.5, "n_fft": 256, "hop_length": 80, "n_mels": 16,
+                     "f_max": 4000.0, "patch_size": 8, "width": 32, "depth": 2, "heads": 2},)
+    weight_sources = {"init_from": ""}
 
     def __init__(self, sample_rate: int = CLAP_RATE, clip_seconds: float = CLAP_SECONDS, n_fft: int = 1024,
                  hop_length: int = 480, win_length: int | None = None, n_mels: int = 64, f_min: float = 50.0,

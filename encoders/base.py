@@ -79,6 +79,13 @@ class Encoder(nn.Module):
 
     modality: ClassVar[str] = ""
     width: int
+    # Keyword sets that build this encoder in milliseconds: the every-encoder contract test and the
+    # ZeRO-3 init test run each, so a new encoder is tested by adding its file alone.
+    tiny_configs: ClassVar[tuple[dict[str, Any], ...]] = ()
+    # Keyword arguments that load weights while constructing (hub weights, a local file) and the value
+    # that turns each off. Loading an export resets them: its tensors already hold the weights, and a
+    # model file must not fetch or read anything else.
+    weight_sources: ClassVar[dict[str, Any]] = {}
 
     def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:  # pragma: no cover - abstract
         raise NotImplementedError

@@ -78,6 +78,8 @@ class VisionTransformer(Encoder):
     """
 
     modality = "image"
+    tiny_configs = ({"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2, "stem": "patch"},
+                    {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2, "stem": "conv"})
 
     def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 768, depth: int = 12,
                  heads: int = 12, mlp_ratio: float = 4.0, stem: str = "patch", pool: str = "cls",
@@ -148,6 +150,8 @@ class TimmImageEncoder(Encoder):
     """
 
     modality = "image"
+    tiny_configs = ({"model_name": "vit_tiny_patch16_224", "image_size": 32, "model_kwargs": {"depth": 2}},)
+    weight_sources = {"pretrained": False, "checkpoint_path": ""}
 
     def __init__(self, model_name: str = "vit_tiny_patch16_224", pretrained: bool = False, image_size: int = 224,
                  checkpoint_path: str = "", mean: list = OPENAI_MEAN, std: list = OPENAI_STD,

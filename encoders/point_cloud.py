@@ -131,6 +131,8 @@ class PointTransformer(Encoder):
     """
 
     modality = "point_cloud"
+    tiny_configs = ({"num_points": 64, "groups": 8, "group_size": 8, "width": 32, "depth": 2, "heads": 2,
+                     "pointnet_hidden": 16},)
 
     def __init__(self, num_points: int = 1024, groups: int = 64, group_size: int = 32, channels: str = "xyz",
                  width: int = 384, depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,

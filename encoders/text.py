@@ -123,6 +123,7 @@ class TextTransformer(Encoder):
     """
 
     modality = "text"
+    tiny_configs = ({"context_length": 16, "width": 32, "depth": 2, "heads": 2},)
 
     def __init__(self, context_length: int = 77, width: int = 512, depth: int = 12, heads: int = 8,
                  mlp_ratio: float = 4.0, causal: bool = True, pool: str = "eot",

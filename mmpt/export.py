@@ -39,8 +39,18 @@ TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_ma
 MAX_TOKENIZER_BYTES = 64 * 2**20
 # The export holds every weight: encoder keys that would fetch weights (hub downloads, pickled files)
 # are reset on load, so a crafted export cannot reach the network or unpickle through them.
-WEIGHT_SOURCE_KEYS = {"pretrained": False, "checkpoint_path": ""}
 REMOTE_PREFIXES = ("pipe:", "hf-hub:", "hf_hub:")  # timm fetches an hf-hub: model's config even unpretrained
+
+
+def _weight_sources(name: Any) -> dict[str, Any]:
+    """The encoder's keys that load weights at construction, with their off values (none if unknown:
+    validation names an unknown encoder a moment later)."""
+    from mmpt.registry import encoders
+
+    try:
+        return dict(getattr(encoders.get(str(name)), "weight_sources", {}))
+    except ConfigError:
+        return {}
 
 
 def _run_dir_of(ckpt: Path) -> Path:
@@ -184,7 +194,7 @@ def export_config(path: str | Path, meta: dict[str, str]) -> Config:
     for name, enc in raw["model"]["encoders"].items():
         if not isinstance(enc, dict):
             continue  # validation below names it
-        enc.update({k: v for k, v in WEIGHT_SOURCE_KEYS.items() if k in enc})
+        enc.update({k: v for k, v in _weight_sources(enc.get("name")).items() if k in enc})
         for key, value in enc.items():
             if isinstance(value, str) and (value.startswith(REMOTE_PREFIXES) or "://" in value):
                 raise ConfigError(f"{path}: model.encoders.{name}.{key}: {value[:60]!r} names a remote source or "

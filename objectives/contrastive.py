@@ -233,6 +233,8 @@ class CLIP(Objective):
     scale. learn_logit_scale: train the scale (else fixed at init).
     """
 
+    tiny_configs = ({"pairs": [["image", "text"]], "init_logit_scale": 20.0},)
+
     def __init__(
         self,
         *,

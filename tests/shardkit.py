@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import os
 import tarfile
 from pathlib import Path
 
@@ -81,3 +82,14 @@ def cut_tar(path: Path, out: Path, size: int) -> str:
 def bad_samples(n: int, prefix: str = "bad") -> list[tuple[str, dict[str, bytes]]]:
     """``n`` samples whose image does not decode (a JPEG header and nothing else)."""
     return [(f"{prefix}{i:04d}", {"jpg": b"\xff\xd8\xff broken", "txt": b"a broken picture"}) for i in range(n)]
+
+
+RENDEZVOUS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "LOCAL_WORLD_SIZE", "MASTER_ADDR", "MASTER_PORT")
+
+
+def fresh_env(**extra: str) -> dict[str, str]:
+    """os.environ for a child process as a new shell would give it: without the rendezvous variables that
+    in-process training in this pytest process set (a child would try to bind the same MASTER_PORT)."""
+    env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
+    env.update(extra)
+    return env

@@ -17,7 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import yaml
-from shardkit import write_tar
+from shardkit import fresh_env, write_tar
 
 PLUGIN = '''
 """A toy third-party modality: 'toy' members hold 8 float32 features; one linear layer encodes them."""
@@ -97,7 +97,7 @@ def test_plugin_package_registers_a_modality_and_trains(tmp_path: Path) -> None:
         main(["info"])
         sys.exit(main(["train", {str(tmp_path / 'toy.yaml')!r}]))
     """)
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = fresh_env(PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=120,
                          cwd=tmp_path)
     assert out.returncode == 0, out.stderr[-3000:]
@@ -148,8 +148,8 @@ def test_add_a_modality_guide_runs(tmp_path: Path) -> None:
                 sys.exit(f"failed: mmpt {{' '.join(argv)}}")
         sys.exit(pytest.main(["-q", "-p", "no:cacheprovider", {str(tests)!r}]))
     """)
-    env = {**os.environ, "MMPT_DEMO_DATA": str(tmp_path / "data"), "MMPT_RUN_DIR": str(run),
-           "PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep)}
+    env = fresh_env(MMPT_DEMO_DATA=str(tmp_path / "data"), MMPT_RUN_DIR=str(run),
+                    PYTHONPATH=os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")]).rstrip(os.pathsep))
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, env=env, timeout=180,
                          cwd=tmp_path)
     assert out.returncode == 0, (out.stdout + out.stderr)[-3000:]

@@ -8,7 +8,6 @@ A ``yaml`` block whose first line is ``# <file>`` is written to that file first.
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import subprocess
@@ -16,7 +15,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from shardkit import COLORS, jpeg
+from shardkit import COLORS, fresh_env, jpeg
 
 README = Path(__file__).resolve().parents[1] / "README.md"
 # Appended to each command of that kind (later --set wins over the README's own values).
@@ -96,10 +95,7 @@ def test_readme_lists_the_two_commands_and_ci_calls_one() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_readme_commands_and_python_run(sandbox: Path) -> None:
-    # a fresh shell: no rendezvous variables left by in-process training in this pytest process
-    rendezvous = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "LOCAL_WORLD_SIZE")
-    env = {k: v for k, v in os.environ.items() if k not in rendezvous}
-    env.update(OMP_NUM_THREADS="1", MMPT_DIST_TIMEOUT="120")
+    env = fresh_env(OMP_NUM_THREADS="1", MMPT_DIST_TIMEOUT="120")
     lines = commands()
     assert len(lines) >= 8, lines
     for line in lines:

@@ -243,8 +243,6 @@ def test_train_steps_on_demo_audio(tmp_path: Path) -> None:
     assert summary.steps == 3 and np.isfinite(summary.final_loss)
 
 
-@pytest.mark.xfail(strict=True, reason="mmpt/export.py WEIGHT_SOURCE_KEYS does not reset 'init_from' yet: "
-                   "loading an export re-reads the ViT file it was initialised from")
 def test_export_loads_without_the_init_from_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 

@@ -6,35 +6,30 @@ from __future__ import annotations
 import copy
 import hashlib
 from pathlib import Path
+from typing import Any
 
 import torch
 from shardkit import tiny_config
 
 from mmpt.config import load_config
 from mmpt.pretrainer import set_seed
+from mmpt.registry import encoders, objectives
 
-# One tiny config (or several, for variants that build different parameters) per registered name.
-# test_zero_init fails naming any registered encoder or objective missing here.
-ENCODER_CASES: dict[str, list[dict]] = {
-    "image/vit": [{"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2, "stem": "patch"},
-                  {"image_size": 32, "patch_size": 8, "width": 32, "depth": 2, "heads": 2, "stem": "conv"}],
-    "image/timm": [{"model_name": "vit_tiny_patch16_224", "image_size": 32, "model_kwargs": {"depth": 2}}],
-    "text/transformer": [{"context_length": 16, "width": 32, "depth": 2, "heads": 2}],
-    "audio/ast": [{"sample_rate": 8000, "clip_seconds": 0.5, "n_fft": 256, "hop_length": 80, "n_mels": 16,
-                   "f_max": 4000.0, "patch_size": 8, "width": 32, "depth": 2, "heads": 2}],
-    "protein/transformer": [{"context_length": 16, "width": 32, "depth": 2, "heads": 2, "pool": "mean"}],
-    "point_cloud/point_transformer": [{"num_points": 64, "groups": 8, "group_size": 8, "width": 32, "depth": 2,
-                                       "heads": 2, "pointnet_hidden": 16}],
-}
-OBJECTIVE_CASES: dict[str, list[dict]] = {
-    "clip": [{"pairs": [["image", "text"]], "init_logit_scale": 20.0}],
-}
+
+def _tiny(registry: Any) -> dict[str, list[dict]]:
+    """Each registered part's own ``tiny_configs`` (a part without any is missing: the tests say so)."""
+    return {name: list(getattr(registry.get(name), "tiny_configs", ())) for name in registry.names()
+            if getattr(registry.get(name), "tiny_configs", ())}
+
+
+# One tiny config (or several, for variants that build different parameters) per registered name, from
+# the part's class; test_zero_init fails naming any registered encoder or objective that declares none.
+ENCODER_CASES: dict[str, list[dict]] = _tiny(encoders)
+OBJECTIVE_CASES: dict[str, list[dict]] = _tiny(objectives)
 
 
 def cases() -> dict[str, dict]:
     """Case id -> raw config: the tiny CLIP config with one part swapped for the case's."""
-    from mmpt.registry import encoders
-
     out = {}
     for name, variants in ENCODER_CASES.items():
         for i, kw in enumerate(variants):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -15,7 +14,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from shardkit import tiny_config
+from shardkit import fresh_env, tiny_config
 
 import mmpt
 from mmpt.cli import main as cli_main
@@ -270,9 +269,7 @@ def test_logs_survive_kill_9_and_the_next_run_takes_over(color_shards: list[str]
         raw["data"]["workers"] = 1
         train(load_config(raw))
     """)
-    dist_vars = {"RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"}  # this process's group
-    env = {k: v for k, v in os.environ.items() if k not in dist_vars}
-    proc = subprocess.Popen([sys.executable, "-c", script], env={**env, "OMP_NUM_THREADS": "1"},
+    proc = subprocess.Popen([sys.executable, "-c", script], env=fresh_env(OMP_NUM_THREADS="1"),
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     _, err = proc.communicate(timeout=120)
     assert proc.returncode == -9, err[-2000:]

@@ -13,8 +13,8 @@ from mmpt.registry import encoders, objectives
 
 def test_every_registered_part_has_a_case() -> None:
     missing = sorted(set(encoders.names()) - set(ENCODER_CASES)) + sorted(set(objectives.names()) - set(OBJECTIVE_CASES))
-    assert not missing, (f"no ZeRO-3 init case for {missing}: add a tiny config to tests/train/_zero_init_cases.py "
-                         "so the same-seed-same-model check covers it")
+    assert not missing, (f"no tiny config for {missing}: give the class `tiny_configs` (small keyword sets) so the "
+                         "same-seed-same-model and contract tests cover it")
 
 
 def assert_same_weights(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
