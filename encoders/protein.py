@@ -131,6 +131,7 @@ class ProteinTransformer(Encoder):
     """
 
     modality = "protein"
+    tiny_configs = ({"context_length": 16, "width": 32, "depth": 2, "heads": 2, "pool": "mean"},)
 
     def __init__(self, context_length: int = 1024, width: int = 320, depth: int = 6, heads: int = 20,
                  mlp_ratio: float = 4.0, pool: str = "cls", rope_base: float = 10000.0):
@@ -253,12 +254,13 @@ def first_fasta_record(text: str) -> str:
 
 
 # Demo families. Filler residues are drawn from common residues with a colour-specific enrichment; the shape
-# is a motif of rarer residues (a fixed table, the same in every split), mutated a little per sample; size
-# sets the length and position where the motif sits along the chain.
-_FILLER = np.array([ESM_TOKENS.index(c) for c in "LAGVSERTIDKQN"])
-_MOTIF_LETTERS = np.array([ESM_TOKENS.index(c) for c in "WCHMYFP"])
-_MOTIF_LENGTH = 8
-_MOTIFS = np.random.default_rng(8).choice(_MOTIF_LETTERS, (8, _MOTIF_LENGTH))  # one per demo shape
+# is a motif over three rare residues of its own (any two shapes share at most one), a fixed table the same in
+# every split, mutated a little per sample; size sets the length and position where the motif sits.
+_FILLER = np.array([ESM_TOKENS.index(c) for c in "LAGVSERTIDKQ"])
+_MOTIF_LETTERS = np.array([ESM_TOKENS.index(c) for c in "WCHMYFPN"])
+_MOTIF_LENGTH = 10
+_MOTIFS = np.stack([np.random.default_rng(k).choice(_MOTIF_LETTERS[[k, (k + 1) % 8, (k + 3) % 8]], _MOTIF_LENGTH)
+                    for k in range(8)])  # one per demo shape
 _LENGTHS = np.array([32, 48, 64])  # small, medium, large: short, so a demo step stays cheap
 _ANCHORS = np.array([0.5, 0.1, 0.9, 0.3, 0.7])  # centre, left, right, top, bottom: where the motif sits
 _ENRICHED = 0.5  # share of filler drawn from the colour's three residues
