@@ -99,6 +99,32 @@ class Encoder(nn.Module):
         return set()
 
 
+class PrefixTokenEncoder(Encoder):
+    """An encoder whose ``stem(inputs) -> StemOutput`` puts one CLS token before its patch/group tokens,
+    followed by ``norm_pre`` -> ``trunk`` (``mmpt.layers.Transformer``) -> ``norm``, pooled by ``pool``
+    ('cls': the first token, 'mean': the mean of the others). Subclasses build those modules and ``stem``."""
+
+    pool: str
+    norm_pre: nn.Module
+    trunk: nn.Module
+    norm: nn.Module
+
+    def stem(self, inputs: dict[str, Tensor], with_targets: bool = False) -> StemOutput:  # pragma: no cover
+        raise NotImplementedError
+
+    def forward_trunk(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
+        """Tokens -> normalised tokens."""
+        return self.norm(self.trunk(self.norm_pre(tokens), mask))
+
+    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:
+        tokens = self.forward_trunk(self.stem(inputs).tokens)
+        pooled = tokens[:, 0] if self.pool == "cls" else tokens[:, 1:].mean(1)
+        return EncoderOutput(tokens=tokens, mask=None, pooled=pooled)
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        self.trunk.grad_checkpointing = enable
+
+
 class Tokenizer(Protocol):
     """Contract of every token modality's tokenizer."""
 

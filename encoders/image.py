@@ -14,8 +14,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData, StemOutput, stack_present
-from mmpt.layers import Transformer, masked_mean
+from mmpt.encoders.base import (
+    Encoder,
+    EncoderOutput,
+    ModalityData,
+    PrefixTokenEncoder,
+    StemOutput,
+    stack_present,
+)
+from mmpt.layers import Transformer
 from mmpt.registry import encoders, modalities
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -66,7 +73,7 @@ class ConvStem(nn.Module):
 
 
 @encoders.register("image/vit")
-class VisionTransformer(Encoder):
+class VisionTransformer(PrefixTokenEncoder):
     """ViT from scratch: patch (or conv) stem -> pre-norm transformer with SDPA -> CLS or mean pool.
 
     Args:
@@ -121,19 +128,6 @@ class VisionTransformer(Encoder):
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], 1) + self.pos_embed
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(b, -1)
         return StemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1)
-
-    def forward_trunk(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Tokens -> normalised tokens."""
-        return self.norm(self.trunk(self.norm_pre(tokens), mask))
-
-    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:
-        s = self.stem(inputs)
-        tokens = self.forward_trunk(s.tokens)
-        pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens[:, 1:], None)
-        return EncoderOutput(tokens=tokens, mask=None, pooled=pooled)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.trunk.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}

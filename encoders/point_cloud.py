@@ -18,8 +18,14 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmpt.encoders.base import DemoConcepts, Encoder, EncoderOutput, ModalityData, StemOutput, stack_present
-from mmpt.layers import Transformer, init_weights, masked_mean
+from mmpt.encoders.base import (
+    DemoConcepts,
+    ModalityData,
+    PrefixTokenEncoder,
+    StemOutput,
+    stack_present,
+)
+from mmpt.layers import Transformer, init_weights
 from mmpt.registry import ConfigError, encoders, modalities
 
 # Channel layouts a cloud may carry after xyz; normals rotate with the cloud, rgb does not.
@@ -115,7 +121,7 @@ class MiniPointNet(nn.Module):
 
 
 @encoders.register("point_cloud/point_transformer")
-class PointTransformer(Encoder):
+class PointTransformer(PrefixTokenEncoder):
     """Point-BERT / Point-MAE / ULIP point encoder: FPS centres + kNN groups -> mini-PointNet group tokens
     + MLP positional embedding of the centres -> pre-norm transformer -> CLS or mean pool.
 
@@ -178,19 +184,6 @@ class PointTransformer(Encoder):
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(b, -1)
         targets = neighbourhoods[..., :3].flatten(2) if with_targets else None
         return StemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1)
-
-    def forward_trunk(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Tokens -> normalised tokens."""
-        return self.norm(self.trunk(self.norm_pre(tokens), mask))
-
-    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:
-        s = self.stem(inputs)
-        tokens = self.forward_trunk(s.tokens)
-        pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens[:, 1:], None)
-        return EncoderOutput(tokens=tokens, mask=None, pooled=pooled)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.trunk.grad_checkpointing = enable
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "cls_pos"}
