@@ -21,7 +21,6 @@ from __future__ import annotations
 import argparse
 import json
 import shutil
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -35,6 +34,7 @@ from common import (  # noqa: E402
     brace,
     demo_data,
     main_python,
+    medians,
     model_from_args,
     report,
     run_logged,
@@ -167,14 +167,8 @@ def main() -> None:
                 print(f"  {r['images_per_s']:.1f} images/s (whole command, {r['wall_s']:.1f} s), "
                       f"{r['after_import_images_per_s']:.1f} images/s after imports", flush=True)
                 runs[tool].append(r)
-        if not a.keep_dirs:  # the logs go with the work dir
-            for rs in runs.values():
-                for r in rs:
-                    r.pop("log", None)
-        results = {}
-        for tool, rs in runs.items():
-            keys = ("images_per_s", "wall_s", "after_import_images_per_s", "after_import_s", "import_s")
-            results[tool] = {**{k: statistics.median(r[k] for r in rs) for k in keys}, "runs": rs}
+        results = medians(runs, ("images_per_s", "wall_s", "after_import_images_per_s", "after_import_s",
+                                 "import_s"), a.keep_dirs)
         settings = {"images": a.images, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,
                     "precision": "fp32", "repeats": a.repeats}
         report("embed_throughput", "images_per_s", "images/s (cmd)", results, a.out, settings, model,

@@ -24,7 +24,6 @@ import json
 import math
 import re
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -38,6 +37,7 @@ from common import (  # noqa: E402
     add_model_args,
     brace,
     demo_data,
+    medians,
     model_from_args,
     report,
     run_logged,
@@ -196,14 +196,7 @@ def main() -> None:
                 print(f"  {r['samples_per_s']:.1f} samples/s steady, {r['wall_s']:.1f} s wall, "
                       f"data wait {100 * r['data_wait_frac']:.1f}%", flush=True)
                 runs[tool].append(r)
-        if not a.keep_dirs:  # the logs go with the work dir
-            for rs in runs.values():
-                for r in rs:
-                    r.pop("log", None)
-        results = {}
-        for tool, rs in runs.items():
-            med = {k: statistics.median(r[k] for r in rs) for k in ("samples_per_s", "wall_s", "data_wait_frac")}
-            results[tool] = {**med, "runs": rs}
+        results = medians(runs, ("samples_per_s", "wall_s", "data_wait_frac"), a.keep_dirs)
         results["openclip"]["params_m"] = round(oc_params / 1e6, 2)
         results["mmpt"]["params_m"] = runs["mmpt"][0].get("params_m")
         settings = {"steps": a.steps, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,

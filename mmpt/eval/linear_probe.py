@@ -79,6 +79,12 @@ def probe_metrics(x_train: Tensor, y_train: Tensor, x_test: Tensor, y_test: Tens
     return metrics
 
 
+def check_fit_args(weight_decay: float, max_iter: int) -> None:
+    """The probe fit's own keys, shared by every probe task."""
+    if weight_decay < 0 or max_iter < 1:
+        raise ConfigError(f"weight_decay must be >= 0 and max_iter >= 1, got {weight_decay}, {max_iter}")
+
+
 @tasks.register("linear_probe")
 @dataclass(kw_only=True)
 class LinearProbe(Task):
@@ -102,8 +108,7 @@ class LinearProbe(Task):
         check_source(self.train_data, "train_data")
         if self.label_key is None and not (is_class_folder(self.data) and is_class_folder(self.train_data)):
             raise ConfigError("label_key: required for shard data (the json field holding each sample's class)")
-        if self.weight_decay < 0 or self.max_iter < 1:
-            raise ConfigError(f"weight_decay must be >= 0 and max_iter >= 1, got {self.weight_decay}, {self.max_iter}")
+        check_fit_args(self.weight_decay, self.max_iter)
 
     def default_id(self) -> str:
         return f"linear_probe/{self.label_key or 'label'}"

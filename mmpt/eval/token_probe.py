@@ -16,7 +16,7 @@ from torch import Tensor
 
 from mmpt.encoders.base import ModalityData
 from mmpt.eval.common import Task, TokenFeatures, check_source, embed_tokens
-from mmpt.eval.linear_probe import probe_metrics
+from mmpt.eval.linear_probe import check_fit_args, probe_metrics
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError, tasks
 
@@ -81,8 +81,7 @@ class TokenProbe(Task):
         check_source(self.train_data, "train_data")
         if self.token_offset < 0:
             raise ConfigError(f"token_offset: must be >= 0, got {self.token_offset}")
-        if self.weight_decay < 0 or self.max_iter < 1:
-            raise ConfigError(f"weight_decay must be >= 0 and max_iter >= 1, got {self.weight_decay}, {self.max_iter}")
+        check_fit_args(self.weight_decay, self.max_iter)
 
     def default_id(self) -> str:
         return f"token_probe/{self.label_key}"

@@ -1,6 +1,6 @@
 """Checkpoints are data: every ``torch.load`` of a run directory unpickles with ``weights_only=True``.
 
-DeepSpeed 0.19 loads its own files with ``weights_only=False`` (engine resume through its checkpoint
+DeepSpeed 0.19 loads its own files with the weights-only guard off (engine resume through its checkpoint
 engine, ``zero_to_fp32`` consolidation), so a crafted ``*_model_states.pt`` would run code. While
 :func:`restricted_unpickling` is active, ``torch.load`` is forced to the weights-only unpickler with
 exactly the DeepSpeed classes its checkpoints legitimately hold allow-listed (checked with
