@@ -51,15 +51,15 @@ class GatherMode:
         return cls(gather.strip().lower().replace("-", "_"), bool(local_loss))  # type: ignore[arg-type]
 
 
-def _world(mode: GatherMode) -> tuple[int, int]:
-    """(rank, world size) the loss exchanges over; (0, 1) when local or not distributed."""
-    if mode.gather == "local" or not (dist.is_available() and dist.is_initialized()):
+def loss_world(local: bool = False) -> tuple[int, int]:
+    """(rank, world size) a loss exchanges over; (0, 1) when ``local`` or not distributed."""
+    if local or not (dist.is_available() and dist.is_initialized()):
         return 0, 1
     return dist.get_rank(), dist.get_world_size()
 
 
-def _gather_features(x: Tensor, mode: GatherMode, rank: int, world: int) -> Tensor:
-    """Concatenate every rank's (B, E) features into (world * B, E) as ``mode`` says."""
+def gather_features(x: Tensor, mode: GatherMode, rank: int, world: int) -> Tensor:
+    """Concatenate every rank's (B, ...) features into (world * B, ...) as ``mode`` says."""
     if mode.gather == "with_grad":
         import torch.distributed.nn.functional as dist_nn
 
@@ -73,8 +73,8 @@ def _gather_features(x: Tensor, mode: GatherMode, rank: int, world: int) -> Tens
     return torch.cat(parts, dim=0)
 
 
-def _gather_mask(valid: Tensor, world: int) -> Tensor:
-    """Concatenate every rank's (B,) bool mask (sent as uint8: not every backend moves bool)."""
+def gather_mask(valid: Tensor, world: int) -> Tensor:
+    """Concatenate every rank's (B, ...) bool mask (sent as uint8: not every backend moves bool)."""
     parts = [torch.empty_like(valid, dtype=torch.uint8) for _ in range(world)]
     dist.all_gather(parts, valid.to(torch.uint8).contiguous())
     return torch.cat(parts).bool()
@@ -99,12 +99,12 @@ def clip_loss(
     Metrics: ``acc`` (top-1 a->b retrieval over this rank's valid rows) and ``acc_ba`` (b->a).
     Logits are computed in fp32 whatever the input dtype. Every rank must pass the same B.
     """
-    rank, world = _world(gather)
+    rank, world = loss_world(gather.gather == "local")
     n_local = a.shape[0]
     if world > 1:
-        a_all = _gather_features(a, gather, rank, world)
-        b_all = _gather_features(b, gather, rank, world)
-        valid_all = _gather_mask(valid, world) if valid is not None else None
+        a_all = gather_features(a, gather, rank, world)
+        b_all = gather_features(b, gather, rank, world)
+        valid_all = gather_mask(valid, world) if valid is not None else None
     else:
         a_all, b_all, valid_all = a, b, valid
 
@@ -124,41 +124,63 @@ def clip_loss(
         logits_ab = logits_ab + logit_bias.float()
         logits_ba = logits_ba + logit_bias.float()
 
-    if valid is None:
+    rows = slice(None) if local_rows else slice(rank * n_local, (rank + 1) * n_local)
+    row_valid = None if valid is None else (valid if local_rows else valid_all)
+    return symmetric_infonce(logits_ab, logits_ba, labels, own_rows=rows, row_valid=row_valid,
+                             col_valid=valid_all, shards=world if local_rows else 1)
+
+
+def symmetric_infonce(
+    logits_ab: Tensor,
+    logits_ba: Tensor,
+    labels: Tensor,
+    *,
+    own_rows: slice,
+    row_valid: Tensor | None = None,
+    col_valid: Tensor | None = None,
+    shards: int = 1,
+) -> tuple[Tensor, dict[str, Tensor]]:
+    """Cross-entropy of (R, N) logits in both directions, row i's positive being column ``labels[i]``;
+    returns (loss, detached metrics ``acc`` and ``acc_ba``: top-1 over ``own_rows``, this rank's rows).
+
+    row_valid (R,) and col_valid (N,) bool (both or neither): False for samples lacking a modality;
+    their rows leave the loss and their columns every softmax. Masked, the loss is the sum over valid
+    rows divided by the count of valid columns / ``shards`` (the ranks splitting the rows between them),
+    so the mean of rank losses is the mean over the global batch's valid rows.
+    """
+    if row_valid is None:
         loss = (F.cross_entropy(logits_ab, labels) + F.cross_entropy(logits_ba, labels)) / 2
         row_weight = None
     else:
-        assert valid_all is not None
-        absent_cols = ~valid_all.to(a.device, torch.bool)[None, :]
+        assert col_valid is not None
+        absent_cols = ~col_valid.to(logits_ab.device, torch.bool)[None, :]
         # A finite fill (not -inf) keeps rows whose columns are all absent free of NaN; its exp
         # underflows to exactly 0 next to any real logit, so valid rows match the unmasked loss.
         fill = torch.finfo(logits_ab.dtype).min
         logits_ab = logits_ab.masked_fill(absent_cols, fill)
         logits_ba = logits_ba.masked_fill(absent_cols, fill)
-        row_valid = (valid if local_rows else valid_all).to(a.device, torch.bool)
+        row_valid = row_valid.to(logits_ab.device, torch.bool)
         row_weight = row_valid.to(logits_ab.dtype)
         # Absent rows are ignored (loss and grad exactly 0) rather than weighted by 0: their target
         # logit is the fill, whose cross-entropy overflows to inf and inf * 0 is NaN.
         row_labels = labels.masked_fill(~row_valid, -100)
         per_row = F.cross_entropy(logits_ab, row_labels, reduction="none", ignore_index=-100)
         per_row = per_row + F.cross_entropy(logits_ba, row_labels, reduction="none", ignore_index=-100)
-        # Normalise by the global count (per rank share with local_loss) so ranks with fewer valid
+        # Normalise by the global count (per rank share with local rows) so ranks with fewer valid
         # rows are not up-weighted; zero valid rows gives 0 * inputs, keeping backward and collectives.
-        count = valid_all.sum().to(logits_ab.dtype).clamp(min=1)
-        denom = count / world if local_rows else count
-        loss = per_row.sum() / (2 * denom)
+        count = col_valid.sum().to(logits_ab.dtype).clamp(min=1)
+        loss = per_row.sum() / (2 * (count / shards))
 
     with torch.no_grad():
-        rows = slice(None) if local_rows else slice(rank * n_local, (rank + 1) * n_local)
-        local_labels = labels[rows]
-        hits_ab = (logits_ab[rows].argmax(dim=1) == local_labels).float()
-        hits_ba = (logits_ba[rows].argmax(dim=1) == local_labels).float()
+        local_labels = labels[own_rows]
+        hits_ab = (logits_ab[own_rows].argmax(dim=1) == local_labels).float()
+        hits_ba = (logits_ba[own_rows].argmax(dim=1) == local_labels).float()
         if row_weight is None:
             metrics = {"acc": hits_ab.mean(), "acc_ba": hits_ba.mean()}
         else:
-            w = row_weight[rows]
-            n = w.sum().clamp(min=1)
-            metrics = {"acc": (hits_ab * w).sum() / n, "acc_ba": (hits_ba * w).sum() / n}
+            w = row_weight[own_rows]
+            metrics = {"acc": (hits_ab * w).sum() / w.sum().clamp(min=1),
+                       "acc_ba": (hits_ba * w).sum() / w.sum().clamp(min=1)}
     return loss, metrics
 
 
@@ -195,20 +217,25 @@ def bounded_log_scale(log_scale: Tensor, bound: float) -> Tensor:
     return _BoundedLogScale.apply(log_scale, bound)
 
 
-def _embedding(outputs: dict[str, EncoderOutput], modality: str) -> Tensor:
-    """The projected embedding of ``modality``, with an error naming what is missing."""
+def encoder_output(outputs: dict[str, EncoderOutput], modality: str, objective: str = "clip") -> EncoderOutput:
+    """The encoder output of ``modality``, with an error naming what is missing."""
     if modality not in outputs:
         raise KeyError(
-            f"clip: no encoder output for modality {modality!r} (have {', '.join(outputs) or 'none'}); "
+            f"{objective}: no encoder output for modality {modality!r} (have {', '.join(outputs) or 'none'}); "
             "every rank must encode every modality of its pairs, even when a batch lacks it"
         )
-    emb = outputs[modality].embedding
+    return outputs[modality]
+
+
+def embedding_of(outputs: dict[str, EncoderOutput], modality: str, objective: str = "clip") -> Tensor:
+    """The projected embedding of ``modality``, with an error naming what is missing."""
+    emb = encoder_output(outputs, modality, objective).embedding
     if emb is None:
-        raise ValueError(f"clip: encoder output of {modality!r} has no projected embedding")
+        raise ValueError(f"{objective}: encoder output of {modality!r} has no projected embedding")
     return emb
 
 
-def _present(batch: Batch, modality: str, like: Tensor) -> Tensor:
+def present(batch: Batch, modality: str, like: Tensor) -> Tensor:
     """(B,) bool presence of ``modality``; all present when the batch carries no mask for it."""
     mask = batch.present.get(modality) if batch is not None else None
     if mask is None:
@@ -259,7 +286,7 @@ class CLIP(Objective):
             )
         self.gather = GatherMode.parse(gather, local_loss)
         self.anchor = anchor
-        self.pairs: list[tuple[str, str]] = [] if pairs is None else _check_pairs(pairs)
+        self.pairs: list[tuple[str, str]] = [] if pairs is None else check_pairs(pairs)
         self.max_logit_scale = float(max_logit_scale)
         # Anchor mode learns its pairs only at forward time, so they share one scale.
         self.scale_names = [f"{a}__{b}" for a, b in self.pairs] or [f"{anchor}__all"]
@@ -286,8 +313,8 @@ class CLIP(Objective):
         scales = bounded_log_scale(self.logit_scale.float(), math.log(self.max_logit_scale)).exp()
         losses, metrics = [], {}
         for i, (a, b) in enumerate(self.pairs_for(outputs)):
-            ea, eb = _embedding(outputs, a), _embedding(outputs, b)
-            valid = _present(batch, a, ea) & _present(batch, b, eb)
+            ea, eb = embedding_of(outputs, a), embedding_of(outputs, b)
+            valid = present(batch, a, ea) & present(batch, b, eb)
             scale = scales[0 if self.anchor is not None else i]
             loss, m = clip_loss(ea, eb, scale, gather=self.gather, valid=valid)
             losses.append(loss)
@@ -301,18 +328,18 @@ class CLIP(Objective):
         return {"logit_scale"}
 
 
-def _check_pairs(pairs: list[list[str]]) -> list[tuple[str, str]]:
+def check_pairs(pairs: list[list[str]], objective: str = "clip") -> list[tuple[str, str]]:
     """Validate ``pairs`` from a recipe: a non-empty list of distinct [modality_a, modality_b]."""
     out: list[tuple[str, str]] = []
     for i, pair in enumerate(pairs):
         if not isinstance(pair, (list, tuple)) or len(pair) != 2 or not all(isinstance(m, str) for m in pair):
-            raise ConfigError(f"clip.pairs[{i}]: expected [modality_a, modality_b], got {pair!r}")
+            raise ConfigError(f"{objective}.pairs[{i}]: expected [modality_a, modality_b], got {pair!r}")
         a, b = pair
         if a == b:
-            raise ConfigError(f"clip.pairs[{i}]: a modality cannot be paired with itself ({a!r})")
+            raise ConfigError(f"{objective}.pairs[{i}]: a modality cannot be paired with itself ({a!r})")
         if (a, b) in out or (b, a) in out:
-            raise ConfigError(f"clip.pairs[{i}]: pair {[a, b]} listed twice")
+            raise ConfigError(f"{objective}.pairs[{i}]: pair {[a, b]} listed twice")
         out.append((a, b))
     if not out:
-        raise ConfigError("clip.pairs: expected at least one [modality_a, modality_b]")
+        raise ConfigError(f"{objective}.pairs: expected at least one [modality_a, modality_b]")
     return out

@@ -1,7 +1,7 @@
 """Rank worker for test_contrastive: every 2-rank clip_loss scenario in one torchrun launch.
 
-Usage: python -m torch.distributed.run --nproc_per_node 2 tests/objectives/_clip_ranks.py OUTDIR
-Writes OUTDIR/rank{r}.pt: {scenario: {name: tensor}}. Inputs are seeded identically on every rank;
+Usage: python -m torch.distributed.run --nproc_per_node 2 tests/objectives/_clip_ranks.py OUTDIR [siglip]
+Writes OUTDIR/rank{r}.pt: {scenario: {name: tensor}} (with ``siglip``: only the siglip scenarios). Inputs are seeded identically on every rank;
 each rank takes its slice of the global batch, so the test can rebuild the global batch itself.
 """
 
@@ -17,6 +17,9 @@ import torch.nn.functional as F
 
 WORLD, LOCAL_BATCH, DIM, SCALE = 2, 4, 8, 10.0
 MODES = [("local", False), ("no_grad", False), ("no_grad", True), ("with_grad", False), ("with_grad", True)]
+# siglip exchange -> OpenCLIP SigLipLoss dist_impl
+SIGLIP_EXCHANGES = {"bidir": "bidir", "ring": "shift"}
+SIGLIP_BIAS = -4.0
 
 
 def global_inputs() -> tuple[torch.Tensor, torch.Tensor]:
@@ -50,7 +53,50 @@ def _leaves(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tenso
     return a.clone().requires_grad_(True), b.clone().requires_grad_(True), scale
 
 
-def main(outdir: Path) -> None:
+def siglip_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
+    """siglip_loss per exchange and mask, OpenCLIP's SigLipLoss where unmasked, and the SigLIP module."""
+    from open_clip.loss import SigLipLoss
+
+    from mmpt.data.batch import Batch
+    from mmpt.encoders.base import EncoderOutput
+    from mmpt.objectives.siglip import SigLIP, siglip_loss
+
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    a_glob, b_glob = global_inputs()
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for exchange, impl in SIGLIP_EXCHANGES.items():
+        for mask_name, mask in global_masks().items():
+            a, b, s = _leaves(a_glob[rows], b_glob[rows])
+            bias = torch.tensor([SIGLIP_BIAS], requires_grad=True)
+            loss, metrics = siglip_loss(a, b, s, bias, exchange=exchange, valid=None if mask is None else mask[rows])
+            loss.backward()
+            res = {"loss": loss.detach(), "grad_a": a.grad, "grad_b": b.grad, "grad_scale": s.grad,
+                   "grad_bias": bias.grad, **metrics}
+            if mask is None:
+                ra, rb, rs = _leaves(a_glob[rows], b_glob[rows])
+                rbias = torch.tensor([SIGLIP_BIAS], requires_grad=True)
+                ref = SigLipLoss(rank=rank, world_size=world, dist_impl=impl)(ra, rb, rs, rbias)
+                ref.backward()
+                res.update(ref_loss=ref.detach(), ref_grad_a=ra.grad, ref_grad_b=rb.grad, ref_grad_scale=rs.grad,
+                           ref_grad_bias=rbias.grad)
+            results[f"siglip/{exchange}/{mask_name}"] = res
+
+    some = global_masks()["some"]
+    assert some is not None
+    objective = SigLIP(pairs=[["image", "text"]])
+    a, b, _ = _leaves(a_glob[rows], b_glob[rows])
+    out = objective(
+        {"image": EncoderOutput(tokens=a[:, None], mask=None, pooled=a, embedding=a),
+         "text": EncoderOutput(tokens=b[:, None], mask=None, pooled=b, embedding=b)},
+        Batch(fields={}, present={"image": some[rows]}, keys=[str(i) for i in range(LOCAL_BATCH)]),
+    )
+    out.loss.backward()
+    results["siglip/module"] = {"loss": out.loss.detach(), "grad_a": a.grad, "grad_b": b.grad,
+                                "grad_scale": objective.logit_scale.grad, "grad_bias": objective.logit_bias.grad}
+    return results
+
+
+def main(outdir: Path, only_siglip: bool = False) -> None:
     from open_clip.loss import ClipLoss
 
     from mmpt.data.batch import Batch
@@ -60,6 +106,11 @@ def main(outdir: Path) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, world
+    if only_siglip:
+        torch.save(siglip_scenarios(rank, world), outdir / f"rank{rank}.pt")
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     a_glob, b_glob = global_inputs()
     a_loc, b_loc = a_glob[rows], b_glob[rows]
@@ -104,4 +155,4 @@ def main(outdir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]))
+    main(Path(sys.argv[1]), only_siglip=sys.argv[2:] == ["siglip"])
