@@ -163,6 +163,14 @@ def _demo_waves(c: DemoConcepts, rng: Any, lo: int, hi: int) -> np.ndarray:
     return (loudness[:, None] * envelope * tone + noise).clip(-1, 1).astype(np.float32)
 
 
+def hf_audio_inputs(extractor: Any, wave: Tensor, lengths: Tensor, sample_rate: int) -> dict[str, Tensor]:
+    """Keyword arguments of a Hugging Face audio model (audio/hf) from a collated batch: the folder's feature
+    extractor (normalisation, or AST's filterbank) run on each clip's real samples, padding left to it."""
+    clips = [w[: int(n)].detach().float().cpu().numpy() for w, n in zip(wave, lengths)]
+    out = extractor(clips, sampling_rate=sample_rate, padding=True, return_tensors="pt")
+    return {k: v.to(wave.device) for k, v in out.items()}
+
+
 @dataclass
 class AudioStemOutput(StemOutput):
     """StemOutput plus the (B, T) token mask (True where a token has sound; the CLS prefix always)."""

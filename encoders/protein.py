@@ -81,6 +81,22 @@ def residue_mask(ids: Tensor, tok: ProteinTokenizer) -> Tensor:
     return (ids != tok.bos_id) & (ids != tok.eos_id) & (ids != tok.pad_id)
 
 
+def check_hf_alphabet(folder: str | None, config: Any, tok: ProteinTokenizer) -> None:
+    """protein/hf: the folder's tokenizer (or, without one, its vocabulary size) must be ESM-2's alphabet in
+    ESM's order, since sequences are tokenized with :class:`ProteinTokenizer`."""
+    from pathlib import Path
+
+    vocab_file = Path(folder or "") / "vocab.txt"
+    if folder and vocab_file.is_file():
+        theirs = tuple(line.strip() for line in vocab_file.read_text().splitlines() if line.strip())
+        if theirs != tok.tokens:
+            raise ConfigError(f"protein/hf folder={folder}: vocab.txt ({len(theirs)} tokens, starting {theirs[:4]}) "
+                              f"is not ESM-2's alphabet in ESM's order ({len(tok.tokens)} tokens)")
+    elif getattr(config, "vocab_size", None) != tok.vocab_size:
+        raise ConfigError(f"protein/hf folder={folder}: no vocab.txt and vocab_size={getattr(config, 'vocab_size', None)}; "
+                          f"expected ESM-2's {tok.vocab_size}-token alphabet")
+
+
 def rope_angles(positions: Tensor, dim: int, base: float = 10000.0) -> tuple[Tensor, Tensor]:
     """cos, sin (T, dim) of rotary embeddings at ``positions`` (T,), in ESM-2's (GPT-NeoX) half-split layout."""
     inv_freq = 1.0 / base ** (torch.arange(0, dim, 2, device=positions.device, dtype=torch.float32) / dim)

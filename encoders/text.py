@@ -166,8 +166,12 @@ class TextData(ModalityData):
     modality = "text"
     extensions = ("txt", "text", "caption")
 
-    def __init__(self, tokenizer: str = "openclip-bpe", context_length: int = 77):
-        self.tokenizer = build_tokenizer(tokenizer, context_length)
+    def __init__(self, tokenizer: str | None = None, context_length: int = 77, folder: str | None = None):
+        if tokenizer is None and folder:  # text/hf: the model folder holds the tokenizer
+            from mmpt.encoders.hf import resolve_folder
+
+            tokenizer = "hf:" + resolve_folder(folder, "text/hf folder")
+        self.tokenizer = build_tokenizer(tokenizer or "openclip-bpe", context_length)
 
     def decode(self, data: bytes, ext: str) -> str:
         text = data.decode("utf-8").strip()
