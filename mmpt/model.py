@@ -42,16 +42,20 @@ class MultimodalModel(nn.Module):
     def modalities(self) -> list[str]:
         return list(self.encoders)
 
-    def encode_fields(self, modality: str, fields: dict[str, Tensor]) -> EncoderOutput:
-        """Run one tower and its head on collated fields."""
+    def encode_fields(self, modality: str, fields: dict[str, Tensor], tokens: bool = False) -> EncoderOutput:
+        """Run one tower and its head on collated fields; ``tokens`` also sets ``token_embedding``: every
+        token through the same head, L2-normalised (B, T, embed_dim), for token-wise objectives (FILIP)."""
         out = self.encoders[modality](fields)
         out.embedding = F.normalize(self.heads[modality](out.pooled).float(), dim=-1)
+        if tokens:
+            out.token_embedding = F.normalize(self.heads[modality](out.tokens).float(), dim=-1)
         return out
 
-    def forward(self, fields: dict[str, dict[str, Tensor]], modalities: list[str] | None = None) -> dict[str, EncoderOutput]:
-        """Encode every requested modality present in ``fields``."""
+    def forward(self, fields: dict[str, dict[str, Tensor]], modalities: list[str] | None = None,
+                tokens: tuple[str, ...] = ()) -> dict[str, EncoderOutput]:
+        """Encode every requested modality present in ``fields``; those in ``tokens`` also per token."""
         wanted = modalities if modalities is not None else list(fields)
-        return {m: self.encode_fields(m, fields[m]) for m in wanted if m in fields and m in self.encoders}
+        return {m: self.encode_fields(m, fields[m], m in tokens) for m in wanted if m in fields and m in self.encoders}
 
     @torch.no_grad()
     def encode(self, modality: str, inputs: dict[str, Tensor] | list[Any] | Tensor, normalize: bool = True) -> Tensor:

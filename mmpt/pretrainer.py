@@ -34,10 +34,11 @@ class Pretrainer(nn.Module):
         for obj in objectives.values():
             needed += [m for m in obj.modalities if m not in needed]
         self.needed = needed or model.modalities
+        self.token_needed = tuple(dict.fromkeys(m for obj in objectives.values() for m in obj.token_modalities))
 
     def embed(self, batch: Batch) -> dict[str, EncoderOutput]:
-        """Encode the modalities the objectives read."""
-        return self.model(batch.fields, self.needed)
+        """Encode the modalities the objectives read (per token too where an objective asks)."""
+        return self.model(batch.fields, self.needed, self.token_needed)
 
     def loss(self, outputs: dict[str, EncoderOutput], batch: Batch) -> dict[str, Any]:
         """Weighted sum of objective losses plus per-objective losses and metrics (all tensors)."""

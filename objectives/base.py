@@ -26,6 +26,8 @@ class Objective(nn.Module):
     """
 
     modalities: tuple[str, ...] = ()
+    # Modalities whose per-token projected embeddings (``EncoderOutput.token_embedding``) it reads.
+    token_modalities: tuple[str, ...] = ()
     # Keyword sets that build this objective in milliseconds, for the ZeRO-3 init test (see Encoder).
     tiny_configs: tuple[dict, ...] = ()
 
