@@ -3,7 +3,8 @@
     mmpt train RECIPE [--set key=value ...] [--resume latest|PATH]
     mmpt eval MODEL [--task ID ...] [--set key=value ...] [--out FILE]
     mmpt embed MODEL --data SHARDS --modality M --out DIR
-    mmpt export RUN_DIR --out FILE
+    mmpt export RUN_DIR --out FILE [--format mmpt|openclip|hf-clip]
+    mmpt import openclip --model NAME --weights FILE --out FILE | mmpt import hf-clip --weights DIR --out FILE
     mmpt data demo|write|inspect ...
     mmpt demo [--recipe NAME] [--out DIR] [--smoke]
     mmpt info [--tasks] [--keys]
@@ -90,8 +91,23 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
 
     x = sub.add_parser("export", help="consolidate a run (any ZeRO stage) into one .safetensors file")
-    x.add_argument("run_dir", help="run directory or checkpoint folder")
-    x.add_argument("--out", required=True, help="output .safetensors path")
+    x.add_argument("run_dir", help="run directory or checkpoint folder (--format openclip|hf-clip: or an export)")
+    x.add_argument("--out", required=True, help="output .safetensors path (hf-clip: a folder)")
+    x.add_argument("--format", default="mmpt", choices=["mmpt", "openclip", "hf-clip"],
+                   help="mmpt (default); openclip: a checkpoint open_clip.create_model(NAME, pretrained=OUT) "
+                        "loads; hf-clip: a folder CLIPModel.from_pretrained loads")
+
+    im = sub.add_parser("import", help="turn OpenCLIP or Hugging Face CLIP weights into an mmpt model file")
+    isub = im.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
+    io = isub.add_parser("openclip", help="an OpenCLIP checkpoint of a named architecture")
+    io.add_argument("--model", required=True, help="OpenCLIP architecture name, e.g. ViT-B-32 (open_clip.list_models())")
+    io.add_argument("--weights", required=True, help="OpenCLIP checkpoint: .safetensors, or .pt/.bin read weights-only")
+    io.add_argument("--model-config", help="JSON file or folder of extra OpenCLIP model configs (add_model_config)")
+    io.add_argument("--tokenizer", help="default openclip-bpe; hf:<folder> for architectures with an HF tokenizer")
+    io.add_argument("--out", required=True, help="output .safetensors path")
+    ih = isub.add_parser("hf-clip", help="a Hugging Face CLIPModel folder (save_pretrained)")
+    ih.add_argument("--weights", required=True, help="the folder (config.json + model.safetensors)")
+    ih.add_argument("--out", required=True, help="output .safetensors path")
 
     d = sub.add_parser("data", help="demo data, shard writing and inspection")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
@@ -243,9 +259,9 @@ def _dispatch(args: argparse.Namespace) -> int:
                     workers=args.workers, normalize=not args.no_normalize, dtype=args.dtype,
                     metadata=args.metadata, allow_nonfinite=args.allow_nonfinite))
     elif args.command == "export":
-        from mmpt.export import export
-
-        print(f"exported {export(args.run_dir, args.out)}")
+        _export(args)
+    elif args.command == "import":
+        _import(args)
     elif args.command == "data":
         _data(args)
     elif args.command == "demo":
@@ -255,6 +271,35 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "info":
         _info(args)
     return 0
+
+
+def _export(args: argparse.Namespace) -> None:
+    if args.format == "openclip":
+        from mmpt.interop.openclip import export_openclip
+
+        out, name = export_openclip(args.run_dir, args.out)
+        print(f"exported {out} (load it with open_clip.create_model({name!r}, pretrained={str(out)!r}))")
+    elif args.format == "hf-clip":
+        from mmpt.interop.hf_clip import export_hf_clip
+
+        print(f"exported {export_hf_clip(args.run_dir, args.out)} (CLIPModel.from_pretrained loads it)")
+    else:
+        from mmpt.export import export
+
+        print(f"exported {export(args.run_dir, args.out)}")
+
+
+def _import(args: argparse.Namespace) -> None:
+    if args.import_format == "openclip":
+        from mmpt.interop.openclip import import_openclip
+
+        out = import_openclip(args.model, args.weights, args.out, model_config=args.model_config,
+                              tokenizer=args.tokenizer)
+    else:
+        from mmpt.interop.hf_clip import import_hf_clip
+
+        out = import_hf_clip(args.weights, args.out)
+    print(f"imported {args.weights} into {out}")
 
 
 def _eval(args: argparse.Namespace) -> None:

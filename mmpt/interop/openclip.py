@@ -1,0 +1,219 @@
+"""OpenCLIP checkpoints in and out of mmpt.
+
+``import_openclip`` turns an OpenCLIP state dict into an mmpt export whose towers are ``image/open_clip`` and
+``text/open_clip`` (OpenCLIP's own modules, so every tensor keeps its name below the tower) and whose CLIP
+objective holds the logit scale; ``export_openclip`` writes the inverse, a file that
+``open_clip.create_model(NAME, pretrained=FILE)`` loads. Names are mapped explicitly, one rule per tower, and
+any key left over on either side stops the conversion with one message listing them: never a partial load.
+Checkpoints are data: safetensors, or ``torch.load`` with ``weights_only=True`` (``mmpt.train.safe_load``).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmpt.registry import ConfigError
+
+IMAGE_TOWER = "model.encoders.image.visual."
+TEXT_TOWER = "model.encoders.text.text."
+SHOWN = 8  # keys named per list in an error message
+
+
+def read_state_dict(path: str | Path) -> dict[str, Tensor]:
+    """An OpenCLIP checkpoint's state dict: safetensors, or a .pt/.bin read weights-only (a training checkpoint's
+    ``state_dict`` entry and DDP's ``module.`` prefix are unwrapped, as OpenCLIP's own loader does)."""
+    from mmpt.train.safe_load import safe_torch_load
+
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: no such file (expected an OpenCLIP checkpoint: .safetensors, .pt or .bin)")
+    if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            state: Any = load_file(str(path))
+        except SafetensorError as exc:
+            raise ConfigError(f"{path}: not a safetensors file ({exc})") from exc
+    else:
+        try:
+            state = safe_torch_load(path, map_location="cpu")
+        except RuntimeError as exc:  # TorchScript archives (OpenAI's JIT files) and damaged files
+            raise ConfigError(f"{path}: not a weights-only torch checkpoint ({str(exc).splitlines()[0][:120]}); "
+                              "convert it to a state dict saved with torch.save or safetensors first") from exc
+    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
+        state = state["state_dict"]
+    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
+        raise ConfigError(f"{path}: expected a state dict of tensors (or a checkpoint with 'state_dict')")
+    if all(k.startswith("module.") for k in state):
+        state = {k.removeprefix("module."): v for k, v in state.items()}
+    return state
+
+
+def is_custom_text(state: dict[str, Tensor] | dict[str, Any]) -> bool:
+    """OpenCLIP's CustomTextCLIP keeps its text tower under ``text.``; CLIP keeps it at the top level."""
+    return any(k.startswith("text.") for k in state)
+
+
+def openclip_names(mmpt_keys: list[str], custom_text: bool) -> tuple[dict[str, str], list[str]]:
+    """``{mmpt key: OpenCLIP key}`` for an imported model's keys, and the mmpt keys with no OpenCLIP name."""
+    text_prefix = "text." if custom_text else ""
+    names, unnamed = {}, []
+    for key in mmpt_keys:
+        if key.startswith(IMAGE_TOWER):
+            names[key] = "visual." + key.removeprefix(IMAGE_TOWER)
+        elif key.startswith(TEXT_TOWER):
+            names[key] = text_prefix + key.removeprefix(TEXT_TOWER)
+        elif key.startswith("objectives.") and key.endswith(".logit_scale"):
+            names[key] = "logit_scale"
+        else:
+            unnamed.append(key)
+    return names, unnamed
+
+
+def _listed(title: str, keys: list[str]) -> str:
+    more = f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else ""
+    return f"{len(keys)} {title} {keys[:SHOWN]}{more}"
+
+
+def _same_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
+    """Equal shapes, or two one-element shapes (a 0-dim scale and a (1,) parameter)."""
+    return a == b or (torch.Size(a).numel() == 1 and torch.Size(b).numel() == 1)
+
+
+def take(source: dict[str, Tensor], names: dict[str, str], shapes: dict[str, tuple[int, ...]], where: str,
+         *, exhaustive: bool = True) -> dict[str, Tensor]:
+    """``{target: source[names[target]]}`` for every target, one-element tensors reshaped (OpenCLIP's
+    0-dim logit scale is (1,) in mmpt). Raises one ConfigError naming the unmatched source keys (when
+    ``exhaustive``), the missing ones and those of another shape."""
+    wanted = set(names.values())
+    unmatched = sorted(set(source) - wanted) if exhaustive else []
+    missing = sorted(n for n in wanted if n not in source)
+    wrong = sorted(f"{names[t]} {list(source[names[t]].shape)} != {list(s)}" for t, s in shapes.items()
+                   if names[t] in source and not _same_shape(tuple(source[names[t]].shape), s))
+    if unmatched or missing or wrong:
+        parts = [_listed(title, keys) for title, keys in (("unmatched", unmatched), ("missing", missing),
+                                                          ("of another shape", wrong)) if keys]
+        raise ConfigError(f"{where}: keys do not match the model: {'; '.join(parts)}")
+    return {t: source[n].reshape(shapes[t]) for t, n in names.items()}
+
+
+def mmpt_recipe(name: str, model_cfg: dict[str, Any], tokenizer: str = "openclip-bpe") -> dict[str, Any]:
+    """The mmpt recipe of an OpenCLIP model: both towers carry its whole config (a self-contained file)."""
+    vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
+    common = {"model_name": name, "model_cfg": model_cfg}
+    return {
+        "name": f"openclip-{name}",
+        "model": {"embed_dim": int(model_cfg["embed_dim"]), "head": "none", "encoders": {
+            "image": {"name": "image/open_clip", **common, "image_size": vision.get("image_size", 224)},
+            "text": {"name": "text/open_clip", **common, "context_length": text.get("context_length", 77),
+                     "tokenizer": tokenizer}}},
+        "objectives": {"clip": {"name": "clip", "pairs": [["image", "text"]]}},
+    }
+
+
+def _tokenizer_for(model_cfg: dict[str, Any], tokenizer: str | None, where: str) -> str:
+    hf_name = model_cfg["text_cfg"].get("hf_tokenizer_name")
+    if tokenizer:
+        return tokenizer
+    if hf_name:
+        raise ConfigError(f"{where}: this architecture tokenizes with Hugging Face's {hf_name!r}; download it once "
+                          "and pass --tokenizer hf:<its local folder>")
+    return "openclip-bpe"
+
+
+def state_to_mmpt(oc_state: dict[str, Tensor], recipe: dict[str, Any], where: str) -> tuple[dict[str, Tensor], Any]:
+    """(mmpt state, config) of an OpenCLIP-layout state dict for ``recipe``: the model is built once to know
+    every name and shape it expects."""
+    from mmpt.config import load_config
+    from mmpt.pretrainer import build_pretrainer
+
+    cfg = load_config(recipe)
+    expected = build_pretrainer(cfg).state_dict()
+    names, unnamed = openclip_names(list(expected), is_custom_text(oc_state))
+    if unnamed:  # the recipe is ours: this is a bug, not a user error
+        raise RuntimeError(f"mmpt keys without an OpenCLIP name: {unnamed[:SHOWN]}")
+    state = take(oc_state, names, {k: tuple(v.shape) for k, v in expected.items()}, where)
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, cfg
+
+
+def import_openclip(model: str, weights: str | Path, out: str | Path, *, model_config: str | None = None,
+                    tokenizer: str | None = None) -> Path:
+    """Write an mmpt export (``out``) from an OpenCLIP checkpoint of architecture ``model``; ``model_config``
+    (a JSON file or folder) is registered with OpenCLIP first, as ``open_clip.add_model_config`` does."""
+    from mmpt.encoders.open_clip import resolve_model_config
+    from mmpt.export import write_export
+
+    if model_config:
+        import open_clip
+
+        if not Path(model_config).exists():
+            raise ConfigError(f"--model-config {model_config}: no such file or folder")
+        open_clip.add_model_config(model_config)
+    model_cfg = resolve_model_config(model, None, "--model")
+    recipe = mmpt_recipe(model, model_cfg, _tokenizer_for(model_cfg, tokenizer, f"--model {model}"))
+    state, cfg = state_to_mmpt(read_state_dict(weights), recipe, str(weights))
+    return write_export(state, cfg, out, source=f"openclip:{model}:{Path(weights).name}")
+
+
+def tower_state(oc_state: dict[str, Tensor], part: str, expected: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """One tower's tensors (``part``: 'visual' or 'text') out of a whole OpenCLIP state dict, named as the
+    tower's own state dict; the other tower's keys are ignored, missing or misshapen ones are refused."""
+    prefix = "visual." if part == "visual" else ("text." if is_custom_text(oc_state) else "")
+    names = {k: prefix + k for k in expected}
+    return take(oc_state, names, {k: tuple(v.shape) for k, v in expected.items()}, where, exhaustive=False)
+
+
+def openclip_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+    """(OpenCLIP state dict, architecture name, OpenCLIP config) of a loaded mmpt model whose towers are
+    ``image/open_clip`` and ``text/open_clip`` of one config, with ``model.head: none``."""
+    from mmpt.encoders.open_clip import OpenCLIPImageEncoder, OpenCLIPTextEncoder
+
+    towers = model.model.encoders
+    image, text = towers["image"] if "image" in towers else None, towers["text"] if "text" in towers else None
+    if not isinstance(image, OpenCLIPImageEncoder) or not isinstance(text, OpenCLIPTextEncoder):
+        got = {m: getattr(t, "registry_name", type(t).__name__) for m, t in towers.items()}
+        raise ConfigError(f"OpenCLIP export needs towers image: image/open_clip and text: text/open_clip, got {got}")
+    if image.model_cfg["vision_cfg"] != text.model_cfg["vision_cfg"] or image.model_cfg["text_cfg"] != \
+            text.model_cfg["text_cfg"] or image.model_cfg["embed_dim"] != text.model_cfg["embed_dim"]:
+        raise ConfigError(f"OpenCLIP export: the image tower ({image.model_name}) and the text tower "
+                          f"({text.model_name}) come from different OpenCLIP configs; one file holds one model")
+    state = model.state_dict()
+    names, unnamed = openclip_names(list(state), bool(image.model_cfg.get("custom_text")))
+    scales = [k for k in names if k.startswith("objectives.")]
+    if unnamed or len(scales) != 1:
+        raise ConfigError(f"OpenCLIP export: {_listed('mmpt keys have no OpenCLIP name', unnamed)} and "
+                          f"{len(scales)} logit scales (expected model.head: none and one CLIP objective)")
+    shape = [1] if image.model_cfg.get("nonscalar_logit_scale") else []
+    out = {oc: state[k].reshape(shape) if oc == "logit_scale" else state[k] for k, oc in names.items()}
+    return out, image.model_name, image.model_cfg
+
+
+def save_state(state: dict[str, Tensor], out: str | Path) -> Path:
+    """A state dict as ``.safetensors`` (preferred) or, for any other suffix, ``torch.save`` (what OpenCLIP reads)."""
+    out = Path(out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
+    tmp = out.with_name(out.name + ".tmp")
+    if out.suffix == ".safetensors":
+        from safetensors.torch import save_file
+
+        save_file(tensors, str(tmp))
+    else:
+        torch.save(tensors, tmp)
+    tmp.replace(out)
+    return out
+
+
+def export_openclip(src: str | Path, out: str | Path) -> tuple[Path, str]:
+    """Write ``out``, an OpenCLIP checkpoint of the mmpt model at ``src`` (export file or run directory), that
+    ``open_clip.create_model(NAME, pretrained=out)`` loads; returns it and NAME, the architecture's name."""
+    from mmpt.export import load
+
+    model, _, _ = load(src)
+    state, name, _ = openclip_state(model)
+    return save_state(state, out), name

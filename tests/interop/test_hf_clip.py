@@ -1,0 +1,94 @@
+"""Hugging Face ``CLIPModel`` folders in and out: features equal HF's within 1e-5 both ways, the round trip is
+bit-exact, the exported folder carries a tokenizer that matches OpenCLIP's ids, and a folder with foreign
+keys fails naming them."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+from interopkit import TEXTS, normalized_images
+
+import mmpt
+from mmpt.cli import main
+from mmpt.registry import ConfigError
+
+ATOL = 1e-5
+
+
+def tiny_hf_clip(seed: int = 0, act: str = "quick_gelu") -> torch.nn.Module:
+    from transformers import CLIPConfig, CLIPModel
+
+    tower = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2, "num_attention_heads": 2,
+             "hidden_act": act}
+    config = CLIPConfig(text_config={**tower, "max_position_embeddings": 16},
+                        vision_config={**tower, "image_size": 32, "patch_size": 8}, projection_dim=16)
+    torch.manual_seed(seed)
+    return CLIPModel(config).eval()
+
+
+def _features(hf: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    with torch.no_grad():
+        return (hf.get_image_features(pixel_values=images).pooler_output,
+                hf.get_text_features(input_ids=ids).pooler_output)
+
+
+@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
+def test_hf_clip_import_parity_and_round_trip(act: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import CLIPModel, CLIPTokenizer
+
+    hf = tiny_hf_clip(act=act)
+    hf.save_pretrained(tmp_path / "hf")
+    export = tmp_path / "mmpt.safetensors"
+    assert main(["import", "hf-clip", "--weights", str(tmp_path / "hf"), "--out", str(export)]) == 0
+    assert "mmpt: warning: " in capsys.readouterr().err  # no tokenizer in the folder: OpenCLIP's BPE, said aloud
+
+    model, _, _ = mmpt.create_model_and_transforms(str(export))
+    images, ids = normalized_images(), mmpt.get_tokenizer(str(export))(TEXTS)
+    want_image, want_text = _features(hf, images, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(model.encode_image(images), want_image, atol=ATOL, rtol=0)
+        torch.testing.assert_close(model.encode_text(ids), want_text, atol=ATOL, rtol=0)
+    assert torch.equal(model.logit_scale.reshape(()), hf.logit_scale)
+
+    # export: a folder CLIPModel.from_pretrained loads, every tensor bit-equal, with a CLIP tokenizer
+    assert main(["export", str(export), "--format", "hf-clip", "--out", str(tmp_path / "back")]) == 0
+    back = CLIPModel.from_pretrained(tmp_path / "back").eval()
+    want = hf.state_dict()
+    assert back.state_dict().keys() == want.keys()
+    assert all(torch.equal(v, want[k]) for k, v in back.state_dict().items())
+    hf_ids = CLIPTokenizer.from_pretrained(tmp_path / "back")(TEXTS, padding="max_length", max_length=16,
+                                                               return_tensors="pt")["input_ids"]
+    eot = ids.argmax(1)  # HF pads with EOT, OpenCLIP with 0: the same ids up to the first EOT
+    assert all(torch.equal(hf_ids[i, : e + 1], ids[i, : e + 1]) for i, e in enumerate(eot.tolist()))
+    torch.testing.assert_close(_features(back, images, hf_ids)[1], want_text, atol=ATOL, rtol=0)
+
+    # and in again, now with the folder's own tokenizer: the mmpt tensors are bit-identical
+    again = tmp_path / "again.safetensors"
+    assert main(["import", "hf-clip", "--weights", str(tmp_path / "back"), "--out", str(again)]) == 0
+    from safetensors.torch import load_file
+
+    first, second = load_file(str(export)), load_file(str(again))
+    assert first.keys() == second.keys() and all(torch.equal(v, second[k]) for k, v in first.items())
+    with torch.no_grad():
+        torch.testing.assert_close(mmpt.create_model_and_transforms(str(again))[0].encode_text(
+            mmpt.get_tokenizer(str(again))(TEXTS)), want_text, atol=ATOL, rtol=0)
+
+
+def test_hf_folder_with_foreign_keys_names_them(tmp_path: Path) -> None:
+    from safetensors.torch import load_file, save_file
+
+    from mmpt.interop.hf_clip import import_hf_clip
+
+    tiny_hf_clip().save_pretrained(tmp_path / "hf")
+    weights = tmp_path / "hf" / "model.safetensors"
+    state = load_file(str(weights))
+    state.pop("text_model.encoder.layers.1.self_attn.q_proj.bias")
+    state["vision_model.head.weight"] = torch.zeros(3)
+    save_file(state, str(weights), metadata={"format": "pt"})
+    with pytest.raises(ConfigError) as err:
+        import_hf_clip(tmp_path / "hf", tmp_path / "out.safetensors")
+    msg = str(err.value)
+    assert "1 unmatched ['vision_model.head.weight']" in msg
+    assert "1 missing ['text_model.encoder.layers.1.self_attn.q_proj.bias']" in msg
