@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", default="mmpt", choices=["mmpt", "openclip", "hf-clip"],
                    help="mmpt (default); openclip: a checkpoint open_clip.create_model(NAME, pretrained=OUT) "
                         "loads; hf-clip: a folder CLIPModel.from_pretrained loads")
+    x.add_argument("--keep-adapters", action="store_true",
+                   help="keep LoRA adapters as separate tensors (default: merged into the base weights)")
 
     im = sub.add_parser("import", help="turn OpenCLIP or Hugging Face CLIP weights into an mmpt model file")
     isub = im.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
@@ -286,7 +288,7 @@ def _export(args: argparse.Namespace) -> None:
     else:
         from mmpt.export import export
 
-        print(f"exported {export(args.run_dir, args.out)}")
+        print(f"exported {export(args.run_dir, args.out, keep_adapters=args.keep_adapters)}")
 
 
 def _import(args: argparse.Namespace) -> None:

@@ -64,6 +64,32 @@ class DataConfig:
 
 
 @dataclass
+class TowerAdapt:
+    """How one tower trains (``model.adapt.<modality>``); see :mod:`mmpt.adapt`.
+
+    mode: 'full' (every weight trains) | 'frozen' (no gradient, eval mode, out of the optimizer) |
+    'last_blocks' (only the last ``blocks`` transformer blocks and what follows them train) | 'lora'
+    (the tower is frozen; low-rank adapters on its attention projections train).
+    blocks: trainable trailing blocks in 'last_blocks' mode.
+    rank / alpha / dropout: LoRA rank, scaling numerator (the update is scaled by alpha / rank) and dropout
+    on the adapter input (not applied on packed ``nn.MultiheadAttention`` projections).
+    targets: LoRA targets, module names or dotted name suffixes (``query``, ``attn.qkv``); empty: every
+    ``nn.MultiheadAttention`` and every linear layer inside a module named ``*attn*``/``*attention*``.
+    packed: which projections of a packed ``nn.MultiheadAttention`` get adapters: letters of 'qkvo'.
+    train_head: whether this modality's projection head trains (false locks the embedding, as LiT does).
+    """
+
+    mode: str = "full"
+    blocks: int = 1
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: list[str] = field(default_factory=list)
+    packed: str = "qkvo"
+    train_head: bool = True
+
+
+@dataclass
 class ModelConfig:
     """The model: one encoder per modality plus projection heads to ``embed_dim``.
 
@@ -71,12 +97,20 @@ class ModelConfig:
     encoders: modality -> {name: registered encoder, ...its keyword arguments} (``mmpt info`` lists them).
     head: 'linear' | 'mlp' | 'none' projection from each encoder's width to embed_dim.
     grad_checkpointing: recompute each tower's trunk in backward (less memory, ~30% more compute).
+    adapt: modality -> how that tower trains: {mode: full|frozen|last_blocks|lora, blocks, rank, alpha,
+    dropout, targets, packed, train_head} (``TowerAdapt``); towers not named train fully.
+    init_from: an mmpt export (.safetensors) whose weights the model starts from; its keys must match the
+    model exactly unless ``init_towers`` names the towers to take (each with its projection head).
+    init_towers: modalities whose tower and head come from ``init_from`` (empty: the whole model).
     """
 
     embed_dim: int = 512
     encoders: dict[str, dict[str, Any]] = field(default_factory=dict)
     head: str = "linear"
     grad_checkpointing: bool = False
+    adapt: dict[str, TowerAdapt] = field(default_factory=dict)
+    init_from: str | None = None
+    init_towers: list[str] = field(default_factory=list)
 
 
 @dataclass
@@ -396,6 +430,9 @@ def validate(cfg: Config) -> None:
     _one_of("train.precision", t.precision, PRECISIONS)
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _one_of("model.head", cfg.model.head, HEADS)
+    from mmpt.adapt import check_adapt
+
+    check_adapt(cfg.model)
     if t.epochs is not None and t.epochs <= 0:
         raise ConfigError(f"train.epochs: must be > 0 (or unset to use train.steps), got {t.epochs}")
     if o.lr <= 0:

@@ -83,9 +83,13 @@ def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, cfg, ckpt
 
 
-def export(path: str | Path, out: str | Path) -> Path:
-    """Write ``out`` (.safetensors) from a run directory or checkpoint folder; returns its path."""
+def export(path: str | Path, out: str | Path, keep_adapters: bool = False) -> Path:
+    """Write ``out`` (.safetensors) from a run directory or checkpoint folder; returns its path. LoRA adapters
+    are merged into their base weights (the file loads as a plain model) unless ``keep_adapters``."""
+    from mmpt.adapt import export_state
+
     state, cfg, ckpt = consolidate(path)
+    state, cfg = export_state(state, cfg, keep_adapters)
     return write_export(state, cfg, out, source=str(ckpt), step=int(ckpt.name.removeprefix("step_") or 0))
 
 
@@ -96,8 +100,10 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out: str | Path, *
 
     # safetensors refuses shared storage (tied weights): store a copy of each; load re-ties by
     # loading into the model, whose tied parameters receive the same values.
+    from mmpt.init_from import without_init
+
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
-    meta = {"format": FORMAT, "config": dump_config(cfg), "source": source, "step": str(step),
+    meta = {"format": FORMAT, "config": dump_config(without_init(cfg)), "source": source, "step": str(step),
             **tokenizer_metadata(cfg)}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
@@ -202,6 +208,8 @@ def export_config(path: str | Path, meta: dict[str, str]) -> Config:
         blob = meta.get(TOKENIZER_META + name)
         if blob is not None:
             enc["tokenizer"] = "hf:" + _tokenizer_folder(blob, f"{path}: model.encoders.{name}.tokenizer")
+    raw["model"].pop("init_from", None)  # the file holds every weight: it reads no other file
+    raw["model"].pop("init_towers", None)
     try:
         return load_config(raw)
     except ConfigError as exc:
@@ -286,8 +294,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", *,
     """
     path = Path(path)
     if path.is_dir():
+        from mmpt.init_from import without_init
+
         state, cfg, _ = consolidate(path)
-        model = build_pretrainer(cfg)
+        model = build_pretrainer(without_init(cfg))
     else:
         from safetensors.torch import load_file
 

@@ -93,20 +93,36 @@ def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = 
             on_part(part)
         return part
 
+    from mmpt.adapt import adapt_heads, adapt_tower
+    from mmpt.init_from import InitFrom
+
+    init = InitFrom.from_config(cfg.model)  # weights go in before adapters rename keys and ZeRO-3 partitions
     towers = {}
     for modality, enc in cfg.model.encoders.items():
         kwargs = {k: v for k, v in enc.items() if k != "name"}
         tower = encoder_registry.build(enc["name"], path=f"model.encoders.{modality}", **kwargs)
         if cfg.model.grad_checkpointing:
             tower.set_grad_checkpointing(True)
+        if init is not None:
+            init.load(f"model.encoders.{modality}.", tower)
+        adapt_tower(tower, cfg.model.adapt.get(modality), f"model.adapt.{modality}")
         towers[modality] = built(tower)
     model = MultimodalModel(towers, cfg.model.embed_dim, cfg.model.head, build_data_specs(cfg))
+    for modality, head in model.heads.items():
+        if init is not None:
+            init.load(f"model.heads.{modality}.", head)
+    adapt_heads(model, cfg.model.adapt)
     objs, weights = {}, {}
     for name, obj in cfg.objectives.items():
         kwargs = {k: v for k, v in obj.items() if k not in ("name", "weight")}
-        objs[name] = built(objective_registry.build(obj.get("name", name), path=f"objectives.{name}", **kwargs))
+        objs[name] = objective_registry.build(obj.get("name", name), path=f"objectives.{name}", **kwargs)
+        if init is not None:
+            init.load(f"objectives.{name}.", objs[name])
+        objs[name] = built(objs[name])
         weights[name] = obj.get("weight", 1.0)
-    return Pretrainer(model, objs, weights)
+    pretrainer = Pretrainer(model, objs, weights)
+    pretrainer.init_report = init.finish() if init is not None else None
+    return pretrainer
 
 
 def count_parameters(module: nn.Module) -> int:
