@@ -10,6 +10,8 @@ an explicit padding mask), so these towers train in any recipe.
 from __future__ import annotations
 
 import copy
+import json
+import re
 from typing import Any
 
 from torch import Tensor, nn
@@ -23,7 +25,6 @@ from mmpt.registry import ConfigError, closest, encoders
 # a typo) is refused rather than silently dropped.
 MODEL_CFG_KEYS = {"embed_dim", "vision_cfg", "text_cfg", "quick_gelu", "init_logit_scale", "init_logit_bias",
                   "nonscalar_logit_scale", "custom_text", "preprocess_cfg", "output_dict"}
-_REMOTE = ("hf-hub:", "hf_hub:", "pipe:")
 
 # Two tiny architectures for the contract and ZeRO-3 tests (and the interop tests): OpenCLIP builds them
 # from these configs exactly as it builds its registered names.
@@ -34,27 +35,22 @@ TINY_RESNET = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1
                "text_cfg": TINY_VIT["text_cfg"]}
 
 
-def _check_local(value: Any, where: str) -> None:
+def _check_local(cfg: dict[str, Any], where: str) -> None:
     """Refuse any string in a model config that names a remote source (timm fetches hf-hub: configs even
     unpretrained): a config may come from a model file, which must not reach the network."""
-    if isinstance(value, dict):
-        for k, v in value.items():
-            _check_local(v, f"{where}.{k}")
-    elif isinstance(value, (list, tuple)):
-        for i, v in enumerate(value):
-            _check_local(v, f"{where}[{i}]")
-    elif isinstance(value, str) and (value.startswith(_REMOTE) or "://" in value):
-        raise ConfigError(f"{where}: {value[:60]!r} names a remote source; OpenCLIP towers build from local "
-                          "configs only")
+    from mmpt.export import REMOTE_PREFIXES
+
+    for value in re.findall(r'"((?:[^"\\]|\\.)*)"', json.dumps(cfg)):
+        if value.startswith(REMOTE_PREFIXES) or "://" in value:
+            raise ConfigError(f"{where}: {value[:60]!r} names a remote source; OpenCLIP towers build from local "
+                              "configs only")
 
 
 def resolve_model_config(model_name: str, model_cfg: dict | None, where: str) -> dict[str, Any]:
     """The OpenCLIP model config (``embed_dim``, ``vision_cfg``, ``text_cfg``, ...): ``model_cfg`` when given,
     else OpenCLIP's registered config of ``model_name``; checked, pretrained downloads switched off."""
     if model_cfg is None:
-        if str(model_name).startswith(_REMOTE) or "://" in str(model_name):
-            raise ConfigError(f"{where}.model_name: {model_name!r} names a remote config; give a registered "
-                              "OpenCLIP name or model_cfg")
+        _check_local({"model_name": model_name}, where)
         import open_clip
 
         model_cfg = open_clip.get_model_config(model_name)
@@ -135,7 +131,9 @@ class OpenCLIPImageEncoder(Encoder):
         self.model_name, self.model_cfg = model_name, cfg  # what export --format openclip writes back
         self.width = int(cfg["embed_dim"])
         pre = cfg.get("preprocess_cfg") or {}
-        self.norm_in = PixelNorm(tuple(mean or pre.get("mean", OPENAI_MEAN)), tuple(std or pre.get("std", OPENAI_STD)))
+        self.mean = tuple(mean or pre.get("mean", OPENAI_MEAN))
+        self.std = tuple(std or pre.get("std", OPENAI_STD))
+        self.norm_in = PixelNorm(self.mean, self.std)
         if pretrained:
             _load_pretrained(self.visual, pretrained, "visual", where)
 

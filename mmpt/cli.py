@@ -92,7 +92,8 @@ def _parser() -> argparse.ArgumentParser:
 
     x = sub.add_parser("export", help="consolidate a run (any ZeRO stage) into one .safetensors file")
     x.add_argument("run_dir", help="run directory or checkpoint folder (--format openclip|hf-clip: or an export)")
-    x.add_argument("--out", required=True, help="output .safetensors path (hf-clip: a folder)")
+    x.add_argument("--out", required=True, help="output .safetensors path (hf-clip: a folder; openclip: a file, or a "
+                                                "folder in OpenCLIP's local-dir: format)")
     x.add_argument("--format", default="mmpt", choices=["mmpt", "openclip", "hf-clip"],
                    help="mmpt (default); openclip: a checkpoint open_clip.create_model(NAME, pretrained=OUT) "
                         "loads; hf-clip: a folder CLIPModel.from_pretrained loads")
@@ -279,8 +280,8 @@ def _export(args: argparse.Namespace) -> None:
     if args.format == "openclip":
         from mmpt.interop.openclip import export_openclip
 
-        out, name = export_openclip(args.run_dir, args.out)
-        print(f"exported {out} (load it with open_clip.create_model({name!r}, pretrained={str(out)!r}))")
+        out, how = export_openclip(args.run_dir, args.out)
+        print(f"exported {out} (load it with {how})")
     elif args.format == "hf-clip":
         from mmpt.interop.hf_clip import export_hf_clip
 

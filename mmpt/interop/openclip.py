@@ -10,6 +10,8 @@ Checkpoints are data: safetensors, or ``torch.load`` with ``weights_only=True`` 
 
 from __future__ import annotations
 
+import json
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -210,10 +212,28 @@ def save_state(state: dict[str, Tensor], out: str | Path) -> Path:
 
 
 def export_openclip(src: str | Path, out: str | Path) -> tuple[Path, str]:
-    """Write ``out``, an OpenCLIP checkpoint of the mmpt model at ``src`` (export file or run directory), that
-    ``open_clip.create_model(NAME, pretrained=out)`` loads; returns it and NAME, the architecture's name."""
+    """Write the mmpt model at ``src`` (export file or run directory) for OpenCLIP; returns the path and the call
+    that loads it. A file (``.safetensors``, ``.pt``, ``.bin``) loads with ``open_clip.create_model(NAME,
+    pretrained=out)``, NAME the architecture it was built from; a path without suffix becomes OpenCLIP's
+    self-contained folder (``open_clip_config.json`` with the model and preprocess configs, and
+    ``open_clip_model.safetensors``) that ``open_clip.create_model('local-dir:<out>')`` loads."""
+    import open_clip
+
     from mmpt.export import load
 
     model, _, _ = load(src)
-    state, name, _ = openclip_state(model)
-    return save_state(state, out), name
+    state, name, model_cfg = openclip_state(model)
+    out = Path(out)
+    if out.suffix:
+        if name not in open_clip.list_models():
+            warnings.warn(f"{name!r} is not a registered OpenCLIP architecture: register its config with "
+                          "open_clip.add_model_config, or export to a folder (--out DIR, OpenCLIP's local-dir: "
+                          "format, which carries the config)", stacklevel=2)
+        return save_state(state, out), f"open_clip.create_model({name!r}, pretrained={str(out)!r})"
+    image = model.model.encoders["image"]
+    preprocess = {**(model_cfg.get("preprocess_cfg") or {}), "mean": list(image.mean), "std": list(image.std)}
+    config = {"model_cfg": {k: v for k, v in model_cfg.items() if k != "preprocess_cfg"}, "preprocess_cfg": preprocess}
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "open_clip_config.json").write_text(json.dumps(config, indent=1))
+    save_state(state, out / "open_clip_model.safetensors")
+    return out, f"open_clip.create_model('local-dir:{out}')"

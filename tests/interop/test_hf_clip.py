@@ -34,16 +34,12 @@ def _features(hf: torch.nn.Module, images: torch.Tensor, ids: torch.Tensor) -> t
                 hf.get_text_features(input_ids=ids).pooler_output)
 
 
-@pytest.mark.parametrize("act", ["quick_gelu", "gelu"])
-def test_hf_clip_import_parity_and_round_trip(act: str, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from transformers import CLIPModel, CLIPTokenizer
-
-    hf = tiny_hf_clip(act=act)
+def _import_with_parity(hf: torch.nn.Module, tmp_path: Path) -> tuple[Path, torch.Tensor, torch.Tensor, torch.Tensor,
+                                                                       torch.Tensor]:
+    """Save ``hf``, import it, check mmpt's features against HF's; returns (export, images, ids, HF features)."""
     hf.save_pretrained(tmp_path / "hf")
     export = tmp_path / "mmpt.safetensors"
     assert main(["import", "hf-clip", "--weights", str(tmp_path / "hf"), "--out", str(export)]) == 0
-    assert "mmpt: warning: " in capsys.readouterr().err  # no tokenizer in the folder: OpenCLIP's BPE, said aloud
-
     model, _, _ = mmpt.create_model_and_transforms(str(export))
     images, ids = normalized_images(), mmpt.get_tokenizer(str(export))(TEXTS)
     want_image, want_text = _features(hf, images, ids)
@@ -51,6 +47,19 @@ def test_hf_clip_import_parity_and_round_trip(act: str, tmp_path: Path, capsys: 
         torch.testing.assert_close(model.encode_image(images), want_image, atol=ATOL, rtol=0)
         torch.testing.assert_close(model.encode_text(ids), want_text, atol=ATOL, rtol=0)
     assert torch.equal(model.logit_scale.reshape(()), hf.logit_scale)
+    return export, images, ids, want_image, want_text
+
+
+def test_hf_clip_with_exact_gelu_imports_with_parity(tmp_path: Path) -> None:
+    _import_with_parity(tiny_hf_clip(seed=1, act="gelu"), tmp_path)
+
+
+def test_hf_clip_import_parity_and_round_trip(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from transformers import CLIPModel, CLIPTokenizer
+
+    hf = tiny_hf_clip()
+    export, images, ids, want_image, want_text = _import_with_parity(hf, tmp_path)
+    assert "mmpt: warning: " in capsys.readouterr().err  # no tokenizer in the folder: OpenCLIP's BPE, said aloud
 
     # export: a folder CLIPModel.from_pretrained loads, every tensor bit-equal, with a CLIP tokenizer
     assert main(["export", str(export), "--format", "hf-clip", "--out", str(tmp_path / "back")]) == 0
@@ -63,6 +72,15 @@ def test_hf_clip_import_parity_and_round_trip(act: str, tmp_path: Path, capsys: 
     eot = ids.argmax(1)  # HF pads with EOT, OpenCLIP with 0: the same ids up to the first EOT
     assert all(torch.equal(hf_ids[i, : e + 1], ids[i, : e + 1]) for i, e in enumerate(eot.tolist()))
     torch.testing.assert_close(_features(back, images, hf_ids)[1], want_text, atol=ATOL, rtol=0)
+
+    # the same model as an OpenCLIP one (HF -> mmpt -> OpenCLIP): OpenCLIP's own code gives HF's features
+    import open_clip
+
+    assert main(["export", str(export), "--format", "openclip", "--out", str(tmp_path / "oc")]) == 0
+    oc = open_clip.create_model(f"local-dir:{tmp_path / 'oc'}").eval()
+    with torch.no_grad():
+        torch.testing.assert_close(oc.encode_image(images), want_image, atol=ATOL, rtol=0)
+        torch.testing.assert_close(oc.encode_text(ids), want_text, atol=ATOL, rtol=0)
 
     # and in again, now with the folder's own tokenizer: the mmpt tensors are bit-identical
     again = tmp_path / "again.safetensors"

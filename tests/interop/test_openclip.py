@@ -70,6 +70,7 @@ def test_mmpt_model_exports_to_openclip_with_parity(tmp_path: Path) -> None:
     import open_clip
 
     from mmpt.config import load_config
+    from mmpt.encoders.image import OPENAI_MEAN
     from mmpt.encoders.open_clip import TINY_VIT
     from mmpt.export import write_export
     from mmpt.interop.openclip import mmpt_recipe
@@ -92,6 +93,12 @@ def test_mmpt_model_exports_to_openclip_with_parity(tmp_path: Path) -> None:
     assert main(["import", "openclip", "--model", "tiny-vit", "--weights", str(back), "--out", str(again)]) == 0
     first, second = _tensors(export), _tensors(again)
     assert first.keys() == second.keys() and all(torch.equal(v, second[k]) for k, v in first.items())
+
+    # a folder in OpenCLIP's local-dir: format carries the config (no registration) and the preprocessing
+    assert main(["export", str(export), "--format", "openclip", "--out", str(tmp_path / "folder")]) == 0
+    local, _, preprocess = open_clip.create_model_and_transforms(f"local-dir:{tmp_path / 'folder'}")
+    _assert_parity(local.eval(), export, "tiny-vit")
+    assert local.visual.preprocess_cfg["mean"] == pytest.approx(OPENAI_MEAN)
 
 
 def test_mismatched_checkpoint_names_unmatched_and_missing_keys(tmp_path: Path,
@@ -155,3 +162,18 @@ def test_tower_config_errors() -> None:
     remote = {**TINY_VIT, "vision_cfg": {"timm_model_name": "hf-hub:someone/model", "image_size": 32}}
     with pytest.raises(ConfigError, match="names a remote source"):
         encoders.build("image/open_clip", model_name="x", model_cfg=remote, image_size=32)
+
+
+def test_crafted_export_cannot_reach_the_network(tmp_path: Path) -> None:
+    """A model file whose embedded OpenCLIP config names a hub model (timm fetches hf-hub: configs even without
+    weights) is refused on load, before anything is built."""
+    from exportkit import config_of, with_config
+
+    from mmpt.interop.openclip import import_openclip
+
+    export = import_openclip("tiny-convnext", save_state(openclip_model("tiny-convnext"), tmp_path / "oc.safetensors"),
+                             tmp_path / "model.safetensors")
+    cfg = config_of(export)
+    cfg["model"]["encoders"]["image"]["model_cfg"]["vision_cfg"]["timm_model_name"] = "hf-hub:someone/model"
+    with pytest.raises(ConfigError, match="'hf-hub:someone/model' names a remote source"):
+        mmpt.load(str(with_config(export, tmp_path / "crafted.safetensors", cfg)))
