@@ -20,7 +20,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmpt.interop.openclip import SHOWN, mmpt_recipe, openclip_state, state_to_mmpt, take
+from mmpt.interop.openclip import SHOWN, load_merged, mmpt_recipe, openclip_state, state_to_mmpt, take
 from mmpt.registry import ConfigError
 
 # (HF name, OpenCLIP name, how): 'same', 'T' (a Linear's weight is OpenCLIP's matrix transposed). Per-layer
@@ -204,9 +204,8 @@ def export_hf_clip(src: str | Path, out: str | Path) -> Path:
     tokenizer's files are copied along."""
     from transformers import CLIPConfig, CLIPModel
 
-    from mmpt.export import load
-
-    model, _, tokenizer = load(src)
+    model = load_merged(src)
+    tokenizer = getattr(model.model.data.get("text"), "tokenizer", None)
     oc_state, _, model_cfg = openclip_state(model)
     kwargs = hf_config(model_cfg, tokenizer)
     hf_model = CLIPModel(CLIPConfig(**kwargs))

@@ -11,6 +11,7 @@ Checkpoints are data: safetensors, or ``torch.load`` with ``weights_only=True`` 
 from __future__ import annotations
 
 import json
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Any
@@ -211,6 +212,17 @@ def save_state(state: dict[str, Tensor], out: str | Path) -> Path:
     return out
 
 
+def load_merged(src: str | Path) -> torch.nn.Module:
+    """The model of an mmpt export, or of a run directory exported first (LoRA adapters merged into their base
+    weights, as ``mmpt export`` does), in eval mode."""
+    from mmpt.export import export, load
+
+    if not Path(src).is_dir():
+        return load(src)[0]
+    with tempfile.TemporaryDirectory() as tmp:
+        return load(export(src, Path(tmp) / "model.safetensors"))[0]
+
+
 def export_openclip(src: str | Path, out: str | Path) -> tuple[Path, str]:
     """Write the mmpt model at ``src`` (export file or run directory) for OpenCLIP; returns the path and the call
     that loads it. A file (``.safetensors``, ``.pt``, ``.bin``) loads with ``open_clip.create_model(NAME,
@@ -219,9 +231,7 @@ def export_openclip(src: str | Path, out: str | Path) -> tuple[Path, str]:
     ``open_clip_model.safetensors``) that ``open_clip.create_model('local-dir:<out>')`` loads."""
     import open_clip
 
-    from mmpt.export import load
-
-    model, _, _ = load(src)
+    model = load_merged(src)
     state, name, model_cfg = openclip_state(model)
     out = Path(out)
     if out.suffix:

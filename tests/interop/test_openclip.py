@@ -177,3 +177,23 @@ def test_crafted_export_cannot_reach_the_network(tmp_path: Path) -> None:
     cfg["model"]["encoders"]["image"]["model_cfg"]["vision_cfg"]["timm_model_name"] = "hf-hub:someone/model"
     with pytest.raises(ConfigError, match="'hf-hub:someone/model' names a remote source"):
         mmpt.load(str(with_config(export, tmp_path / "crafted.safetensors", cfg)))
+
+
+def test_towers_train_in_mmpt_and_a_run_exports_to_openclip(color_shards: list[str], tmp_path: Path) -> None:
+    """Two training steps of the OpenCLIP towers in mmpt's loop, then ``mmpt export RUN --format openclip``."""
+    import open_clip
+    from shardkit import tiny_config
+
+    from mmpt.config import load_config
+    from mmpt.encoders.open_clip import TINY_VIT
+    from mmpt.interop.openclip import mmpt_recipe
+    from mmpt.train.loop import train
+
+    register_tiny()
+    raw = tiny_config(color_shards, tmp_path / "run", steps=2, log_sample_keys=False)
+    raw["model"] = mmpt_recipe("tiny-vit", TINY_VIT)["model"]
+    raw["data"]["workers"] = 1
+    train(load_config(raw))
+    back = tmp_path / "openclip.safetensors"
+    assert main(["export", str(tmp_path / "run"), "--format", "openclip", "--out", str(back)]) == 0
+    _assert_parity(open_clip.create_model("tiny-vit", pretrained=str(back)).eval(), tmp_path / "run", "tiny-vit")
