@@ -13,6 +13,7 @@ import dataclasses
 import os
 import re
 import typing
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -150,6 +151,9 @@ class TrainConfig:
     eval_every: run the recipe's ``eval`` list every N steps and at the end; unset: at the end only
     (when there is an ``eval`` list); 0: never.
     log_sample_keys: write every micro-batch's sample keys to keys_rank<r>.jsonl (resume audits).
+    step: 'plain' (forward, backward on the whole batch) | 'gradcache' (the same gradients with the
+    activation memory of one chunk: embed chunks without grad, loss on all, re-forward each chunk).
+    gradcache_chunk: samples per forward with step 'gradcache'; divides data.batch_size.
     progress: show a progress bar.
     crash_at_step / crash_in_save: fault injection for resume tests (crash after that step / inside its save).
     deepspeed: entries merged into the generated DeepSpeed config (unknown keys warn).
@@ -170,6 +174,8 @@ class TrainConfig:
     log_every: int = 10
     eval_every: int | None = None
     log_sample_keys: bool = False
+    step: str = "plain"
+    gradcache_chunk: int | None = None
     progress: bool = True
     crash_at_step: int | None = None
     crash_in_save: int | None = None
@@ -376,11 +382,12 @@ def load_config(recipe: str | Path | dict[str, Any], overrides: list[str] | None
 SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEADS = ("linear", "mlp", "none")
+STEPS = ("plain", "gradcache")
 
 # (key path, lowest allowed value, what it means): ranges the dataclass types cannot express.
 _MINIMUMS = (
     ("train.steps", 1), ("train.grad_accum", 1), ("train.log_every", 1), ("train.keep_last", 1),
-    ("train.checkpoint_every", 1), ("train.eval_every", 0), ("train.grad_clip", 0),
+    ("train.checkpoint_every", 1), ("train.eval_every", 0), ("train.grad_clip", 0), ("train.gradcache_chunk", 1),
     ("data.batch_size", 1), ("data.workers", 0), ("data.shuffle_buffer", 0), ("data.prefetch", 1),
     ("data.max_image_pixels", 1), ("optim.warmup_steps", 0), ("optim.weight_decay", 0), ("optim.eps", 0),
     ("model.embed_dim", 1),
@@ -428,6 +435,8 @@ def validate(cfg: Config) -> None:
     if t.zero_stage not in (0, 1, 2, 3):
         raise ConfigError(f"train.zero_stage: expected 0, 1, 2 or 3, got {t.zero_stage}")
     _one_of("train.precision", t.precision, PRECISIONS)
+    _one_of("train.step", t.step, STEPS)
+    _check_gradcache(t, cfg.data.batch_size)
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _one_of("model.head", cfg.model.head, HEADS)
     from mmpt.adapt import check_adapt
@@ -449,6 +458,26 @@ def validate(cfg: Config) -> None:
     from mmpt.train.deepspeed_keys import check_deepspeed_keys
 
     check_deepspeed_keys(t.deepspeed, "train.deepspeed")
+
+
+def _check_gradcache(t: TrainConfig, batch_size: int) -> None:
+    """train.gradcache_chunk: required by, and only read with, train.step=gradcache; divides the batch."""
+    chunk = t.gradcache_chunk
+    if t.step != "gradcache":
+        if chunk is not None:
+            warnings.warn(f"train.gradcache_chunk: {chunk} is ignored with train.step={t.step} "
+                          "(set train.step=gradcache to use it)", stacklevel=3)
+        return
+    if chunk is None:
+        raise ConfigError("train.gradcache_chunk: required with train.step=gradcache (samples per forward, "
+                          f"a divisor of data.batch_size {batch_size})")
+    if batch_size % chunk:
+        divisors = [d for d in range(chunk, 0, -1) if batch_size % d == 0][:1]
+        raise ConfigError(f"train.gradcache_chunk: {chunk} does not divide data.batch_size {batch_size} "
+                          f"(e.g. {divisors[0]} does)")
+    if chunk == batch_size:
+        warnings.warn(f"train.gradcache_chunk: {chunk} == data.batch_size: one chunk per batch saves no memory "
+                      "and adds a forward (use a smaller chunk or train.step=plain)", stacklevel=3)
 
 
 def _check_objective_modalities(where: str, objective: Any, encoders: dict[str, Any]) -> None:

@@ -54,7 +54,12 @@ class Pretrainer(nn.Module):
         assert total is not None, "a Pretrainer needs at least one objective"
         return {"loss": total, "losses": losses, "metrics": metrics}
 
-    def forward(self, batch: Batch) -> dict[str, Any]:
+    def forward(self, batch: Batch, phase: Callable[[Pretrainer, Batch], Any] | None = None) -> Any:
+        """``loss(embed(batch), batch)``, or ``phase(self, batch)``: a step strategy (GradCache) runs its
+        phases through the engine's forward, where DeepSpeed's hooks (ZeRO-3 fetch and release, external
+        parameters, backward bookkeeping) wrap them as they wrap a plain step."""
+        if phase is not None:
+            return phase(self, batch)
         return self.loss(self.embed(batch), batch)
 
     def encode(self, modality: str, inputs: Any, normalize: bool = True) -> Tensor:

@@ -89,9 +89,12 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
         if t.zero_stage != 3:
             raise ConfigError("train.offload_param: parameter offload needs train.zero_stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
+    micro, chunks = cfg.data.batch_size, 1
+    if t.step == "gradcache":  # each chunk's re-forward is one DeepSpeed micro-step (mmpt.train.gradcache)
+        micro, chunks = t.gradcache_chunk, cfg.data.batch_size // t.gradcache_chunk
     ds: dict[str, Any] = {
-        "train_micro_batch_size_per_gpu": cfg.data.batch_size,
-        "gradient_accumulation_steps": t.grad_accum,
+        "train_micro_batch_size_per_gpu": micro,
+        "gradient_accumulation_steps": t.grad_accum * chunks,
         "train_batch_size": cfg.data.batch_size * t.grad_accum * world,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from mmpt.config import Config
+from mmpt.data.batch import Batch
 from mmpt.data.loader import Loader, train_loader
 from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
 from mmpt.train import checkpoint
@@ -95,16 +97,14 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
               f"ZeRO {t.zero_stage}, {ds_config['train_batch_size']} samples/step, steps {start}->{steps}", flush=True)
     keys_log = StepRecords(run_dir / f"keys_rank{d.rank}.jsonl", t.log_sample_keys, start)
     bar = _progress(d.is_main and t.progress, start, steps)
-    it, last_ckpt, meter = iter(loader), ckpt, _Meter(time.perf_counter())
+    it, last_ckpt, meter, step_fn = iter(loader), ckpt, _Meter(time.perf_counter()), step_strategy(cfg)
     last, evals = {}, {}
     for step in range(start, steps):
         for micro in range(t.grad_accum):
             t0 = time.perf_counter()
             batch = next(it).to(d.device)
             meter.wait += time.perf_counter() - t0
-            out = engine(batch)
-            engine.backward(out["loss"])
-            engine.step()
+            out = step_fn(engine, batch)
             meter.samples += len(batch) * d.world
             if keys_log:
                 keys_log.write({"step": step, "micro": micro, "keys": batch.keys, "loss": out["loss"].item()})
@@ -133,6 +133,23 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
         print(summary, flush=True)
     logger.close()
     return summary
+
+
+def plain_step(engine: Any, batch: Batch) -> dict[str, Any]:
+    """One micro-batch: forward, backward, step (DeepSpeed updates at the accumulation boundary)."""
+    out = engine(batch)
+    engine.backward(out["loss"])
+    engine.step()
+    return out
+
+
+def step_strategy(cfg: Config) -> Callable[[Any, Batch], dict[str, Any]]:
+    """The micro-step ``train.step`` names: plain, or GradCache (see mmpt.train.gradcache)."""
+    if cfg.train.step == "gradcache":
+        from mmpt.train.gradcache import GradCacheStep
+
+        return GradCacheStep(cfg.train.gradcache_chunk)
+    return plain_step
 
 
 class _Meter:

@@ -1,0 +1,189 @@
+"""GradCache (Gao et al. 2021): a contrastive loss over the whole batch with one chunk's activation memory.
+
+One call of :class:`GradCacheStep` replaces one plain micro-step (forward, backward, step) on a batch:
+
+1. embed every chunk of ``train.gradcache_chunk`` samples without grad, saving the RNG state before each;
+2. compute the objectives' loss on all the embeddings (gathered across ranks as the objective's gather
+   mode does) and its gradient w.r.t. them (``torch.autograd.grad``: no parameter gradient yet);
+3. re-forward each chunk with its saved RNG state (same dropout, masking, on-device augmentation) and
+   back-propagate ``sum(output * cached grad)`` through the engine, one DeepSpeed micro-step a chunk.
+   The first chunk's forward also recomputes the loss on the cached (detached) embeddings, so the
+   loss's own parameters (logit scale, bias) get their gradient in the same backward.
+
+Why the loss's parameters ride with the first chunk: ZeRO-3 *copies* gradients into its partitions at
+the first micro-step after an optimizer step and *adds* afterwards, without zeroing, so every parameter
+must receive its gradient in the first backward of the step (a separate loss backward first left the
+encoders' partitions adding to the previous step's gradients; the test's second step catches that).
+
+Scaling. DeepSpeed divides every ``backward`` by its ``gradient_accumulation_steps`` G, here
+``grad_accum * chunks``. A plain micro-batch contributes ``loss / grad_accum``; so each chunk's backward
+goes in times ``chunks`` (= G / grad_accum). The cached gradients come from outside the engine and so
+carry no fp16 loss scale; the engine applies it once, as in a plain step. The last chunk's ``step()`` is
+the accumulation boundary, where ZeRO reduces across ranks and the optimizer updates.
+
+Re-forwards run through the engine's forward (``Pretrainer.forward(batch, phase=...)``), so ZeRO-3
+fetches and releases parameters and hooks their backward as in a plain step. What a chunk's encoders
+return is cached whole (every tensor field: embeddings, per-token embeddings, tokens, masks), so
+token-wise objectives work too; that cache is one layer's output for the whole batch, against every
+layer's activations of it in a plain step.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mmpt.data.batch import Batch
+
+
+class GradCacheStep:
+    """The ``train.step: gradcache`` micro-step: ``step(engine, batch) -> {"loss", "losses", "metrics"}``.
+
+    chunk: samples per forward; it divides the per-rank batch, and the engine's accumulation steps are
+    ``train.grad_accum * len(batch) // chunk`` (see ``engine.deepspeed_config``).
+    """
+
+    def __init__(self, chunk: int):
+        self.chunk = chunk
+
+    def __call__(self, engine: Any, batch: Batch) -> dict[str, Any]:
+        chunks = [chunk_of(batch, i, i + self.chunk) for i in range(0, len(batch), self.chunk)]
+        states, cached = [], []
+        with torch.no_grad():
+            for c in chunks:
+                states.append(RngState.capture(_device(c)))
+                cached.append(engine(c, phase=_embed))
+        merged = merge_chunks(cached)
+        del cached
+        loss_state = RngState.capture(_device(batch))
+        out, grads = embedding_grads(engine.module.loss, merged, batch)
+        after = RngState.capture(_device(batch))  # past the loss's own draws (token subsampling)
+        scale = len(chunks)
+        for i, (c, state) in enumerate(zip(chunks, states, strict=True)):
+            again = (_map(merged, Tensor.detach), batch, loss_state) if i == 0 else None
+            surrogate = engine(c, phase=functools.partial(
+                _reforward, grads=[None if g is None else g[i * self.chunk:(i + 1) * self.chunk] * scale
+                                   for g in grads],
+                state=state, loss_again=again, loss_weight=scale))
+            engine.backward(surrogate)
+            engine.step()
+        after.restore()  # the RNG stream continues as if each chunk had been forwarded once
+        return out
+
+
+def embedding_grads(loss_fn: Callable[[Any, Batch], dict[str, Any]], merged: Any,
+                    batch: Batch) -> tuple[dict[str, Any], list[Tensor | None]]:
+    """The loss on the cached outputs (detached metrics) and its gradient w.r.t. each of their tensors
+    (None where the loss does not read it), with no parameter gradient accumulated."""
+    leaves = [t.requires_grad_(t.is_floating_point()) for t in _tensors(merged)]
+    # The loss sees a copy of the dicts: ZeRO-3's hooks replace the tensors inside a submodule's inputs.
+    out = loss_fn(_map(merged, lambda t: t), batch)
+    wanted = [t for t in leaves if t.requires_grad]
+    found = iter(torch.autograd.grad(out["loss"], wanted, allow_unused=True)) if wanted else iter(())
+    grads = [next(found) if t.requires_grad else None for t in leaves]
+    for t in leaves:
+        t.requires_grad_(False)
+    if all(g is None for g in grads):
+        raise ValueError("gradcache: the loss reads no encoder output; GradCache needs a loss on embeddings")
+    return {"loss": out["loss"].detach(), "losses": out["losses"], "metrics": out["metrics"]}, grads
+
+
+def chunk_of(batch: Batch, start: int, stop: int) -> Batch:
+    """Samples ``start:stop`` of ``batch``; ``meta`` is left out (the chunk only feeds ``embed``)."""
+    return Batch(fields={m: {k: v[start:stop] for k, v in f.items()} for m, f in batch.fields.items()},
+                 present={m: v[start:stop] for m, v in batch.present.items()}, keys=batch.keys[start:stop])
+
+
+def merge_chunks(parts: list[Any]) -> Any:
+    """Concatenate per-chunk encoder outputs (nested dicts of (B, ...) tensors) along the batch."""
+    first = parts[0]
+    if isinstance(first, Tensor):
+        if first.dim() == 0:
+            raise ValueError("gradcache: an encoder output holds a 0-dim tensor; every tensor an encoder "
+                             "returns must have the batch as its first dimension")
+        return torch.cat([p.detach() for p in parts])
+    if isinstance(first, dict):
+        return _like(first, {k: merge_chunks([p[k] for p in parts]) for k in first})
+    if isinstance(first, (list, tuple)):
+        return type(first)(merge_chunks(list(xs)) for xs in zip(*parts, strict=True))
+    return first  # None, numbers: the same in every chunk
+
+
+class RngState:
+    """The torch CPU generator's state and, on CUDA, the device generator's."""
+
+    def __init__(self, cpu: Tensor, cuda: Tensor | None, device: torch.device):
+        self.cpu, self.cuda, self.device = cpu, cuda, device
+
+    @classmethod
+    def capture(cls, device: torch.device) -> RngState:
+        """The state now."""
+        cuda = torch.cuda.get_rng_state(device) if device.type == "cuda" else None
+        return cls(torch.get_rng_state(), cuda, device)
+
+    def restore(self) -> None:
+        """Put the generators back to the captured state."""
+        torch.set_rng_state(self.cpu)
+        if self.cuda is not None:
+            torch.cuda.set_rng_state(self.cuda, self.device)
+
+
+def _embed(module: Any, batch: Batch) -> Any:
+    return module.embed(batch)
+
+
+def _reforward(module: Any, chunk: Batch, grads: list[Tensor | None], state: RngState,
+               loss_again: tuple[Any, Batch, RngState] | None, loss_weight: float) -> Tensor:
+    """``sum(output * cached grad)`` over the re-embedded chunk (its parameter gradient is the loss's
+    through this chunk's samples), plus, when given, the loss on the detached cached outputs (whose
+    gradient reaches only the loss's own parameters)."""
+    terms = []
+    if loss_again is not None:
+        outputs, batch, loss_state = loss_again
+        loss_state.restore()
+        terms.append(module.loss(outputs, batch)["loss"] * loss_weight)
+    state.restore()
+    embedded = module.embed(chunk)
+    terms += [(t.float() * g).sum() for t, g in zip(_tensors(embedded), grads, strict=True) if g is not None]
+    return torch.stack(terms).sum()
+
+
+def _tensors(x: Any) -> Iterator[Tensor]:
+    """Every tensor in nested dicts/lists, in a fixed order (dict insertion order)."""
+    if isinstance(x, Tensor):
+        yield x
+    elif isinstance(x, dict):
+        for v in x.values():
+            yield from _tensors(v)
+    elif isinstance(x, (list, tuple)):
+        for v in x:
+            yield from _tensors(v)
+
+
+def _map(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
+    """A copy of nested dicts/lists with ``fn`` applied to every tensor (classes kept)."""
+    if isinstance(x, Tensor):
+        return fn(x)
+    if isinstance(x, dict):
+        return _like(x, {k: _map(v, fn) for k, v in x.items()})
+    if isinstance(x, (list, tuple)):
+        return type(x)(_map(v, fn) for v in x)
+    return x
+
+
+def _like(template: dict, items: dict) -> dict:
+    """A dict of ``template``'s class (EncoderOutput, TensorRecord) holding ``items``."""
+    out = dict.__new__(type(template))
+    dict.update(out, items)
+    return out
+
+
+def _device(batch: Batch) -> torch.device:
+    for f in batch.fields.values():
+        for v in f.values():
+            return v.device
+    return torch.device("cpu")
