@@ -48,6 +48,7 @@ def crash_then_resume(raw: dict, **fault) -> None:
 def main() -> None:
     shard_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     shards = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    gradcache_gradients(shards, out)
     for stage in (2, 3):
         ref = config(shards, out / f"zero{stage}_ref", stage)
         summary = train(load_config(ref))
@@ -93,6 +94,29 @@ def damaged_then_refused(shards: list[str], out: Path) -> None:
         (out / f"refused_rank{rank}.txt").write_text("not refused")
     except ConfigError as exc:
         (out / f"refused_rank{rank}.txt").write_text(str(exc))
+
+
+def gradcache_gradients(shards: list[str], out: Path) -> None:
+    """GradCache against one plain step on each rank's own batch at ZeRO 0-3 (stage 3 also with gather
+    with_grad + local_loss; SigLIP's neighbour exchange at stage 2): per rank, the gradient gaps beyond
+    test_gradcache's tolerance and a checksum of the reduced gradients (equal on every rank)."""
+    from test_gradcache import boundary_grads, first_batches, gradcache_config, gradient_gaps
+
+    rank, world = dist.get_rank(), dist.get_world_size()
+    cases = {f"clip_zero{stage}": (stage, "clip", {}) for stage in (0, 1, 2, 3)}
+    cases["clip_with_grad_local_loss_zero3"] = (3, "clip", {"gather": "with_grad", "local_loss": True})
+    cases["siglip_zero2"] = (2, "siglip", {})
+    report = {}
+    for name, (stage, objective, kw) in cases.items():
+        common = {"objective": objective, "objective_kw": kw, "zero_stage": stage,
+                  "stage3_param_persistence_threshold": 0}
+        plain = gradcache_config(shards, out / "gradcache", **common)
+        batches = first_batches(plain, 1, rank, world)
+        ref = boundary_grads(plain, batches)
+        got = boundary_grads(gradcache_config(shards, out / "gradcache", "gradcache", **common), batches)
+        report[name] = {"gaps": gradient_gaps(ref, got), "keys": batches[0].keys,
+                        "checksums": [sum(float(g.double().sum()) for g in step.values()) for step in ref]}
+    (out / f"gradcache_rank{rank}.json").write_text(json.dumps(report))
 
 
 if __name__ == "__main__":

@@ -78,6 +78,7 @@ def boundary_grads(raw: dict, batches: list[Batch], steps: int = 2,
     for _ in range(steps):
         for batch in batches:
             step_fn(engine, batch)
+    engine.destroy()
     return captured
 
 

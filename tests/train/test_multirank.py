@@ -58,6 +58,19 @@ def test_two_rank_training_and_resume(ranks_out: Path, stage: int) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_two_rank_gradcache_gradients_equal_one_plain_step(ranks_out: Path) -> None:
+    """Each rank's batch in chunks of 2: the reduced gradients of GradCache equal those of one plain step
+    (tolerance in test_gradcache) at ZeRO 0-3, two steps each; every rank holds the same reduced gradient."""
+    reports = [json.loads((ranks_out / f"gradcache_rank{r}.json").read_text()) for r in range(2)]
+    assert sorted(reports[0]) == sorted(reports[1]) and len(reports[0]) == 6
+    for case in reports[0]:
+        a, b = reports[0][case], reports[1][case]
+        assert not a["gaps"] and not b["gaps"], f"{case}: {a['gaps'][:3]} {b['gaps'][:3]}"
+        assert not set(a["keys"]) & set(b["keys"]), f"{case}: the ranks read the same samples"
+        assert a["checksums"] == b["checksums"] and len(a["checksums"]) == 2, case
+
+
+@pytest.mark.timeout(600)
 def test_two_ranks_fall_back_from_a_damaged_checkpoint_and_refuse_together(ranks_out: Path) -> None:
     warned = json.loads((ranks_out / "zero2_damaged_warnings.json").read_text())
     assert any("zero_pp_rank_1_mp_rank_00_optim_states.pt does not match its checksum" in w for w in warned)
