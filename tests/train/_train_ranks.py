@@ -23,7 +23,7 @@ from shardkit import tiny_config  # noqa: E402
 from mmpt.config import load_config  # noqa: E402
 from mmpt.data.loader import eval_loader  # noqa: E402
 from mmpt.pretrainer import build_data_specs  # noqa: E402
-from mmpt.registry import ConfigError  # noqa: E402
+from mmpt.registry import ConfigError, encoders  # noqa: E402
 from mmpt.train.checkpoint import InjectedFault  # noqa: E402
 from mmpt.train.loop import train  # noqa: E402
 
@@ -69,8 +69,38 @@ def main() -> None:
     if dist.get_rank() == 0:
         (out / "zero_init_digests.json").write_text(json.dumps(digests))
     damaged_then_refused(shards, out)
+    adapted_runs(shards, out)
     dist.barrier()
     dist.destroy_process_group()
+
+
+def adapted_runs(shards: list[str], out: Path) -> None:
+    """A frozen text tower (and head) beside LoRA on an OpenCLIP image tower (packed q/k/v) at ZeRO 2 and 3:
+    which weights moved, and which parameters the ZeRO optimizer holds fp32 state for (rank 0 writes)."""
+    import deepspeed
+
+    for stage in (2, 3):
+        raw = config(shards, out / f"adapt{stage}", stage)
+        raw["model"]["encoders"]["image"] = {"name": "image/open_clip",
+                                             **encoders.get("image/open_clip").tiny_configs[0]}
+        raw["model"]["adapt"] = {"text": {"mode": "frozen", "train_head": False}, "image": {"mode": "lora", "rank": 2}}
+        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
+        engine = train(load_config(raw)).engine
+        params = dict(engine.module.named_parameters())
+        with deepspeed.zero.GatheredParameters(list(params.values()), enabled=stage == 3):
+            moved = sorted(n for n, p in params.items() if not torch.equal(p.detach().cpu(), before[n]))
+        opt = engine.optimizer
+        held = {id(p) for g in (getattr(opt, "bit16_groups", None) or opt.fp16_groups) for p in g}
+        flat = getattr(opt, "single_partition_of_fp32_groups", None) or opt.fp32_partitioned_groups_flat
+        state = torch.tensor([sum(t.numel() for t in flat)])
+        dist.all_reduce(state)
+        report = {"moved": moved, "trainable": sorted(n for n, p in params.items() if p.requires_grad),
+                  "in_optimizer": sorted(n for n, p in params.items() if id(p) in held),
+                  "fp32_state_numel": int(state), "trainable_numel": sum(int(getattr(p, "ds_numel", p.numel()))
+                                                                        for p in params.values() if p.requires_grad)}
+        engine.destroy()
+        if dist.get_rank() == 0:
+            (out / f"adapt{stage}.json").write_text(json.dumps(report))
 
 
 def damaged_then_refused(shards: list[str], out: Path) -> None:

@@ -15,7 +15,7 @@ from torch import nn
 from mmpt.adapt import add_lora, has_adapters, merge_adapters
 from mmpt.config import TowerAdapt, load_config
 from mmpt.pretrainer import build_pretrainer, set_seed
-from mmpt.registry import ConfigError
+from mmpt.registry import ConfigError, encoders
 
 
 def adapted(raw: dict, **adapt: dict) -> dict:
@@ -41,6 +41,8 @@ def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(color_shards: 
     raw = adapted(tiny_config(color_shards, tmp_path / "run", steps=3, checkpoint_every=3, zero_stage=stage,
                               stage3_param_persistence_threshold=0),
                   text={"mode": "frozen", "train_head": False}, image={"mode": "lora", "rank": 2})
+    # an OpenCLIP image tower: LoRA on its packed q/k/v (nn.MultiheadAttention) under ZeRO partitioning
+    raw["model"]["encoders"]["image"] = {"name": "image/open_clip", **encoders.get("image/open_clip").tiny_configs[0]}
     cfg = load_config(raw)
     set_seed(cfg.seed)
     before = {n: p.detach().clone() for n, p in build_pretrainer(cfg).named_parameters()}
@@ -147,8 +149,6 @@ def test_lora_on_mmpt_and_hf_linear_layers_trains_and_merges(tiny_cfg: dict) -> 
     tower = model.model.encoders["text"]
     fields = model.model.data["text"].prepare(["a red square", "a blue one"])
     check_lora_trains_and_merges(tower, fields, lambda m, x: m(x).pooled, TowerAdapt(mode="lora", rank=2))
-    from mmpt.registry import encoders
-
     hf = encoders.build("text/hf", path="t", config={"model_type": "bert", "hidden_size": 32, "num_hidden_layers": 1,
                                                        "num_attention_heads": 2, "intermediate_size": 64,
                                                        "vocab_size": 100}, tokenizer="openclip-bpe").eval()

@@ -114,3 +114,17 @@ def test_zero3_two_ranks_start_from_the_one_rank_model(ranks_out: Path) -> None:
         for stage, got in two_ranks[case].items():
             differ = [n for n in one_rank if got.get(n) != one_rank[n]]
             assert sorted(got) == sorted(one_rank) and not differ, f"{case} ZeRO-{stage} on 2 ranks: {differ[:5]}"
+
+
+@pytest.mark.timeout(600)
+@pytest.mark.parametrize("stage", [2, 3])
+def test_frozen_and_lora_towers_on_two_ranks(ranks_out: Path, stage: int) -> None:
+    """Frozen text tower and head bit-identical, LoRA base weights too; only adapters and the rest train, and
+    the ZeRO optimizer holds fp32 state for exactly those parameters (padding aside)."""
+    r = json.loads((ranks_out / f"adapt{stage}.json").read_text())
+    assert not [n for n in r["moved"] if n.startswith(("model.encoders.text.", "model.heads.text."))]
+    assert not [n for n in r["moved"] if n.startswith("model.encoders.image.") and "lora_" not in n]
+    assert any("lora_" in n for n in r["moved"])
+    assert r["in_optimizer"] == r["trainable"]
+    assert not [n for n in r["trainable"] if n.startswith(("model.encoders.text.", "model.heads.text."))]
+    assert r["trainable_numel"] <= r["fp32_state_numel"] <= r["trainable_numel"] + 2 * 64 * len(r["trainable"])
