@@ -126,6 +126,19 @@ def test_mismatched_checkpoint_names_unmatched_and_missing_keys(tmp_path: Path,
     assert "unmatched ['visual.attnpool" in err_text and "missing ['visual.class_embedding'" in err_text
 
 
+def test_import_registers_a_model_config_file(tmp_path: Path) -> None:
+    """``--model-config FILE`` registers an architecture the way ``open_clip.add_model_config`` does."""
+    import json
+
+    from interopkit import TINY
+
+    (tmp_path / "my-arch.json").write_text(json.dumps(TINY["tiny-rn"]))
+    weights = save_state(openclip_model("tiny-rn", seed=2), tmp_path / "oc.safetensors")
+    args = ["import", "openclip", "--model", "my-arch", "--weights", str(weights), "--out", str(tmp_path / "m.safetensors")]
+    assert main([*args, "--model-config", str(tmp_path / "my-arch.json")]) == 0
+    assert mmpt.load(str(tmp_path / "m.safetensors"))[0].model.encoders["image"].model_name == "my-arch"
+
+
 def test_checkpoint_is_data_not_code(tmp_path: Path) -> None:
     """A .pt that would run code when unpickled is refused by the weights-only reader."""
     from mmpt.interop.openclip import read_state_dict
