@@ -82,7 +82,7 @@ def _pixel_norm(tower: nn.Module) -> tuple[Tensor, Tensor]:
 
 class CLIPModel(nn.Module):
     """An mmpt model behind OpenCLIP's ``CLIP`` interface: ``encode_image``, ``encode_text``, ``logit_scale``,
-    ``forward(image, text) -> (image_features, text_features, logit_scale.exp())``."""
+    ``forward(image, text) -> (image_features, text_features, logit_scale.exp()[, logit_bias])``."""
 
     def __init__(self, pretrainer: nn.Module, tokenizer: Tokenizer | None):
         super().__init__()
@@ -116,20 +116,36 @@ class CLIPModel(nn.Module):
             raise ConfigError("encode_text: this model has no text tower")
         return self._features(TEXT, {"ids": text, "mask": self.tokenizer.mask(text)}, normalize)
 
+    def _scalar(self, name: str) -> Tensor | None:
+        """The objective's entry of ``name`` (logit_scale, logit_bias) for the image-text pair, if it has one."""
+        for objective in self.pretrainer.objectives.values():
+            pairs = [set(p) for p in getattr(objective, "pairs", None) or ()]
+            value = getattr(objective, name, None)
+            if value is None or not ({IMAGE, TEXT} in pairs or getattr(objective, "anchor", None) in (IMAGE, TEXT)):
+                continue
+            return value if value.numel() == 1 else value[pairs.index({IMAGE, TEXT})]
+        return None
+
     @property
     def logit_scale(self) -> Tensor:
         """The log of the image-text logit scale (OpenCLIP's parameter: ``logit_scale.exp()`` scales logits)."""
-        for objective in self.pretrainer.objectives.values():
-            names = getattr(objective, "scale_names", ())
-            for i, name in enumerate(names):
-                if name in (f"{IMAGE}__{TEXT}", f"{TEXT}__{IMAGE}", f"{TEXT}__all", f"{IMAGE}__all"):
-                    return objective.logit_scale if len(names) == 1 else objective.logit_scale[i]
-        raise AttributeError("logit_scale: this model has no image-text contrastive objective holding one")
+        scale = self._scalar("logit_scale")
+        if scale is None:
+            raise AttributeError("logit_scale: this model has no image-text contrastive objective holding one")
+        return scale
 
-    def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> tuple[Any, Any, Tensor]:
-        """OpenCLIP's ``CLIP.forward``: normalised features of whichever inputs are given, and the scale."""
+    @property
+    def logit_bias(self) -> Tensor | None:
+        """The image-text logit bias of a SigLIP objective; None otherwise (as OpenCLIP's CLIP models)."""
+        return self._scalar("logit_bias")
+
+    def forward(self, image: Tensor | None = None, text: Tensor | None = None) -> tuple[Any, ...]:
+        """OpenCLIP's ``CLIP.forward``: normalised features of whichever inputs are given, the scale, and the
+        bias when the model has one."""
         image_features = self.encode_image(image, normalize=True) if image is not None else None
         text_features = self.encode_text(text, normalize=True) if text is not None else None
+        if self.logit_bias is not None:
+            return image_features, text_features, self.logit_scale.exp(), self.logit_bias
         return image_features, text_features, self.logit_scale.exp()
 
 

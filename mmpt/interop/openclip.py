@@ -24,6 +24,7 @@ from mmpt.registry import ConfigError
 IMAGE_TOWER = "model.encoders.image.visual."
 TEXT_TOWER = "model.encoders.text.text."
 SHOWN = 8  # keys named per list in an error message
+SCALARS = (".logit_scale", ".logit_bias")  # OpenCLIP's top-level scalars, held by the mmpt objective
 
 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
@@ -71,8 +72,8 @@ def openclip_names(mmpt_keys: list[str], custom_text: bool) -> tuple[dict[str, s
             names[key] = "visual." + key.removeprefix(IMAGE_TOWER)
         elif key.startswith(TEXT_TOWER):
             names[key] = text_prefix + key.removeprefix(TEXT_TOWER)
-        elif key.startswith("objectives.") and key.endswith(".logit_scale"):
-            names[key] = "logit_scale"
+        elif key.startswith("objectives.") and key.endswith(SCALARS):
+            names[key] = key.rsplit(".", 1)[1]
         else:
             unnamed.append(key)
     return names, unnamed
@@ -109,23 +110,27 @@ def mmpt_recipe(name: str, model_cfg: dict[str, Any], tokenizer: str = "openclip
     """The mmpt recipe of an OpenCLIP model: both towers carry its whole config (a self-contained file)."""
     vision, text = model_cfg["vision_cfg"], model_cfg["text_cfg"]
     common = {"model_name": name, "model_cfg": model_cfg}
+    objective = "clip" if model_cfg.get("init_logit_bias") is None else "siglip"
     return {
         "name": f"openclip-{name}",
         "model": {"embed_dim": int(model_cfg["embed_dim"]), "head": "none", "encoders": {
             "image": {"name": "image/open_clip", **common, "image_size": vision.get("image_size", 224)},
             "text": {"name": "text/open_clip", **common, "context_length": text.get("context_length", 77),
                      "tokenizer": tokenizer}}},
-        "objectives": {"clip": {"name": "clip", "pairs": [["image", "text"]]}},
+        # OpenCLIP's SigLIP models carry a logit bias: mmpt's siglip objective holds the same two scalars
+        "objectives": {objective: {"name": objective, "pairs": [["image", "text"]]}},
     }
 
 
-def _tokenizer_for(model_cfg: dict[str, Any], tokenizer: str | None, where: str) -> str:
-    hf_name = model_cfg["text_cfg"].get("hf_tokenizer_name")
+def _tokenizer_for(name: str, model_cfg: dict[str, Any], tokenizer: str | None, where: str) -> str:
+    """The mmpt tokenizer of an OpenCLIP architecture, chosen as ``open_clip.get_tokenizer`` chooses: the config's
+    Hugging Face tokenizer, SigLIP's for names containing 'siglip', else OpenCLIP's BPE."""
+    hf_name = model_cfg["text_cfg"].get("hf_tokenizer_name") or ("SigLIP's" if "siglip" in name.lower() else "")
     if tokenizer:
         return tokenizer
     if hf_name:
-        raise ConfigError(f"{where}: this architecture tokenizes with Hugging Face's {hf_name!r}; download it once "
-                          "and pass --tokenizer hf:<its local folder>")
+        raise ConfigError(f"{where}: this architecture tokenizes with {hf_name!r} (Hugging Face); download that "
+                          "tokenizer once and pass --tokenizer hf:<its local folder>")
     return "openclip-bpe"
 
 
@@ -158,7 +163,7 @@ def import_openclip(model: str, weights: str | Path, out: str | Path, *, model_c
             raise ConfigError(f"--model-config {model_config}: no such file or folder")
         open_clip.add_model_config(model_config)
     model_cfg = resolve_model_config(model, None, "--model")
-    recipe = mmpt_recipe(model, model_cfg, _tokenizer_for(model_cfg, tokenizer, f"--model {model}"))
+    recipe = mmpt_recipe(model, model_cfg, _tokenizer_for(model, model_cfg, tokenizer, f"--model {model}"))
     state, cfg = state_to_mmpt(read_state_dict(weights), recipe, str(weights))
     return write_export(state, cfg, out, source=f"openclip:{model}:{Path(weights).name}")
 
@@ -187,12 +192,12 @@ def openclip_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], str, dict
                           f"({text.model_name}) come from different OpenCLIP configs; one file holds one model")
     state = model.state_dict()
     names, unnamed = openclip_names(list(state), bool(image.model_cfg.get("custom_text")))
-    scales = [k for k in names if k.startswith("objectives.")]
-    if unnamed or len(scales) != 1:
-        raise ConfigError(f"OpenCLIP export: {_listed('mmpt keys have no OpenCLIP name', unnamed)} and "
-                          f"{len(scales)} logit scales (expected model.head: none and one CLIP objective)")
+    scalars = sorted(names[k] for k in names if k.startswith("objectives."))
+    if unnamed or scalars.count("logit_scale") != 1 or scalars.count("logit_bias") > 1:
+        raise ConfigError(f"OpenCLIP export: {_listed('mmpt keys have no OpenCLIP name', unnamed)} and objective "
+                          f"scalars {scalars} (expected model.head: none and one clip or siglip objective)")
     shape = [1] if image.model_cfg.get("nonscalar_logit_scale") else []
-    out = {oc: state[k].reshape(shape) if oc == "logit_scale" else state[k] for k, oc in names.items()}
+    out = {oc: state[k].reshape(shape) if oc in ("logit_scale", "logit_bias") else state[k] for k, oc in names.items()}
     return out, image.model_name, image.model_cfg
 
 

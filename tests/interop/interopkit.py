@@ -17,6 +17,8 @@ TINY = {
     "tiny-convnext": {"embed_dim": 32, "text_cfg": TINY_VIT["text_cfg"],
                       "vision_cfg": {"timm_model_name": "convnext_atto", "timm_model_pretrained": False,
                                      "timm_pool": "", "timm_proj": "linear", "image_size": 32}},
+    "tiny-sigmoid": {"embed_dim": 32, "init_logit_bias": -10, "vision_cfg": TINY_VIT["vision_cfg"],
+                    "text_cfg": {**TINY_VIT["text_cfg"], "pool_type": "last", "no_causal_mask": True}},
 }
 TEXTS = ["a photo of a cat", "a red circle on the left", "dog", "Hello, World! it's 3 o'clock"]
 _registered: list[Path] = []

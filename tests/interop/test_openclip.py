@@ -35,10 +35,13 @@ def _assert_parity(oc: torch.nn.Module, export: Path, name: str) -> None:
         torch.testing.assert_close(model.encode_image(images), oc.encode_image(images), atol=ATOL, rtol=0)
         torch.testing.assert_close(model.encode_text(ids), oc.encode_text(ids), atol=ATOL, rtol=0)
     assert torch.equal(model.logit_scale.reshape(()), oc.logit_scale.reshape(()))
+    assert (model.logit_bias is None) == (oc.logit_bias is None)
+    if oc.logit_bias is not None:
+        assert torch.equal(model.logit_bias.reshape(()), oc.logit_bias.reshape(()))
 
 
 @pytest.mark.parametrize(("name", "suffix"), [("tiny-vit", ".safetensors"), ("tiny-rn", ".pt"),
-                                              ("tiny-convnext", ".safetensors")])
+                                              ("tiny-convnext", ".safetensors"), ("tiny-sigmoid", ".safetensors")])
 def test_openclip_import_parity_and_round_trip(name: str, suffix: str, tmp_path: Path,
                                                capsys: pytest.CaptureFixture) -> None:
     import open_clip
@@ -164,9 +167,14 @@ def test_towers_load_pretrained_openclip_weights(tmp_path: Path) -> None:
     assert torch.equal(text.text.text_projection, oc.text_projection)
 
 
-def test_tower_config_errors() -> None:
+def test_tower_config_errors(tmp_path: Path) -> None:
     from mmpt.encoders.open_clip import TINY_VIT
+    from mmpt.interop.openclip import import_openclip
     from mmpt.registry import encoders
+
+    # an architecture whose OpenCLIP tokenizer is not the BPE: never guessed
+    with pytest.raises(ConfigError, match="tokenizes with 'timm/ViT-B-16-SigLIP'.*--tokenizer hf:"):
+        import_openclip("ViT-B-16-SigLIP", tmp_path / "weights.safetensors", tmp_path / "out.safetensors")
 
     with pytest.raises(ConfigError, match=r"image_size: 224 does not match the OpenCLIP config's image_size 32"):
         encoders.build("image/open_clip", model_name="x", model_cfg=TINY_VIT)
