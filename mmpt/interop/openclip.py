@@ -127,6 +127,10 @@ def _tokenizer_for(name: str, model_cfg: dict[str, Any], tokenizer: str | None, 
     Hugging Face tokenizer, SigLIP's for names containing 'siglip', else OpenCLIP's BPE."""
     hf_name = model_cfg["text_cfg"].get("hf_tokenizer_name") or ("SigLIP's" if "siglip" in name.lower() else "")
     if tokenizer:
+        cleaning = model_cfg["text_cfg"].get("tokenizer_kwargs")
+        if cleaning:
+            warnings.warn(f"{where}: OpenCLIP cleans texts with {cleaning} before tokenizing; {tokenizer} does not, "
+                          "so texts with capitals or punctuation may tokenize differently", stacklevel=3)
         return tokenizer
     if hf_name:
         raise ConfigError(f"{where}: this architecture tokenizes with {hf_name!r} (Hugging Face); download that "
