@@ -168,34 +168,44 @@ def import_hf_clip(folder: str | Path, out: str | Path) -> Path:
     return write_export(state, cfg, out, source=f"hf-clip:{folder.name}")
 
 
+def _resolved(cfg: dict[str, Any], cls: Any, plain: set[str], part: str) -> tuple[Any, list[str]]:
+    """(OpenCLIP's tower config with its defaults, ``part.key`` of every setting a CLIPModel cannot hold)."""
+    import dataclasses
+
+    defaults = dataclasses.asdict(cls())
+    odd = [f"{part}.{k}" for k, v in cfg.items() if k not in plain and (k not in defaults or v != defaults[k])]
+    return cls(**cfg), odd
+
+
 def hf_config(model_cfg: dict[str, Any], tokenizer: Any) -> dict[str, Any]:
     """``CLIPConfig`` keyword arguments of an OpenCLIP config that a CLIPModel can hold; anything else is refused."""
-    vision, text = dict(model_cfg["vision_cfg"]), dict(model_cfg["text_cfg"])
-    plain_v = {"image_size", "layers", "width", "patch_size", "head_width", "mlp_ratio", "norm_kwargs"}
-    plain_t = {"context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "norm_kwargs", "pool_type",
-               "eos_id"}
-    odd = sorted({f"vision_cfg.{k}" for k in set(vision) - plain_v} | {f"text_cfg.{k}" for k in set(text) - plain_t})
-    if isinstance(vision.get("layers"), (list, tuple)) or odd or text.get("pool_type", "argmax") not in ("argmax", "eos"):
+    from open_clip.model import CLIPTextCfg, CLIPVisionCfg
+
+    v, odd_v = _resolved(model_cfg["vision_cfg"], CLIPVisionCfg, {"image_size", "layers", "width", "patch_size",
+                                                                   "head_width", "mlp_ratio", "norm_kwargs"}, "vision_cfg")
+    t, odd_t = _resolved(model_cfg["text_cfg"], CLIPTextCfg, {
+        "context_length", "vocab_size", "width", "heads", "layers", "mlp_ratio", "norm_kwargs", "eos_id", "pad_id",
+        "pool_type", "hf_tokenizer_name", "tokenizer_mode", "tokenizer_kwargs"}, "text_cfg")
+    odd = odd_v + odd_t + ([] if t.pool_type in ("argmax", "eos") else ["text_cfg.pool_type"])
+    if isinstance(v.layers, (list, tuple)) or odd:
         raise ConfigError(f"Hugging Face CLIP export needs a plain ViT image tower and text transformer (CLIPModel's "
-                          f"layout); this model sets {odd[:SHOWN] or 'a ResNet or another text pooling'}")
+                          f"layout); this model sets {odd[:SHOWN] or 'a ResNet image tower'}")
     act = "quick_gelu" if model_cfg.get("quick_gelu") else "gelu"
 
-    def common(cfg: dict[str, Any]) -> dict[str, Any]:
-        width = int(cfg["width"])
-        return {"hidden_size": width, "intermediate_size": int(width * cfg.get("mlp_ratio", 4.0)),
-                "num_hidden_layers": int(cfg["layers"]), "hidden_act": act,
-                "layer_norm_eps": float((cfg.get("norm_kwargs") or {}).get("eps", 1e-5))}
+    def common(cfg: Any) -> dict[str, Any]:
+        return {"hidden_size": cfg.width, "intermediate_size": int(cfg.width * cfg.mlp_ratio),
+                "num_hidden_layers": cfg.layers, "hidden_act": act,
+                "layer_norm_eps": float((cfg.norm_kwargs or {}).get("eps", 1e-5))}
 
-    eos = int(text.get("eos_id", 2)) if text.get("pool_type") == "eos" else getattr(tokenizer, "eos_id", 49407)
+    # HF pools the first eos_token_id; OpenCLIP's argmax finds the same place, EOT being the largest BPE id
+    eos = t.eos_id if t.pool_type == "eos" else getattr(tokenizer, "eos_id", 49407)
     return {
         "projection_dim": int(model_cfg["embed_dim"]),
-        "vision_config": {**common(vision), "image_size": int(vision["image_size"]),
-                          "patch_size": int(vision["patch_size"]),
-                          "num_attention_heads": int(vision["width"]) // int(vision.get("head_width", 64))},
-        "text_config": {**common(text), "num_attention_heads": int(text.get("heads", 8)),
-                        "max_position_embeddings": int(text.get("context_length", 77)),
-                        "vocab_size": int(text.get("vocab_size", 49408)), "eos_token_id": eos,
-                        "bos_token_id": getattr(tokenizer, "bos_id", 49406), "pad_token_id": getattr(tokenizer, "pad_id", 0)},
+        "vision_config": {**common(v), "image_size": v.image_size, "patch_size": v.patch_size,
+                          "num_attention_heads": v.width // v.head_width},
+        "text_config": {**common(t), "num_attention_heads": t.heads, "max_position_embeddings": t.context_length,
+                        "vocab_size": t.vocab_size, "eos_token_id": eos, "bos_token_id": getattr(tokenizer, "bos_id", 49406),
+                        "pad_token_id": getattr(tokenizer, "pad_id", 0)},
     }
 
 

@@ -110,3 +110,28 @@ def test_hf_folder_with_foreign_keys_names_them(tmp_path: Path) -> None:
     msg = str(err.value)
     assert "1 unmatched ['vision_model.head.weight']" in msg
     assert "1 missing ['text_model.encoder.layers.1.self_attn.q_proj.bias']" in msg
+
+
+def test_openclip_vit_exports_to_hf_and_resnet_is_refused(tmp_path: Path) -> None:
+    """OpenCLIP -> mmpt -> HF for a ViT (argmax pooling becomes HF's first-EOT pooling); a ResNet image tower
+    has no CLIPModel layout and is refused in one message."""
+    import open_clip
+    from interopkit import openclip_model, save_state
+    from transformers import CLIPModel
+
+    from mmpt.interop.hf_clip import export_hf_clip
+    from mmpt.interop.openclip import import_openclip
+
+    oc = openclip_model("tiny-vit", seed=4)
+    export = import_openclip("tiny-vit", save_state(oc, tmp_path / "oc.safetensors"), tmp_path / "vit.safetensors")
+    hf = CLIPModel.from_pretrained(export_hf_clip(export, tmp_path / "hf")).eval()
+    images, ids = normalized_images(), open_clip.get_tokenizer("tiny-vit")(TEXTS)
+    got_image, got_text = _features(hf, images, ids)
+    with torch.no_grad():
+        torch.testing.assert_close(got_image, oc.encode_image(images), atol=ATOL, rtol=0)
+        torch.testing.assert_close(got_text, oc.encode_text(ids), atol=ATOL, rtol=0)
+
+    rn = import_openclip("tiny-rn", save_state(openclip_model("tiny-rn"), tmp_path / "rn.safetensors"),
+                         tmp_path / "rn-mmpt.safetensors")
+    with pytest.raises(ConfigError, match="needs a plain ViT image tower"):
+        export_hf_clip(rn, tmp_path / "hf-rn")
