@@ -200,7 +200,7 @@ def export_config(path: str | Path, meta: dict[str, str]) -> Config:
     for name, enc in raw["model"]["encoders"].items():
         if not isinstance(enc, dict):
             continue  # validation below names it
-        enc.update({k: v for k, v in _weight_sources(enc.get("name")).items() if k in enc})
+        enc.update(_weight_sources(enc.get("name")))  # also where the default loads (text/hf's pretrained)
         for key, value in enc.items():
             if isinstance(value, str) and (value.startswith(REMOTE_PREFIXES) or "://" in value):
                 raise ConfigError(f"{path}: model.encoders.{name}.{key}: {value[:60]!r} names a remote source or "

@@ -134,3 +134,33 @@ def test_text_hf_trains_in_a_recipe(tiny_cfg: dict) -> None:
     with pytest.raises(ConfigError, match="unknown key.*tokenizer"):
         load_config({**tiny_cfg, "model": {**tiny_cfg["model"], "encoders": {
             **tiny_cfg["model"]["encoders"], "text": {"name": "text/hf", "folder": MINILM, "tokeniser": "x"}}}})
+
+
+def test_an_export_of_an_hf_tower_does_not_read_the_folder_weights_again(tiny_cfg: dict, tmp_path: Path,
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """The export holds every weight: loading it builds the architecture from config.json only."""
+    import transformers
+
+    import mmpt
+    from mmpt.config import load_config
+    from mmpt.export import write_export
+    from mmpt.pretrainer import build_pretrainer
+
+    folder = esm_folder(tmp_path / "esm")
+    tiny_cfg["model"]["encoders"]["text"] = {"name": "protein/hf", "folder": folder, "context_length": 16}
+    tiny_cfg["model"]["encoders"] = {"protein": tiny_cfg["model"]["encoders"].pop("text"),
+                                     "image": tiny_cfg["model"]["encoders"]["image"]}
+    tiny_cfg["objectives"]["clip"]["pairs"] = [["image", "protein"]]
+    tiny_cfg["data"]["required"] = ["image", "protein"]
+    cfg = load_config(tiny_cfg)
+    model = build_pretrainer(cfg)
+    out = write_export(model.state_dict(), cfg, tmp_path / "m.safetensors")
+    (Path(folder) / "model.safetensors").unlink()
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("export load read the pretrained weights")
+
+    monkeypatch.setattr(transformers.AutoModel, "from_pretrained", refuse)
+    loaded = mmpt.load(str(out))[0]
+    assert torch.equal(loaded.state_dict()["model.encoders.protein.model.embeddings.word_embeddings.weight"],
+                       model.state_dict()["model.encoders.protein.model.embeddings.word_embeddings.weight"])
