@@ -86,3 +86,19 @@ def test_refusals_are_one_line(tiny_cfg: dict, tmp_path: Path) -> None:
         load_config({**tiny_cfg, "model": {**tiny_cfg["model"], "init_towers": ["image"]}})
     with pytest.raises(ConfigError, match="model.init_towers: no encoder for 'audio'"):
         load_config(with_init(tiny_cfg, tmp_path / "x", ["audio"]))
+
+
+def test_lit_tiny_locks_the_image_tower_of_a_clip_tiny_export(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The shipped recipe: image tower and head from the export, frozen; text trains; the report says so."""
+    clip = load_config("clip-tiny")
+    set_seed(7)
+    state = build_pretrainer(clip).state_dict()
+    monkeypatch.setenv("MMPT_LIT_IMAGE", str(write_export(state, clip, tmp_path / "clip-tiny.safetensors")))
+    model = build_pretrainer(load_config("lit-tiny"))
+    got = model.state_dict()
+    image = [k for k in state if k.startswith(("model.encoders.image.", "model.heads.image."))]
+    assert all(torch.equal(got[k], state[k]) for k in image) and sorted(model.init_report.loaded) == sorted(image)
+    trainable = {n for n, p in model.named_parameters() if p.requires_grad}
+    assert not [n for n in trainable if n in image] and any(n.startswith("model.encoders.text.") for n in trainable)
+    model.train()
+    assert not model.model.encoders["image"].training  # frozen: eval mode whatever the model's mode

@@ -164,3 +164,18 @@ def test_an_export_of_an_hf_tower_does_not_read_the_folder_weights_again(tiny_cf
     loaded = mmpt.load(str(out))[0]
     assert torch.equal(loaded.state_dict()["model.encoders.protein.model.embeddings.word_embeddings.weight"],
                        model.state_dict()["model.encoders.protein.model.embeddings.word_embeddings.weight"])
+
+
+def test_languagebind_tiny_anchors_on_the_frozen_minilm() -> None:
+    from mmpt.config import load_config
+    from mmpt.pretrainer import build_pretrainer
+
+    model = build_pretrainer(load_config("languagebind-tiny"))
+    text = model.model.encoders["text"]
+    assert text.model.config.num_hidden_layers == 6 and text.width == 384
+    assert not any(p.requires_grad for p in text.parameters())
+    assert all(p.requires_grad for p in model.model.heads["text"].parameters())
+    assert all(p.requires_grad for m in ("image", "audio", "point_cloud") for p in model.model.encoders[m].parameters())
+    with torch.no_grad():
+        emb = model.encode("text", ["a red circle", "a red circle"])
+    torch.testing.assert_close(emb[0], emb[1])
