@@ -72,15 +72,19 @@ def freeze(tower: nn.Module) -> None:
     """No gradients, no dropout or batch-statistics updates: the forward runs under ``no_grad`` in eval mode
     whatever mode the model is put in."""
     tower.requires_grad_(False)
-    forward = tower.forward
-
-    def no_grad_forward(*args: Any, **kwargs: Any) -> Any:
-        with torch.no_grad():
-            return forward(*args, **kwargs)
-
-    tower.forward = no_grad_forward
-    tower.train = types.MethodType(lambda self, mode=True: nn.Module.train(self, False), tower)
+    # bound methods (not closures): a deep copy of the model rebinds them to the copy
+    tower.forward = types.MethodType(_no_grad_forward, tower)
+    tower.train = types.MethodType(_always_eval, tower)
     tower.eval()
+
+
+def _no_grad_forward(self: nn.Module, *args: Any, **kwargs: Any) -> Any:
+    with torch.no_grad():
+        return type(self).forward(self, *args, **kwargs)
+
+
+def _always_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    return nn.Module.train(self, False)
 
 
 def block_list(tower: nn.Module, where: str) -> tuple[str, nn.ModuleList]:

@@ -64,6 +64,15 @@ def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(color_shards: 
     assert all(torch.equal(before[n], after[n]) for n in base)  # LoRA leaves the base weights alone
 
 
+def test_a_frozen_tower_stays_frozen_in_a_deep_copy(tiny_cfg: dict) -> None:
+    model = build_pretrainer(load_config(adapted(tiny_cfg, text={"mode": "frozen"})))
+    clone = copy.deepcopy(model).train()
+    tower = clone.model.encoders["text"]
+    assert not tower.training and tower.forward.__self__ is tower
+    out = tower(clone.model.data["text"].prepare(["a red square"]))
+    assert not out.pooled.requires_grad
+
+
 def test_last_blocks_trains_the_end_of_the_stack(tiny_cfg: dict) -> None:
     raw = copy.deepcopy(tiny_cfg)
     raw["model"]["encoders"]["text"]["depth"] = 3
