@@ -186,3 +186,14 @@ def test_export_merges_adapters_unless_kept(color_shards: list[str], tmp_path: P
     assert all(p.requires_grad for p in merged.parameters())
     for model in (merged, kept):
         torch.testing.assert_close(model.encode("image", images), want, rtol=0, atol=1e-5)
+
+
+def test_last_blocks_finds_a_hugging_face_layer_stack() -> None:
+    from mmpt.adapt import adapt_tower
+
+    tower = encoders.build("text/hf", path="t", tokenizer="openclip-bpe", config={
+        "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,
+        "intermediate_size": 64, "vocab_size": 100})
+    adapt_tower(tower, TowerAdapt(mode="last_blocks", blocks=1), "test")
+    trainable = {n for n, p in tower.named_parameters() if p.requires_grad}
+    assert trainable and all(n.startswith("model.encoder.layer.2.") for n in trainable)
