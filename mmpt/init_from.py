@@ -10,6 +10,7 @@ requested. Anything else is refused: a silently partial load trains a model nobo
 from __future__ import annotations
 
 import logging
+from collections import Counter
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -34,8 +35,10 @@ class InitReport:
     not_requested: list[str] = field(default_factory=list)
 
     def summary(self) -> str:
-        """One line for the log."""
-        return (f"init_from {self.path}: loaded {len(self.loaded)} tensors, {len(self.missing)} missing, "
+        """One line for the log: counts, and the loaded tensors per part (``model.encoders.image: 68``)."""
+        parts = Counter(".".join(k.split(".")[:3]) for k in self.loaded)
+        return (f"init_from {self.path}: loaded {len(self.loaded)} tensors "
+                f"({', '.join(f'{p}: {n}' for p, n in parts.items())}), {len(self.missing)} missing, "
                 f"{len(self.unexpected)} unexpected, {len(self.mismatched)} of another shape, "
                 f"{len(self.not_requested)} not requested")
 

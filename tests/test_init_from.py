@@ -53,6 +53,7 @@ def test_a_partial_match_is_refused_unless_the_towers_are_named(tiny_cfg: dict, 
     image = [k for k in state if k.startswith(("model.encoders.image.", "model.heads.image."))]
     assert sorted(report.loaded) == sorted(image) and all(torch.equal(got[k], state[k]) for k in image)
     assert "model.encoders.text.token_embed.weight" in report.not_requested
+    assert f"loaded {len(image)} tensors (model.encoders.image: {len(image) - 1}, model.heads.image: 1)" in report.summary()
     assert not torch.equal(got["model.heads.text.weight"], state["model.heads.text.weight"])
     raw["model"]["encoders"]["image"]["width"] = 48
     with pytest.raises(ConfigError, match="1 of another shape|of another shape; first: model.encoders.image"):
