@@ -23,15 +23,16 @@ the accumulation boundary, where ZeRO reduces across ranks and the optimizer upd
 
 Re-forwards run through the engine's forward (``Pretrainer.forward(batch, phase=...)``), so ZeRO-3
 fetches and releases parameters and hooks their backward as in a plain step. What a chunk's encoders
-return is cached whole (every tensor field: embeddings, per-token embeddings, tokens, masks), so
-token-wise objectives work too; that cache is one layer's output for the whole batch, against every
-layer's activations of it in a plain step.
+return is cached (embeddings, per-token embeddings, masks: what the objectives read, token-wise ones
+too) except floating fields the loss takes no gradient from (under CLIP the tokens and pooled
+features), found once by the loss on the first chunk. The cache is at most one layer's output for the
+whole batch, against every layer's activations of it in a plain step.
 """
 
 from __future__ import annotations
 
 import functools
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import torch
@@ -49,6 +50,9 @@ class GradCacheStep:
 
     def __init__(self, chunk: int):
         self.chunk = chunk
+        # Floating outputs the loss takes no gradient from (an encoder's tokens under CLIP), found on the
+        # first chunk of the first step and never cached: they are the largest fields (B x T x D).
+        self.unread: set[tuple] | None = None
 
     def __call__(self, engine: Any, batch: Batch) -> dict[str, Any]:
         chunks = [chunk_of(batch, i, i + self.chunk) for i in range(0, len(batch), self.chunk)]
@@ -56,7 +60,10 @@ class GradCacheStep:
         with torch.no_grad():
             for c in chunks:
                 states.append(RngState.capture(_device(c)))
-                cached.append(engine(c, phase=_embed))
+                outputs = engine(c, phase=_embed)
+                if self.unread is None:
+                    self.unread = unread_outputs(engine.module.loss, outputs, c)
+                cached.append(_map(outputs, lambda path, t: None if path in self.unread else t))
         merged = merge_chunks(cached)
         del cached
         loss_state = RngState.capture(_device(batch))
@@ -64,10 +71,10 @@ class GradCacheStep:
         after = RngState.capture(_device(batch))  # past the loss's own draws (token subsampling)
         scale = len(chunks)
         for i, (c, state) in enumerate(zip(chunks, states, strict=True)):
-            again = (_map(merged, Tensor.detach), batch, loss_state) if i == 0 else None
+            again = (_map(merged, lambda _, t: t.detach()), batch, loss_state) if i == 0 else None
+            rows = slice(i * self.chunk, (i + 1) * self.chunk)
             surrogate = engine(c, phase=functools.partial(
-                _reforward, grads=[None if g is None else g[i * self.chunk:(i + 1) * self.chunk] * scale
-                                   for g in grads],
+                _reforward, grads={path: g[rows] * scale for path, g in grads.items() if g is not None},
                 state=state, loss_again=again, loss_weight=scale))
             engine.backward(surrogate)
             engine.step()
@@ -76,20 +83,29 @@ class GradCacheStep:
 
 
 def embedding_grads(loss_fn: Callable[[Any, Batch], dict[str, Any]], merged: Any,
-                    batch: Batch) -> tuple[dict[str, Any], list[Tensor | None]]:
-    """The loss on the cached outputs (detached metrics) and its gradient w.r.t. each of their tensors
-    (None where the loss does not read it), with no parameter gradient accumulated."""
-    leaves = [t.requires_grad_(t.is_floating_point()) for t in _tensors(merged)]
+                    batch: Batch) -> tuple[dict[str, Any], dict[tuple, Tensor | None]]:
+    """The loss on the cached outputs (detached metrics) and its gradient w.r.t. each of their floating
+    tensors by path (None where the loss does not read it), with no parameter gradient accumulated."""
+    leaves = {path: t.requires_grad_() for path, t in _flatten(merged).items() if t.is_floating_point()}
     # The loss sees a copy of the dicts: ZeRO-3's hooks replace the tensors inside a submodule's inputs.
-    out = loss_fn(_map(merged, lambda t: t), batch)
-    wanted = [t for t in leaves if t.requires_grad]
-    found = iter(torch.autograd.grad(out["loss"], wanted, allow_unused=True)) if wanted else iter(())
-    grads = [next(found) if t.requires_grad else None for t in leaves]
-    for t in leaves:
+    out = loss_fn(_map(merged, lambda _, t: t), batch)
+    found = torch.autograd.grad(out["loss"], list(leaves.values()), allow_unused=True) if leaves else ()
+    for t in leaves.values():
         t.requires_grad_(False)
-    if all(g is None for g in grads):
+    grads = dict(zip(leaves, found, strict=True))
+    if all(g is None for g in grads.values()):
         raise ValueError("gradcache: the loss reads no encoder output; GradCache needs a loss on embeddings")
     return {"loss": out["loss"].detach(), "losses": out["losses"], "metrics": out["metrics"]}, grads
+
+
+def unread_outputs(loss_fn: Callable[[Any, Batch], dict[str, Any]], outputs: Any, chunk: Batch) -> set[tuple]:
+    """Paths of the floating encoder outputs the loss takes no gradient from, found by the loss on one
+    chunk (every rank calls it at the same point, so its collectives line up; RNG draws are undone)."""
+    state = RngState.capture(_device(chunk))
+    with torch.enable_grad():
+        _, grads = embedding_grads(loss_fn, _map(outputs, lambda _, t: t.detach()), chunk)
+    state.restore()
+    return {path for path, g in grads.items() if g is None}
 
 
 def chunk_of(batch: Batch, start: int, stop: int) -> Batch:
@@ -136,7 +152,7 @@ def _embed(module: Any, batch: Batch) -> Any:
     return module.embed(batch)
 
 
-def _reforward(module: Any, chunk: Batch, grads: list[Tensor | None], state: RngState,
+def _reforward(module: Any, chunk: Batch, grads: dict[tuple, Tensor], state: RngState,
                loss_again: tuple[Any, Batch, RngState] | None, loss_weight: float) -> Tensor:
     """``sum(output * cached grad)`` over the re-embedded chunk (its parameter gradient is the loss's
     through this chunk's samples), plus, when given, the loss on the detached cached outputs (whose
@@ -147,31 +163,26 @@ def _reforward(module: Any, chunk: Batch, grads: list[Tensor | None], state: Rng
         loss_state.restore()
         terms.append(module.loss(outputs, batch)["loss"] * loss_weight)
     state.restore()
-    embedded = module.embed(chunk)
-    terms += [(t.float() * g).sum() for t, g in zip(_tensors(embedded), grads, strict=True) if g is not None]
+    embedded = _flatten(module.embed(chunk))
+    terms += [(embedded[path].float() * g).sum() for path, g in grads.items()]
     return torch.stack(terms).sum()
 
 
-def _tensors(x: Any) -> Iterator[Tensor]:
-    """Every tensor in nested dicts/lists, in a fixed order (dict insertion order)."""
-    if isinstance(x, Tensor):
-        yield x
-    elif isinstance(x, dict):
-        for v in x.values():
-            yield from _tensors(v)
-    elif isinstance(x, (list, tuple)):
-        for v in x:
-            yield from _tensors(v)
+def _flatten(x: Any) -> dict[tuple, Tensor]:
+    """Every tensor in nested dicts/lists by its path, e.g. ``("image", "embedding")``."""
+    out: dict[tuple, Tensor] = {}
+    _map(x, lambda path, t: out.setdefault(path, t))
+    return out
 
 
-def _map(x: Any, fn: Callable[[Tensor], Tensor]) -> Any:
-    """A copy of nested dicts/lists with ``fn`` applied to every tensor (classes kept)."""
+def _map(x: Any, fn: Callable[[tuple, Tensor], Tensor | None], path: tuple = ()) -> Any:
+    """A copy of nested dicts/lists with ``fn(path, tensor)`` in place of every tensor (classes kept)."""
     if isinstance(x, Tensor):
-        return fn(x)
+        return fn(path, x)
     if isinstance(x, dict):
-        return _like(x, {k: _map(v, fn) for k, v in x.items()})
+        return _like(x, {k: _map(v, fn, (*path, k)) for k, v in x.items()})
     if isinstance(x, (list, tuple)):
-        return type(x)(_map(v, fn) for v in x)
+        return type(x)(_map(v, fn, (*path, i)) for i, v in enumerate(x))
     return x
 
 

@@ -125,6 +125,28 @@ def test_gradcache_serves_other_contrastive_objectives(color_shards: list[str], 
     assert own and all(ref[0][n].abs().max() > 0 for n in own), own
 
 
+@pytest.mark.parametrize("objective, read", [("clip", {"embedding"}), ("filip", {"token_embedding"})])
+def test_gradcache_stops_caching_what_the_loss_does_not_read(color_shards: list[str], tmp_path: Path,
+                                                             objective: str, read: set[str]) -> None:
+    """The cache keeps only the floating fields the loss takes a gradient from (found on the first
+    chunk; CLIP: the embeddings, not the B x T x D tokens), from the first step on."""
+    from mmpt.pretrainer import set_seed
+    from mmpt.train.engine import build_engine, init_distributed
+    from mmpt.train.gradcache import GradCacheStep
+
+    raw = gradcache_config(color_shards, tmp_path / "gc", "gradcache", objective)
+    (batch,) = first_batches(raw, 1)
+    cfg = load_config(raw)
+    set_seed(cfg.seed)
+    engine, _ = build_engine(cfg, init_distributed(), 2)
+    step = GradCacheStep(2)
+    losses = [step(engine, batch)["loss"].item() for _ in range(2)]
+    engine.destroy()
+    assert losses[0] == losses[1]  # lr 1e-30: the same weights, the same loss
+    assert {("image", "tokens"), ("text", "tokens"), ("image", "pooled"), ("text", "pooled")} <= step.unread
+    assert not {(m, f) for m in ("image", "text") for f in read} & step.unread
+
+
 @pytest.fixture()
 def dropout_heads(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Engines built from here on get dropout (p 0.3) in front of each projection head: the forward
