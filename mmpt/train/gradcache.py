@@ -55,6 +55,8 @@ class GradCacheStep:
         self.unread: set[tuple] | None = None
 
     def __call__(self, engine: Any, batch: Batch) -> dict[str, Any]:
+        if len(batch) % self.chunk:  # the engine counts batch // chunk micro-steps to its boundary
+            raise ValueError(f"gradcache: a batch of {len(batch)} samples does not split into chunks of {self.chunk}")
         chunks = [chunk_of(batch, i, i + self.chunk) for i in range(0, len(batch), self.chunk)]
         states, cached = [], []
         with torch.no_grad():
