@@ -404,7 +404,11 @@ class Loader:
         workers = self.spec.workers
         loader = DataLoader(self.dataset, batch_size=None, num_workers=workers, pin_memory=self.pin_memory,
                             prefetch_factor=self.prefetch if workers > 0 else None,
-                            persistent_workers=False, multiprocessing_context="fork" if workers > 0 else None)
+                            persistent_workers=False, multiprocessing_context="fork" if workers > 0 else None,
+                            # Its own generator: the default draws the workers' base seed from the global RNG at
+                            # the first batch, which after a resume comes after the restored RNG state, so a
+                            # forward that draws random numbers (dropout, SpecAugment) would not resume exactly.
+                            generator=torch.Generator())
         for batch in loader:
             if isinstance(batch, _StreamFailure):
                 raise DataError(batch.message)

@@ -215,9 +215,6 @@ def test_gradcache_resume_after_crash_is_bitwise_equal(color_shards: list[str], 
     assert not resume_gaps(color_shards, tmp_path, step="gradcache", gradcache_chunk=4)
 
 
-@pytest.mark.xfail(strict=True, reason=(
-    "mmpt/data/loader.py: DataLoader draws its base seed from torch's global RNG at the first batch, which "
-    "after a resume comes after the restored RNG state (fix: DataLoader(..., generator=torch.Generator()))"))
 @pytest.mark.parametrize("step", ["plain", "gradcache"])
 def test_resume_with_random_forward_is_bitwise_equal(color_shards: list[str], tmp_path: Path, dropout_heads: Any,
                                                      step: str) -> None:
