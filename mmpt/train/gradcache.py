@@ -32,6 +32,7 @@ whole batch, against every layer's activations of it in a plain step.
 from __future__ import annotations
 
 import functools
+import warnings
 from collections.abc import Callable
 from typing import Any
 
@@ -53,8 +54,12 @@ class GradCacheStep:
         # Floating outputs the loss takes no gradient from (an encoder's tokens under CLIP), found on the
         # first chunk of the first step and never cached: they are the largest fields (B x T x D).
         self.unread: set[tuple] | None = None
+        self.checked = False
 
     def __call__(self, engine: Any, batch: Batch) -> dict[str, Any]:
+        if not self.checked:
+            self.checked = True
+            warn_batch_norm(engine.module, self.chunk)
         if len(batch) % self.chunk:  # the engine counts batch // chunk micro-steps to its boundary
             raise ValueError(f"gradcache: a batch of {len(batch)} samples does not split into chunks of {self.chunk}")
         chunks = [chunk_of(batch, i, i + self.chunk) for i in range(0, len(batch), self.chunk)]
@@ -82,6 +87,19 @@ class GradCacheStep:
             engine.step()
         after.restore()  # the RNG stream continues as if each chunk had been forwarded once
         return out
+
+
+def warn_batch_norm(module: torch.nn.Module, chunk: int) -> None:
+    """Warn once when a training-mode BatchNorm would normalise over each chunk instead of the whole
+    batch: its gradients (and running statistics, updated on both forwards) are then not a plain step's."""
+    from torch.nn.modules.batchnorm import _BatchNorm
+
+    towers = sorted({".".join(name.split(".")[:3]) for name, m in module.named_modules()
+                     if isinstance(m, _BatchNorm) and m.training})  # e.g. model.encoders.image
+    if towers:
+        warnings.warn(f"gradcache: BatchNorm in {', '.join(towers)} normalises over each chunk of {chunk} "
+                      "samples, not the whole batch: gradients differ from one plain step (towers with "
+                      "GroupNorm/LayerNorm give the same gradients)", stacklevel=2)
 
 
 def embedding_grads(loss_fn: Callable[[Any, Batch], dict[str, Any]], merged: Any,

@@ -254,3 +254,22 @@ def test_gradcache_deepspeed_accumulation(color_shards: list[str], tmp_path: Pat
     cfg = load_config(tiny_config(color_shards, tmp_path, step="gradcache", gradcache_chunk=2, grad_accum=3))
     ds = deepspeed_config(cfg, world=2)
     assert (ds["train_micro_batch_size_per_gpu"], ds["gradient_accumulation_steps"], ds["train_batch_size"]) == (2, 12, 48)
+
+
+def test_gradcache_warns_about_batch_norm_towers(color_shards: list[str], tmp_path: Path) -> None:
+    """BatchNorm in training mode normalises over each chunk, not the whole batch: the gradients are
+    no longer one plain step's, and a user choosing GradCache for exactness must hear it."""
+    from mmpt.train.engine import build_engine, init_distributed
+    from mmpt.train.loop import step_strategy
+
+    raw = gradcache_config(color_shards, tmp_path, step="gradcache")
+    raw["model"]["encoders"]["image"] = {"name": "image/timm", "model_name": "test_resnet", "image_size": 32}
+    cfg, d = load_config(raw), init_distributed()
+    engine, _ = build_engine(cfg, d, 1)
+    step_fn = step_strategy(cfg)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        step_fn(engine, first_batches(raw, 1)[0])
+        step_fn(engine, first_batches(raw, 1)[0])
+    said = [str(w.message) for w in caught if "BatchNorm" in str(w.message)]
+    assert len(said) == 1 and "model.encoders.image" in said[0] and "chunk of 2" in said[0], said
