@@ -48,7 +48,7 @@ def test_overrides_are_typed_and_validated(tiny_cfg: dict) -> None:
 
 
 def test_shipped_recipe_and_unknown_recipe() -> None:
-    assert load_config("clip-tiny").model.encoders["image"]["name"] == "image/vit"
+    assert load_config("clip-tiny").model.encoders["image"]["name"] == "image/timm"
     with pytest.raises(ConfigError, match="did you mean 'clip-tiny'"):
         load_config("clip-tinny")
 
