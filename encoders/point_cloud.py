@@ -133,7 +133,8 @@ class PointTransformer(PrefixTokenEncoder):
         normalize: 'sphere', 'center' or 'none' (data side, see :class:`PointCloudData`).
         train_scale: per-axis training scale range. train_jitter: std of training xyz noise.
         train_dropout: largest fraction of points dropped in training. train_rotate: rotate about the
-        up axis in training.
+        up axis in training. train_color_drop: probability that a training cloud's rgb is replaced by
+        mid-gray (SimCLR's colour-dropping argument: colour alone must not explain every pair).
     """
 
     modality = "point_cloud"
@@ -144,7 +145,7 @@ class PointTransformer(PrefixTokenEncoder):
                  width: int = 384, depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,
                  pointnet_hidden: int = 128, pool: str = "cls", normalize: str = "sphere",
                  train_scale: list = (0.8, 1.2), train_jitter: float = 0.01, train_dropout: float = 0.1,
-                 train_rotate: bool = True):
+                 train_rotate: bool = True, train_color_drop: float = 0.0):
         super().__init__()
         _check_layout(num_points, groups, group_size, channels)
         if pool not in ("cls", "mean"):
@@ -209,7 +210,8 @@ class PointCloudData(ModalityData):
     another channel count, is rejected). normalize: 'sphere' (centre, scale into the unit ball), 'center'
     (centre only: keeps absolute size) or 'none'. train_scale: per-axis scale range. train_jitter: std
     of the Gaussian xyz noise. train_dropout: largest fraction of points dropped. train_rotate: rotate
-    about the up axis.
+    about the up axis. train_color_drop: probability that a training cloud's rgb becomes mid-gray, so its
+    geometry, not its colour, has to match the other side (colour is learned from the clouds that keep it).
     """
 
     modality = "point_cloud"
@@ -217,7 +219,7 @@ class PointCloudData(ModalityData):
 
     def __init__(self, num_points: int = 1024, groups: int = 64, channels: str = "xyz", normalize: str = "sphere",
                  train_scale: list = (0.8, 1.2), train_jitter: float = 0.01, train_dropout: float = 0.1,
-                 train_rotate: bool = True):
+                 train_rotate: bool = True, train_color_drop: float = 0.0):
         _check_layout(num_points, groups, 1, channels)
         if normalize not in NORMALIZE:
             raise ConfigError(f"point_cloud: normalize must be one of {NORMALIZE}, got {normalize!r}")
@@ -226,6 +228,9 @@ class PointCloudData(ModalityData):
         self.normalize = normalize
         self.scale = tuple(train_scale)
         self.jitter, self.dropout, self.rotate = train_jitter, train_dropout, train_rotate
+        if not 0 <= train_color_drop <= 1:
+            raise ConfigError(f"point_cloud: train_color_drop must be in [0, 1], got {train_color_drop}")
+        self.color_drop = train_color_drop if "rgb" in channels else 0.0
 
     def decode(self, data: bytes, ext: str) -> np.ndarray:
         """Bytes -> (N, C) float32 cloud, normalised; never unpickles (object arrays raise).
@@ -306,6 +311,8 @@ class PointCloudData(ModalityData):
             dropped = rng.random(len(cloud)) < rng.uniform(0, self.dropout)
             if dropped.any() and not dropped.all():
                 cloud[dropped] = cloud[np.flatnonzero(~dropped)[0]]
+        if self.color_drop and rng.random() < self.color_drop:
+            cloud[:, 3:6] = 0.5  # rgb follows xyz in every layout that has it
         return cloud
 
     def collate(self, values: list[Any]) -> dict[str, Tensor]:

@@ -315,3 +315,25 @@ def test_demo_solids_are_distinct_shapes() -> None:
     within = max(chamfer(a, b) for a, b in zip(clouds, resample))
     between = min(chamfer(clouds[i], clouds[j]) for i in range(8) for j in range(i + 1, 8))
     assert between > 1.5 * within, (between, within)
+
+
+def test_color_drop_grays_whole_training_clouds_only() -> None:
+    import random
+
+    from mmpt.registry import ConfigError
+
+    rng = np.random.default_rng(0)
+    cloud = np.concatenate([rng.normal(size=(200, 3)), rng.uniform(0, 1, (200, 3))], 1).astype(np.float32)
+    d = data(channels="xyzrgb", train_color_drop=0.5)
+    cloud = d.decode(npy(cloud), "npy")
+    grayed = []
+    for seed in range(40):
+        random.seed(seed)
+        rgb = d.transform(cloud, train=True)[:, 3:].numpy()
+        grayed.append(bool(np.all(rgb == 0.5)))
+        assert grayed[-1] or not np.any(rgb == 0.5)  # a cloud keeps all its colours or loses all of them
+    assert 10 <= sum(grayed) <= 30, sum(grayed)
+    assert not np.any(d.transform(cloud, train=False)[:, 3:].numpy() == 0.5)  # eval never drops colour
+    assert not np.any(data(channels="xyzrgb").transform(cloud, train=True)[:, 3:].numpy() == 0.5)  # off by default
+    with pytest.raises(ConfigError, match="train_color_drop must be in"):
+        data(channels="xyzrgb", train_color_drop=1.5)
