@@ -63,7 +63,12 @@ def gather_features(x: Tensor, mode: GatherMode, rank: int, world: int) -> Tenso
     if mode.gather == "with_grad":
         import torch.distributed.nn.functional as dist_nn
 
-        return torch.cat(dist_nn.all_gather(x), dim=0)
+        gathered = torch.cat(dist_nn.all_gather(x), dim=0)
+        if gathered.requires_grad:
+            # On gloo all_gather's backward is an all_to_all that misplaces non-contiguous gradients
+            # (an einsum's, as FILIP's): hand it contiguous ones.
+            gathered.register_hook(lambda g: g.contiguous())
+        return gathered
     parts = [torch.empty_like(x) for _ in range(world)]
     dist.all_gather(parts, x.detach().contiguous())
     if not mode.local_loss:

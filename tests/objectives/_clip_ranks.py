@@ -1,7 +1,7 @@
 """Rank worker for test_contrastive: every 2-rank clip_loss scenario in one torchrun launch.
 
-Usage: python -m torch.distributed.run --nproc_per_node 2 tests/objectives/_clip_ranks.py OUTDIR [siglip]
-Writes OUTDIR/rank{r}.pt: {scenario: {name: tensor}} (with ``siglip``: only the siglip scenarios). Inputs are seeded identically on every rank;
+Usage: python -m torch.distributed.run --nproc_per_node 2 tests/objectives/_clip_ranks.py OUTDIR [siglip|filip]
+Writes OUTDIR/rank{r}.pt: {scenario: {name: tensor}} (with ``siglip`` / ``filip``: only that objective's). Inputs are seeded identically on every rank;
 each rank takes its slice of the global batch, so the test can rebuild the global batch itself.
 """
 
@@ -96,7 +96,41 @@ def siglip_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]
     return results
 
 
-def main(outdir: Path, only_siglip: bool = False) -> None:
+FILIP_MODES = [("no_grad", False), ("with_grad", False), ("with_grad", True)]
+
+
+def filip_global_tokens() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Token embeddings of the global batch: a (N, 3, DIM), b (N, 5, DIM) and their masks (1..T real tokens)."""
+    g = torch.Generator().manual_seed(4321)
+    n = WORLD * LOCAL_BATCH
+    a = F.normalize(torch.randn(n, 3, DIM, generator=g), dim=-1)
+    b = F.normalize(a.mean(1, keepdim=True) + 0.8 * torch.randn(n, 5, DIM, generator=g), dim=-1)
+    a_mask = torch.arange(3)[None] < torch.randint(1, 4, (n, 1), generator=g)
+    b_mask = torch.arange(5)[None] < torch.randint(1, 6, (n, 1), generator=g)
+    return a, a_mask, b, b_mask
+
+
+def filip_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
+    """filip_loss per gather mode, unmasked and with absent samples."""
+    from mmpt.objectives.contrastive import GatherMode
+    from mmpt.objectives.filip import filip_loss
+
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    a_glob, a_mask, b_glob, b_mask = filip_global_tokens()
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for gather, local_loss in FILIP_MODES:
+        for mask_name in ("unmasked", "some"):
+            mask = global_masks()[mask_name]
+            a, b, s = _leaves(a_glob[rows], b_glob[rows])
+            loss, metrics = filip_loss(a, a_mask[rows], b, b_mask[rows], s, gather=GatherMode(gather, local_loss),
+                                       valid=None if mask is None else mask[rows])
+            loss.backward()
+            results[f"filip/{gather}/{int(local_loss)}/{mask_name}"] = {
+                "loss": loss.detach(), "grad_a": a.grad, "grad_b": b.grad, "grad_scale": s.grad, **metrics}
+    return results
+
+
+def main(outdir: Path, group: str = "") -> None:
     from open_clip.loss import ClipLoss
 
     from mmpt.data.batch import Batch
@@ -106,8 +140,8 @@ def main(outdir: Path, only_siglip: bool = False) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, world
-    if only_siglip:
-        torch.save(siglip_scenarios(rank, world), outdir / f"rank{rank}.pt")
+    if group:
+        torch.save({"siglip": siglip_scenarios, "filip": filip_scenarios}[group](rank, world), outdir / f"rank{rank}.pt")
         dist.barrier()
         dist.destroy_process_group()
         return
@@ -155,4 +189,4 @@ def main(outdir: Path, only_siglip: bool = False) -> None:
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), only_siglip=sys.argv[2:] == ["siglip"])
+    main(Path(sys.argv[1]), group=sys.argv[2] if len(sys.argv) > 2 else "")

@@ -5,6 +5,12 @@ Tolerance: rtol 1e-5, atol 1e-6 in fp32 (the loop sums in another order).
 
 from __future__ import annotations
 
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -17,6 +23,10 @@ from mmpt.objectives.contrastive import GatherMode
 from mmpt.objectives.filip import FILIP, filip_loss, subsample_tokens, token_similarity
 from mmpt.pretrainer import Pretrainer
 from mmpt.registry import ConfigError, encoders, modalities, objectives
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+import _clip_ranks as ranks_worker  # noqa: E402  (the shared 2-rank harness)
 
 
 def assert_close(actual: torch.Tensor, expected: torch.Tensor, what: str = "") -> None:
@@ -208,3 +218,47 @@ def test_max_tokens_subsamples_in_training_only() -> None:
     (sa, sam), (sb, sbm) = subsample_tokens(a, am, 3), subsample_tokens(b, bm, 3)
     assert sam.all() and sbm.all()
     assert_close(got, naive_filip(sa, sam, sb, sbm, torch.tensor(5.0)), "train: 3 random valid tokens a side")
+
+
+# ---- two ranks (gloo), in the clip harness ---------------------------------------------------------
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Run the filip scenarios of the 2-rank harness in one torchrun launch; return each rank's results."""
+    out = tmp_path_factory.mktemp("filip_ranks")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+           "--master_port", str(_free_port()), str(HERE / "_clip_ranks.py"), str(out), "filip"]
+    proc = subprocess.run(cmd, cwd=HERE.parents[1], env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
+                          text=True, timeout=120)
+    assert proc.returncode == 0, f"ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return [torch.load(out / f"rank{r}.pt") for r in range(ranks_worker.WORLD)]
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(300)
+def test_two_ranks_equal_the_concatenated_batch(rank_results: list[dict[str, dict[str, torch.Tensor]]]) -> None:
+    a_glob, a_mask, b_glob, b_mask = ranks_worker.filip_global_tokens()
+    world = ranks_worker.WORLD
+    for gather, local_loss in ranks_worker.FILIP_MODES:
+        for mask_name in ("unmasked", "some"):
+            key = f"filip/{gather}/{int(local_loss)}/{mask_name}"
+            res = [r[key] for r in rank_results]
+            valid = ranks_worker.global_masks()[mask_name]
+            ref = with_grads(lambda x, y, s, v=valid: naive_filip(x, a_mask, y, b_mask, s, v), a_glob, b_glob,
+                             ranks_worker.SCALE)
+            losses = torch.stack([r["loss"] for r in res])
+            # without local_loss every rank holds the whole loss; with it, its share
+            for got in ([losses.mean()] if local_loss else losses):
+                assert_close(got, ref[0], f"{key} loss")
+            if gather == "with_grad":
+                # ranks average grads; each rank's feature grad already sums every rank's loss
+                assert_close(torch.cat([r["grad_a"] for r in res]) / world, ref[1], f"{key} grad a")
+                assert_close(torch.cat([r["grad_b"] for r in res]) / world, ref[2], f"{key} grad b")
+                assert_close(torch.stack([r["grad_scale"] for r in res]).mean(), ref[3], f"{key} grad scale")
