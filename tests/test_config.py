@@ -156,3 +156,15 @@ def test_every_recipe_and_part_key_is_documented() -> None:
     missing = [f"{getattr(p, 'registry_name', p.__name__)}.{key}" for p in parts
                for key, _, _, text in describe(p) if text == UNDOCUMENTED]
     assert not missing, f"keys without a 'key: description.' in their class docstring: {missing}"
+
+
+def test_every_shipped_recipe_loads() -> None:
+    """Each recipe in recipes/ validates (keys, types, registered names) and evaluates something."""
+    from importlib import resources
+
+    names = sorted(p.name.removesuffix(".yaml") for p in resources.files("mmpt.recipes").iterdir()
+                   if p.name.endswith(".yaml"))
+    assert {"clip-tiny", "clap-tiny", "ulip-tiny", "protst-tiny", "imagebind-tiny"} <= set(names), names
+    for name in names:
+        cfg = load_config(name)
+        assert cfg.name == name and cfg.eval, name
