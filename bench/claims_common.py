@@ -14,6 +14,11 @@ from common import MMPT, RESULTS, machine, run_logged, thread_env
 from mmpt.eval import run_tasks
 
 DEMO_TASKS = ("color", "shape")
+# The CLIP baseline of every claim: the compared recipe (same towers, data, schedule) with its objective
+# swapped for clip and clip-tiny's optimizer settings of the ViT towers (lr 2e-3, beta2 0.98). Not clip-tiny
+# itself: its towers may change (it moved to a ResNet image tower), and a claim compares objectives only.
+CLIP_TWIN = ["objectives={clip: {name: clip, pairs: [[image, text]], gather: no_grad}}", "optim.lr=2.0e-3",
+             "optim.betas=[0.9, 0.98]", "optim.lr_scale={}"]
 
 
 def add_run_args(p: argparse.ArgumentParser, steps: int, work: str) -> None:
