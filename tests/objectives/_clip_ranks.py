@@ -1,7 +1,7 @@
 """Rank worker for test_contrastive: every 2-rank clip_loss scenario in one torchrun launch.
 
-Usage: python -m torch.distributed.run --nproc_per_node 2 tests/objectives/_clip_ranks.py OUTDIR [siglip|filip]
-Writes OUTDIR/rank{r}.pt: {scenario: {name: tensor}} (with ``siglip`` / ``filip``: only that objective's). Inputs are seeded identically on every rank;
+Usage: python -m torch.distributed.run --nproc_per_node 2 tests/objectives/_clip_ranks.py OUTDIR
+Writes OUTDIR/{clip,siglip,filip}_rank{r}.pt: {scenario: {name: tensor}}, one file per objective. Inputs are seeded identically on every rank;
 each rank takes its slice of the global batch, so the test can rebuild the global batch itself.
 """
 
@@ -130,7 +130,7 @@ def filip_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]
     return results
 
 
-def main(outdir: Path, group: str = "") -> None:
+def main(outdir: Path) -> None:
     from open_clip.loss import ClipLoss
 
     from mmpt.data.batch import Batch
@@ -140,11 +140,8 @@ def main(outdir: Path, group: str = "") -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, world
-    if group:
-        torch.save({"siglip": siglip_scenarios, "filip": filip_scenarios}[group](rank, world), outdir / f"rank{rank}.pt")
-        dist.barrier()
-        dist.destroy_process_group()
-        return
+    for name, scenarios in (("siglip", siglip_scenarios), ("filip", filip_scenarios)):
+        torch.save(scenarios(rank, world), outdir / f"{name}_rank{rank}.pt")
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     a_glob, b_glob = global_inputs()
     a_loc, b_loc = a_glob[rows], b_glob[rows]
@@ -183,10 +180,10 @@ def main(outdir: Path, group: str = "") -> None:
     out.loss.backward()
     results["module"] = {"loss": out.loss.detach(), "grad_a": a.grad, "grad_scale": objective.logit_scale.grad}
 
-    torch.save(results, outdir / f"rank{rank}.pt")
+    torch.save(results, outdir / f"clip_rank{rank}.pt")
     dist.barrier()
     dist.destroy_process_group()
 
 
 if __name__ == "__main__":
-    main(Path(sys.argv[1]), group=sys.argv[2] if len(sys.argv) > 2 else "")
+    main(Path(sys.argv[1]))

@@ -4,10 +4,6 @@ from __future__ import annotations
 
 import importlib.util
 import math
-import os
-import socket
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -345,22 +341,11 @@ def test_logit_scale_recovers_in_a_deepspeed_engine_at_every_stage(color_shards:
 # ---- two ranks (gloo) ---------------------------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """Run every 2-rank scenario in one torchrun launch; return each rank's results."""
-    out = tmp_path_factory.mktemp("clip_ranks")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "_clip_ranks.py"), str(out)]
-    env = {**os.environ, "OMP_NUM_THREADS": "1"}
-    proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=120)
-    assert proc.returncode == 0, f"ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(ranks_worker.WORLD)]
+def rank_results(objective_ranks) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Each rank's clip scenarios from the shared 2-rank launch (conftest.py)."""
+    return objective_ranks("clip")
 
 
 def _single_reference(mask: torch.Tensor | None):

@@ -7,9 +7,6 @@ OpenCLIP's to the last bit in practice, since both sum the same blocks.
 from __future__ import annotations
 
 import math
-import os
-import socket
-import subprocess
 import sys
 from pathlib import Path
 
@@ -163,22 +160,11 @@ def test_siglip_pairs_with_missing_modality_and_metrics() -> None:
 # ---- two ranks (gloo), in the clip harness ---------------------------------------------------------
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 @pytest.fixture(scope="module")
-def rank_results(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, torch.Tensor]]]:
-    """Run the siglip scenarios of the 2-rank harness in one torchrun launch; return each rank's results."""
-    out = tmp_path_factory.mktemp("siglip_ranks")
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(_free_port()), str(HERE / "_clip_ranks.py"), str(out), "siglip"]
-    proc = subprocess.run(cmd, cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"}, capture_output=True,
-                          text=True, timeout=120)
-    assert proc.returncode == 0, f"ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
-    return [torch.load(out / f"rank{r}.pt") for r in range(ranks_worker.WORLD)]
+def rank_results(objective_ranks) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Each rank's siglip scenarios from the shared 2-rank launch (conftest.py)."""
+    return objective_ranks("siglip")
 
 
 def _averaged(res: list[dict[str, torch.Tensor]]) -> tuple[torch.Tensor, ...]:
