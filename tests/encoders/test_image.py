@@ -101,3 +101,21 @@ def test_image_data_decode_transform_collate() -> None:
     with pytest.raises(DecompressionBomb, match="max_image_pixels=10000"):
         data.decode(_jpeg(200, 100), "jpg")
     assert data.prepare([Image.new("RGB", (50, 60))])["pixels"].shape == (1, 3, 32, 32)
+
+
+def test_timm_tower_loads_a_local_checkpoint(tmp_path) -> None:
+    """`checkpoint_path` loads a weights file saved from the same timm architecture (no hub access)."""
+    import timm
+    from safetensors.torch import save_file
+
+    kwargs = {"model_name": "vit_tiny_patch16_224", "image_size": 32, "model_kwargs": {"depth": 2}}
+    torch.manual_seed(123)
+    source = timm.create_model("vit_tiny_patch16_224", num_classes=0, img_size=32, depth=2)
+    path = tmp_path / "vit_tiny.safetensors"
+    save_file({k: v.contiguous() for k, v in source.state_dict().items()}, str(path))
+    torch.manual_seed(0)
+    fresh = encoders.build("image/timm", path="image", **kwargs)
+    loaded = encoders.build("image/timm", path="image", checkpoint_path=str(path), **kwargs)
+    for name, value in source.state_dict().items():
+        assert torch.equal(loaded.trunk.state_dict()[name], value), name
+    assert not torch.equal(fresh.trunk.pos_embed, loaded.trunk.pos_embed)
