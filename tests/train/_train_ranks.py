@@ -132,7 +132,10 @@ def gradcache_gradients(shards: list[str], out: Path) -> None:
     test_gradcache's tolerance and a checksum of the reduced gradients (equal on every rank)."""
     from test_gradcache import boundary_grads, first_batches, gradcache_config, gradient_gaps
 
-    rank, world = dist.get_rank(), dist.get_world_size()
+    from mmpt.train.engine import init_distributed
+
+    d = init_distributed()  # the first scenario of the launch: nothing has joined the group yet
+    rank, world = d.rank, d.world
     cases = {f"clip_zero{stage}": (stage, "clip", {}) for stage in (0, 1, 2, 3)}
     cases["clip_with_grad_local_loss_zero3"] = (3, "clip", {"gather": "with_grad", "local_loss": True})
     cases["siglip_zero2"] = (2, "siglip", {})
