@@ -46,7 +46,7 @@ class Pretrainer(nn.Module):
         metrics: dict[str, Tensor] = {}
         total: Tensor | None = None
         for name, obj in self.objectives.items():
-            out = obj(outputs, batch)
+            out = obj(outputs, batch, self.model) if obj.uses_model else obj(outputs, batch)
             losses[name] = out.loss.detach()
             metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
             term = self.weights[name] * out.loss

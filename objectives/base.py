@@ -23,11 +23,18 @@ class Objective(nn.Module):
     """Base class: ``forward(outputs, batch) -> ObjectiveOutput``.
 
     ``modalities`` lists the modalities the objective reads, so the pretrainer encodes only those.
+    An objective that must run a tower on inputs of its own (masked modelling encodes masked ids or
+    the visible patches) sets ``uses_model = True`` and is called ``forward(outputs, batch, model)``
+    with the :class:`~mmpt.model.MultimodalModel`: calling a tower's ``forward`` (a module call) keeps
+    ZeRO-3's parameter fetch and release; reaching into a tower's own parameters outside a module call
+    does not (see docs/design.md, "Objectives that run a tower").
     """
 
     modalities: tuple[str, ...] = ()
     # Modalities whose per-token projected embeddings (``EncoderOutput.token_embedding``) it reads.
     token_modalities: tuple[str, ...] = ()
+    # True: forward also takes the MultimodalModel, to encode inputs of its own (masked modelling).
+    uses_model: bool = False
     # Keyword sets that build this objective in milliseconds, for the ZeRO-3 init test (see Encoder).
     tiny_configs: tuple[dict, ...] = ()
 

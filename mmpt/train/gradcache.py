@@ -59,6 +59,7 @@ class GradCacheStep:
     def __call__(self, engine: Any, batch: Batch) -> dict[str, Any]:
         if not self.checked:
             self.checked = True
+            refuse_encoding_objectives(engine.module)
             warn_batch_norm(engine.module, self.chunk)
         if len(batch) % self.chunk:  # the engine counts batch // chunk micro-steps to its boundary
             raise ValueError(f"gradcache: a batch of {len(batch)} samples does not split into chunks of {self.chunk}")
@@ -87,6 +88,17 @@ class GradCacheStep:
             engine.step()
         after.restore()  # the RNG stream continues as if each chunk had been forwarded once
         return out
+
+
+def refuse_encoding_objectives(pretrainer: torch.nn.Module) -> None:
+    """GradCache caches the towers' outputs and runs the loss on them: an objective that runs a tower itself
+    (``uses_model``: masked modelling) would re-encode the whole batch at once, outside the cache."""
+    from mmpt.registry import ConfigError
+
+    names = [name for name, obj in pretrainer.objectives.items() if getattr(obj, "uses_model", False)]
+    if names:
+        raise ConfigError(f"train.step: gradcache cannot run objectives that encode inputs themselves "
+                          f"({', '.join(names)}); use train.step=plain with train.grad_accum")
 
 
 def warn_batch_norm(module: torch.nn.Module, chunk: int) -> None:

@@ -273,3 +273,17 @@ def test_gradcache_warns_about_batch_norm_towers(color_shards: list[str], tmp_pa
         step_fn(engine, first_batches(raw, 1)[0])
     said = [str(w.message) for w in caught if "BatchNorm" in str(w.message)]
     assert len(said) == 1 and "model.encoders.image" in said[0] and "chunk of 2" in said[0], said
+
+
+def test_gradcache_refuses_objectives_that_encode_themselves() -> None:
+    from mmpt.train.gradcache import refuse_encoding_objectives
+
+    class Encodes(torch.nn.Module):
+        uses_model = True
+
+    module = torch.nn.Module()
+    module.objectives = torch.nn.ModuleDict({"clip": torch.nn.Module(), "mlm": Encodes()})
+    with pytest.raises(ConfigError, match=r"gradcache cannot run objectives that encode inputs themselves \(mlm\)"):
+        refuse_encoding_objectives(module)
+    del module.objectives["mlm"]
+    refuse_encoding_objectives(module)
