@@ -13,7 +13,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData
-from mmpt.layers import Transformer, last_token, masked_mean
+from mmpt.layers import KVCache, Transformer, last_token, masked_mean
 from mmpt.registry import ConfigError, encoders, modalities
 
 
@@ -139,10 +139,14 @@ class TextTransformer(Encoder):
         self.trunk = Transformer(width, depth, heads, mlp_ratio, causal=causal)
         self.norm = nn.LayerNorm(width)
 
-    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:
+    def forward(self, inputs: dict[str, Tensor], cache: KVCache | None = None) -> EncoderOutput:
+        """``cache``: incremental decoding (causal only): ``ids`` are the positions after ``cache.length``."""
         ids, mask = inputs["ids"], inputs["mask"]
-        x = self.token_embed(ids) + self.pos_embed[:, : ids.shape[1]]
-        tokens = self.norm(self.trunk(x, mask))
+        start = 0 if cache is None else cache.length
+        if start + ids.shape[1] > self.context_length:
+            raise ValueError(f"text/transformer: {start + ids.shape[1]} positions > context_length {self.context_length}")
+        x = self.token_embed(ids) + self.pos_embed[:, start: start + ids.shape[1]]
+        tokens = self.norm(self.trunk(x, mask, cache) if cache is not None else self.trunk(x, mask))
         if self.pool == "eot":
             pooled = last_token(tokens, mask)
         elif self.pool == "cls":

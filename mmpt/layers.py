@@ -2,6 +2,10 @@
 
 Attention uses ``F.scaled_dot_product_attention`` (flash / memory-efficient kernels on CUDA) and
 separate ``nn.Linear`` projections, so LoRA-style adapters can wrap them.
+
+Incremental decoding: every forward takes an optional :class:`KVCache`. Without one nothing changes; with
+one, each attention layer appends the keys and values of the new positions to its entry (cross-attention
+projects its memory once), so a decoder fed one new token per step never recomputes the prefix.
 """
 
 from __future__ import annotations
@@ -10,6 +14,51 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+
+class AttentionCache:
+    """Keys and values (B, heads, T, head_dim) one attention layer has seen so far."""
+
+    def __init__(self) -> None:
+        self.k: Tensor | None = None
+        self.v: Tensor | None = None
+        self.mask: Tensor | None = None  # cross-attention: the memory's (B, S) mask
+
+    def append(self, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        """Add the new positions' keys and values; returns all of them."""
+        self.k = k if self.k is None else torch.cat([self.k, k], 2)
+        self.v = v if self.v is None else torch.cat([self.v, v], 2)
+        return self.k, self.v
+
+
+class KVCache:
+    """State of one incremental decode: an :class:`AttentionCache` per attention module (created on first
+    use, keyed by the module) and ``length``, the positions already decoded (the caller advances it)."""
+
+    def __init__(self) -> None:
+        self.entries: dict[int, AttentionCache] = {}
+        self.length = 0
+
+    def entry(self, module: nn.Module) -> AttentionCache:
+        """The cache of ``module``, empty on first use."""
+        return self.entries.setdefault(id(module), AttentionCache())
+
+    def advance(self, steps: int) -> None:
+        """Record that ``steps`` more positions went through every layer."""
+        self.length += steps
+
+    def reorder(self, index: Tensor) -> None:
+        """Keep rows ``index`` (N,) of every entry, in that order (beam search picks and repeats rows)."""
+        for e in self.entries.values():
+            if e.k is not None:
+                e.k, e.v = e.k.index_select(0, index), e.v.index_select(0, index)
+            if e.mask is not None:
+                e.mask = e.mask.index_select(0, index)
+
+
+def _prefix_causal_mask(t: int, past: int, device: torch.device) -> Tensor:
+    # (t, past + t): new query i sits at position past + i and sees every key up to it
+    return torch.ones(t, past + t, dtype=torch.bool, device=device).tril(past)
 
 
 class Attention(nn.Module):
@@ -24,9 +73,11 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(width, 3 * width)
         self.proj = nn.Linear(width, width)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         b, t, d = x.shape
         q, k, v = self.qkv(x).view(b, t, 3, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+        if cache is not None:
+            return self._cached(q, k, v, mask, cache.entry(self))
         attn_mask = None
         if mask is not None and not self.causal:
             # (B, 1, 1, T): every query may attend to real keys only
@@ -36,6 +87,54 @@ class Attention(nn.Module):
             # hides it from every real query; padded queries are ignored downstream.
             attn_mask = None
         out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
+        return self.proj(out.transpose(1, 2).reshape(b, t, d))
+
+    def _cached(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, entry: AttentionCache) -> Tensor:
+        # Decoding feeds real tokens only (every row advances together), so the new queries need just
+        # causality against the cached prefix; a padding mask would have to cover the prefix too.
+        if mask is not None and not bool(mask.all()):
+            raise ValueError("Attention with a KV cache: padded positions cannot be cached (pass real tokens only)")
+        past = 0 if entry.k is None else entry.k.shape[2]
+        if not self.causal and past:
+            raise ValueError("Attention with a KV cache: a bidirectional layer cannot decode incrementally")
+        k, v = entry.append(k, v)
+        b, _, t, hd = q.shape
+        attn_mask = _prefix_causal_mask(t, past, q.device) if self.causal and t > 1 else None
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
+        return self.proj(out.transpose(1, 2).reshape(b, t, self.heads * hd))
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention from (B, T, D) queries to a (B, S, memory_width) memory with an optional
+    (B, S) bool mask (True: real). With a cache the memory is projected once, on the first step, and
+    later steps may pass ``memory=None``."""
+
+    def __init__(self, width: int, heads: int, memory_width: int | None = None):
+        super().__init__()
+        if width % heads:
+            raise ValueError(f"width {width} is not divisible by heads {heads}")
+        self.heads = heads
+        self.q = nn.Linear(width, width)
+        self.kv = nn.Linear(memory_width or width, 2 * width)
+        self.proj = nn.Linear(width, width)
+
+    def forward(self, x: Tensor, memory: Tensor | None, memory_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        b, t, d = x.shape
+        q = self.q(x).view(b, t, self.heads, d // self.heads).transpose(1, 2)
+        entry = cache.entry(self) if cache is not None else None
+        if entry is not None and entry.k is not None:
+            k, v, memory_mask = entry.k, entry.v, entry.mask
+        else:
+            if memory is None:
+                raise ValueError("CrossAttention: no memory given and none cached")
+            s = memory.shape[1]
+            k, v = self.kv(memory).view(b, s, 2, self.heads, d // self.heads).permute(2, 0, 3, 1, 4)
+            if entry is not None:
+                entry.append(k, v)
+                entry.mask = memory_mask
+        attn_mask = None if memory_mask is None else memory_mask[:, None, None, :]
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask)
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
 
@@ -50,8 +149,31 @@ class Block(nn.Module):
         self.norm2 = nn.LayerNorm(width)
         self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
-        x = x + self.attn(self.norm1(x), mask)
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
+        # Called without the cache argument when there is none: encoders may swap in attention modules
+        # of their own (protein's rotary attention) that take (x, mask) only.
+        h = self.norm1(x)
+        x = x + (self.attn(h, mask) if cache is None else self.attn(h, mask, cache))
+        return x + self.mlp(self.norm2(x))
+
+
+class CrossBlock(nn.Module):
+    """Pre-norm cross-attention block: x + cross(norm(x), memory), x + mlp(norm(x)) (CoCa's multimodal
+    layers interleave it with causal :class:`Block` s)."""
+
+    def __init__(self, width: int, heads: int, memory_width: int | None = None, mlp_ratio: float = 4.0):
+        super().__init__()
+        hidden = int(width * mlp_ratio)
+        self.norm1 = nn.LayerNorm(width)
+        self.norm_memory = nn.LayerNorm(memory_width or width)
+        self.cross = CrossAttention(width, heads, memory_width)
+        self.norm2 = nn.LayerNorm(width)
+        self.mlp = nn.Sequential(nn.Linear(width, hidden), nn.GELU(), nn.Linear(hidden, width))
+
+    def forward(self, x: Tensor, memory: Tensor | None, memory_mask: Tensor | None = None,
+                cache: KVCache | None = None) -> Tensor:
+        memory = None if memory is None else self.norm_memory(memory)
+        x = x + self.cross(self.norm1(x), memory, memory_mask, cache)
         return x + self.mlp(self.norm2(x))
 
 
@@ -64,9 +186,11 @@ class Transformer(nn.Module):
         self.grad_checkpointing = False
         self.apply(init_weights)
 
-    def forward(self, x: Tensor, mask: Tensor | None = None) -> Tensor:
+    def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
         for block in self.blocks:
-            if self.grad_checkpointing and self.training:
+            if cache is not None:  # incremental decoding: inference only, nothing to checkpoint
+                x = block(x, mask, cache)
+            elif self.grad_checkpointing and self.training:
                 x = checkpoint(block, x, mask, use_reentrant=False)
             else:
                 x = block(x, mask)
