@@ -20,7 +20,6 @@ from mmpt.encoders.base import (
     ModalityData,
     PrefixTokenEncoder,
     StemOutput,
-    stack_present,
 )
 from mmpt.layers import Transformer
 from mmpt.registry import encoders, modalities
@@ -285,8 +284,12 @@ class ImageData(ModalityData):
         raise TypeError(f"image input must be a PIL image, a path or bytes, got {type(value).__name__}")
 
     def collate(self, values: list[Any]) -> dict[str, Tensor]:
-        like = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
-        return {"pixels": stack_present(values, like)}
+        from torch.utils.data import default_collate
+
+        zero = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
+        # default_collate stacks into shared memory inside a DataLoader worker, so handing the batch to the
+        # main process does not copy it again (that copy was ~9% of a worker's time at 224 px)
+        return {"pixels": default_collate([zero if v is None else v for v in values])}
 
     def fields_from_tensor(self, x: Tensor) -> dict[str, Tensor]:
         """A (B, 3, S, S) uint8 batch (0-255) or float batch in [0, 1] -> ``{"pixels": x}``."""
