@@ -20,8 +20,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.encoders.base import DemoConcepts, Encoder, EncoderOutput, ModalityData, StemOutput
-from mmpt.layers import Transformer, masked_mean
+from mmpt.encoders.base import DemoConcepts, ModalityData, PrefixTokenEncoder, StemOutput, check_token_drop
+from mmpt.layers import Transformer
 from mmpt.registry import ConfigError, encoders, modalities
 
 # LAION-CLAP's front end: 48 kHz, 10-s clips, n_fft 1024, hop 480, 64 mels over 50-14,000 Hz.
@@ -171,19 +171,12 @@ def hf_audio_inputs(extractor: Any, wave: Tensor, lengths: Tensor, sample_rate: 
     return {k: v.to(wave.device) for k, v in out.items()}
 
 
-@dataclass
-class AudioStemOutput(StemOutput):
-    """StemOutput plus the (B, T) token mask (True where a token has sound; the CLS prefix always)."""
-
-    mask: Tensor | None = None
-
-
 def _pair(x: int | list | tuple) -> tuple[int, int]:
     return (int(x), int(x)) if isinstance(x, int) else (int(x[0]), int(x[1]))
 
 
 @encoders.register("audio/ast")
-class AudioSpectrogramTransformer(Encoder):
+class AudioSpectrogramTransformer(PrefixTokenEncoder):
     """AST / CLAP-style patch transformer over the log-mel spectrogram, computed on the batch.
 
     Args:
@@ -199,6 +192,10 @@ class AudioSpectrogramTransformer(Encoder):
         state dict or an mmpt export holding one: trunk copied, patch embedding summed over colour
         channels, position embedding interpolated to the spectrogram grid (AST's ImageNet
         initialisation). max_audio_seconds: longest decoded file the data side accepts.
+        train_token_drop: share of patch tokens dropped at random in training forwards (FLIP; 0: none).
+
+    Masked modelling (``masked_tokens``, Audio-MAE): targets are the normalised log-mel patches (before
+    SpecAugment), compared by mean squared error; patches made only of padding count in no loss.
     """
 
     modality = "audio"
@@ -211,7 +208,8 @@ class AudioSpectrogramTransformer(Encoder):
                  f_max: float = 14_000.0, spec_mean: float = -4.0, spec_std: float = 4.0,
                  patch_size: int | list = 16, width: int = 768, depth: int = 12, heads: int = 12,
                  mlp_ratio: float = 4.0, pool: str = "mean", freq_mask: int = 0, time_mask: int = 0,
-                 n_masks: int = 2, init_from: str = "", max_audio_seconds: float = 600.0):
+                 n_masks: int = 2, init_from: str = "", max_audio_seconds: float = 600.0,
+                 train_token_drop: float = 0.0):
         super().__init__()
         import torchaudio
 
@@ -221,6 +219,7 @@ class AudioSpectrogramTransformer(Encoder):
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         self.width, self.pool, self.n_fft, self.hop = width, pool, n_fft, hop_length
+        self.train_token_drop = check_token_drop(train_token_drop)
         self.clip_samples = int(round(clip_seconds * sample_rate))
         self.spec_mean, self.spec_std = float(spec_mean), float(spec_std)
         self.silence = (math.log(LOG_FLOOR) - self.spec_mean) / self.spec_std
@@ -275,7 +274,7 @@ class AudioSpectrogramTransformer(Encoder):
         (pf, pt), nf, nt = self.patch, m // self.patch[0], f // self.patch[1]
         return spec.reshape(b, nf, pf, nt, pt).permute(0, 1, 3, 2, 4).reshape(b, nf * nt, pf * pt)
 
-    def stem(self, inputs: dict[str, Tensor], with_targets: bool = False) -> AudioStemOutput:
+    def stem(self, inputs: dict[str, Tensor], with_targets: bool = False) -> StemOutput:
         """Waves -> CLS + patch tokens, their positions in the full (mel, time) grid and the token mask."""
         spec, frame_mask = self.spectrogram(inputs["wave"], inputs["lengths"])
         nt = math.ceil(spec.shape[-1] / self.patch[1])
@@ -295,20 +294,14 @@ class AudioSpectrogramTransformer(Encoder):
         sound = frame_mask.view(b, nt, self.patch[1]).any(-1)  # (B, nt): a time column with any real frame
         mask = torch.cat([torch.ones(b, 1, dtype=torch.bool, device=x.device),
                           sound[:, None, :].expand(b, nf, nt).flatten(1)], 1)
-        return AudioStemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1, mask=mask)
+        coords = torch.stack(torch.meshgrid((torch.arange(nf, device=x.device) + 0.5) / nf,
+                                            (torch.arange(nt, device=x.device) + 0.5) / self.grid[1],
+                                            indexing="ij"), -1).flatten(0, 1).expand(b, -1, -1)
+        return StemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1, coords=coords, mask=mask)
 
-    def forward_trunk(self, tokens: Tensor, mask: Tensor | None = None) -> Tensor:
-        """Tokens -> normalised tokens (padding-only tokens masked out of attention)."""
-        return self.norm(self.trunk(self.norm_pre(tokens), mask))
-
-    def forward(self, inputs: dict[str, Tensor]) -> EncoderOutput:
-        s = self.stem(inputs)
-        tokens = self.forward_trunk(s.tokens, s.mask)
-        pooled = tokens[:, 0] if self.pool == "cls" else masked_mean(tokens[:, 1:], s.mask[:, 1:])
-        return EncoderOutput(tokens=tokens, mask=s.mask, pooled=pooled)
-
-    def set_grad_checkpointing(self, enable: bool = True) -> None:
-        self.trunk.grad_checkpointing = enable
+    def num_patches(self, inputs: dict[str, Tensor]) -> int:
+        frames = inputs["wave"].shape[1] // self.hop + 1
+        return self.grid[0] * math.ceil(frames / self.patch[1])
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}

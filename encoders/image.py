@@ -20,6 +20,7 @@ from mmpt.encoders.base import (
     ModalityData,
     PrefixTokenEncoder,
     StemOutput,
+    check_token_drop,
 )
 from mmpt.layers import Transformer
 from mmpt.registry import encoders, modalities
@@ -81,6 +82,10 @@ class VisionTransformer(PrefixTokenEncoder):
         stem: 'patch' (one strided conv, as in ViT/CLIP) or 'conv' (3x3 stride-2 stack).
         pool: 'cls' or 'mean'. mean/std: normalisation applied to uint8 input on the batch.
         in_chans: input channels. train_crop_scale: area range of the training random-resized crop.
+        train_token_drop: share of patch tokens dropped at random in training forwards (FLIP; 0: none).
+
+    Masked modelling (``masked_tokens``): targets are the normalised pixels of each patch, compared after
+    per-patch normalisation (MAE's norm_pix_loss).
     """
 
     modality = "image"
@@ -90,13 +95,14 @@ class VisionTransformer(PrefixTokenEncoder):
     def __init__(self, image_size: int = 224, patch_size: int = 16, width: int = 768, depth: int = 12,
                  heads: int = 12, mlp_ratio: float = 4.0, stem: str = "patch", pool: str = "cls",
                  mean: list = OPENAI_MEAN, std: list = OPENAI_STD, in_chans: int = 3,
-                 train_crop_scale: list = (0.9, 1.0)):
+                 train_crop_scale: list = (0.9, 1.0), train_token_drop: float = 0.0):
         super().__init__()
         if image_size % patch_size:
             raise ValueError(f"image_size {image_size} is not a multiple of patch_size {patch_size}")
         if pool not in ("cls", "mean"):
             raise ValueError(f"pool must be 'cls' or 'mean', got {pool!r}")
         self.width, self.patch_size, self.pool = width, patch_size, pool
+        self.train_token_drop = check_token_drop(train_token_drop)
         self.grid = image_size // patch_size
         self.norm_in = PixelNorm(tuple(mean), tuple(std))
         if stem == "patch":
@@ -126,7 +132,18 @@ class VisionTransformer(PrefixTokenEncoder):
         b = tokens.shape[0]
         tokens = torch.cat([self.cls_token.expand(b, -1, -1), tokens], 1) + self.pos_embed
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(b, -1)
-        return StemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1)
+        cells = torch.arange(self.grid, device=tokens.device, dtype=torch.float32)
+        rows, cols = torch.meshgrid(cells, cells, indexing="ij")  # patch order: row-major, as patchify
+        coords = ((torch.stack([rows, cols], -1).flatten(0, 1) + 0.5) / self.grid).expand(b, -1, -1)
+        return StemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1, coords=coords)
+
+    def num_patches(self, inputs: dict[str, Tensor]) -> int:
+        return self.grid**2
+
+    def reconstruction_target(self, targets: Tensor) -> Tensor:
+        """Each patch normalised to zero mean and unit variance (MAE's norm_pix_loss)."""
+        t = targets.float()
+        return (t - t.mean(-1, keepdim=True)) / (t.var(-1, keepdim=True) + 1e-6).sqrt()
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "pos_embed"}

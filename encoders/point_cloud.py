@@ -23,6 +23,7 @@ from mmpt.encoders.base import (
     ModalityData,
     PrefixTokenEncoder,
     StemOutput,
+    check_token_drop,
     stack_present,
 )
 from mmpt.layers import Transformer, init_weights
@@ -99,6 +100,13 @@ def group_points(points: Tensor, groups: int, k: int, start: Tensor | None = Non
     return centres, torch.cat([rel, neighbourhoods[..., 3:]], -1)
 
 
+def chamfer_distance(a: Tensor, b: Tensor) -> Tensor:
+    """Point-MAE's L2 Chamfer distance of point sets ``a`` (..., K, 3) and ``b`` (..., M, 3): the mean squared
+    distance from each point of ``a`` to its nearest in ``b`` plus the same from ``b`` to ``a``; shape (...)."""
+    d = (a.float().unsqueeze(-2) - b.float().unsqueeze(-3)).square().sum(-1)  # (..., K, M)
+    return d.min(-1).values.mean(-1) + d.min(-2).values.mean(-1)
+
+
 # ----------------------------------------------------------------------------------------------- encoder
 
 class MiniPointNet(nn.Module):
@@ -135,9 +143,14 @@ class PointTransformer(PrefixTokenEncoder):
         train_dropout: largest fraction of points dropped in training. train_rotate: rotate about the
         up axis in training. train_color_drop: probability that a training cloud's rgb is replaced by
         mid-gray (SimCLR's colour-dropping argument: colour alone must not explain every pair).
+        train_token_drop: share of group tokens dropped at random in training forwards (FLIP; 0: none).
+
+    Masked modelling (``masked_tokens``, Point-MAE): each group's K points relative to its centre are the
+    target, compared by the squared-L2 Chamfer distance; 60% of the groups are dropped by default.
     """
 
     modality = "point_cloud"
+    mask_ratio_default = 0.6
     tiny_configs = ({"num_points": 64, "groups": 8, "group_size": 8, "width": 32, "depth": 2, "heads": 2,
                      "pointnet_hidden": 16},)
 
@@ -145,9 +158,10 @@ class PointTransformer(PrefixTokenEncoder):
                  width: int = 384, depth: int = 12, heads: int = 6, mlp_ratio: float = 4.0,
                  pointnet_hidden: int = 128, pool: str = "cls", normalize: str = "sphere",
                  train_scale: list = (0.8, 1.2), train_jitter: float = 0.01, train_dropout: float = 0.1,
-                 train_rotate: bool = True, train_color_drop: float = 0.0):
+                 train_rotate: bool = True, train_color_drop: float = 0.0, train_token_drop: float = 0.0):
         super().__init__()
         _check_layout(num_points, groups, group_size, channels)
+        self.train_token_drop = check_token_drop(train_token_drop)
         if pool not in ("cls", "mean"):
             raise ConfigError(f"point_cloud: pool must be 'cls' or 'mean', got {pool!r}")
         self.width, self.groups, self.group_size, self.pool = width, groups, group_size, pool
@@ -184,7 +198,15 @@ class PointTransformer(PrefixTokenEncoder):
         tokens = torch.cat([cls, tokens], 1)
         positions = torch.arange(tokens.shape[1], device=tokens.device).expand(b, -1)
         targets = neighbourhoods[..., :3].flatten(2) if with_targets else None
-        return StemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1)
+        coords = (centres.float() + 1) / 2  # unit-sphere clouds: centres in [0, 1]
+        return StemOutput(tokens=tokens, positions=positions, targets=targets, prefix=1, coords=coords)
+
+    def num_patches(self, inputs: dict[str, Tensor]) -> int:
+        return self.groups
+
+    def reconstruction_loss(self, pred: Tensor, target: Tensor) -> Tensor:
+        """(B, G) squared-L2 Chamfer distance between predicted and true groups (B, G, K*3)."""
+        return chamfer_distance(pred.unflatten(-1, (-1, 3)), target.unflatten(-1, (-1, 3)))
 
     def no_weight_decay(self) -> set[str]:
         return {"cls_token", "cls_pos"}
