@@ -10,6 +10,7 @@ import random
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData
@@ -68,6 +69,18 @@ class OpenCLIPTokenizer:
         mask = torch.arange(n).unsqueeze(0) < lengths.unsqueeze(1)
         return ids, mask
 
+    def word_ids(self, ids: Tensor) -> Tensor:
+        """(B, L) index of the word each token belongs to (BPE ends a word's last piece with ``</w>``), -1 on
+        specials and on everything after EOT (padding is id 0, a real token): for whole-word masking."""
+        if not hasattr(self, "_word_ends"):
+            self._word_ends = torch.ones(self.vocab_size, dtype=torch.bool)  # specials and the mask id: one each
+            for i, piece in self._bpe.decoder.items():
+                self._word_ends[i] = piece.endswith("</w>")
+        specials = torch.tensor(sorted(self.special_ids), device=ids.device)
+        text = (ids.eq(self.eos_id).long().cumsum(1) == 0) & ~torch.isin(ids, specials)
+        ends = self._word_ends.to(ids.device)[ids]
+        return words_from_starts(F.pad(ends[:, :-1], (1, 0), value=True), text)
+
     def decode(self, ids: list[int]) -> str:
         """Ids -> text up to the first EOT (padding after it is id 0, a real BPE token), specials dropped."""
         if self.eos_id in ids:
@@ -99,6 +112,26 @@ class HFTokenizer:
 
     def decode(self, ids: list[int]) -> str:
         return self._tok.decode(ids, skip_special_tokens=True)
+
+    def word_ids(self, ids: Tensor) -> Tensor:
+        """(B, L) index of the word each token belongs to, -1 on specials and padding: WordPiece continues a word
+        with ``##`` pieces; byte-level BPE and SentencePiece start one with ``Ġ`` / ``▁``."""
+        if not hasattr(self, "_word_starts"):
+            pieces = [str(p) for p in self._tok.convert_ids_to_tokens(list(range(self.vocab_size)))]
+            if any(p.startswith("##") for p in pieces):
+                starts = [not p.startswith("##") for p in pieces]
+            else:
+                starts = [p.startswith(("Ġ", "▁")) for p in pieces]
+            self._word_starts = torch.tensor(starts, dtype=torch.bool)
+        specials = torch.tensor(sorted(self.special_ids | {self.pad_id}), device=ids.device)
+        return words_from_starts(self._word_starts.to(ids.device)[ids], ~torch.isin(ids, specials))
+
+
+def words_from_starts(starts: Tensor, valid: Tensor) -> Tensor:
+    """(B, L) word index from per-token "starts a word" flags, -1 where not ``valid``; a valid token after an
+    invalid one starts a word whatever its flag."""
+    begins = valid & (starts | ~F.pad(valid[:, :-1], (1, 0), value=False))
+    return torch.where(valid, begins.long().cumsum(1) - 1, torch.full_like(starts, -1, dtype=torch.long))
 
 
 @functools.lru_cache(maxsize=8)

@@ -70,6 +70,7 @@ def main() -> None:
         (out / "zero_init_digests.json").write_text(json.dumps(digests))
     damaged_then_refused(shards, out)
     adapted_runs(shards, out)
+    mlm_tied_head(shards, out)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -101,6 +102,62 @@ def adapted_runs(shards: list[str], out: Path) -> None:
         engine.destroy()
         if dist.get_rank() == 0:
             (out / f"adapt{stage}.json").write_text(json.dumps(report))
+
+
+def mlm_config(shards: list[str], out: Path, stage: int) -> dict:
+    """The tiny config with a bidirectional text tower alone, trained by mlm with its decoder tied to the
+    tower's token embedding and a 40% -> 15% masking schedule over the first 4 steps."""
+    raw = config(shards, out, stage)
+    raw["model"]["encoders"] = {"text": {**raw["model"]["encoders"]["text"], "causal": False, "pool": "cls"}}
+    raw["objectives"] = {"mlm": {"name": "mlm", "modality": "text", "width": 32, "rate": 0.15, "schedule": "linear",
+                                 "rate_start": 0.4, "schedule_steps": 4}}
+    raw["data"]["required"] = ["text"]
+    return raw
+
+
+def mlm_tied_head(shards: list[str], out: Path) -> None:
+    """mlm at ZeRO 0, and at ZeRO 3 (the tied embedding is an external parameter of the objective there)
+    crashed after step 3 and resumed: per-step losses come from the runs' key logs; rank 0 writes which
+    weights moved and the schedule's step counter of each final checkpoint."""
+    from mmpt.export import consolidate
+
+    report = {}
+    for stage in (0, 3):
+        raw = mlm_config(shards, out / f"mlm_zero{stage}", stage)
+        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
+        if stage == 3:
+            crash_then_resume(raw, crash_at_step=3)
+        else:
+            train(load_config(raw))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            state = consolidate(out / f"mlm_zero{stage}")[0]
+            report[stage] = {"moved": sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t)),
+                             "step": int(state["objectives.mlm.step"].reshape(-1)[0])}
+    if dist.get_rank() == 0:
+        (out / "mlm_tied_head.json").write_text(json.dumps(report))
+
+
+def masked_tokens_runs(shards: list[str], out: Path) -> None:
+    """clip + masked_tokens (MAE) on the image tower, which also drops half its patches in clip's forward
+    (FLIP), at ZeRO 0 and 3: the tower runs twice per step (clip's forward, the objective's masked one);
+    per-step losses come from the runs' key logs; rank 0 writes which weights moved."""
+    from mmpt.export import consolidate
+
+    report = {}
+    for stage in (0, 3):
+        raw = config(shards, out / f"mae_zero{stage}", stage)
+        raw["model"]["encoders"]["image"]["train_token_drop"] = 0.5
+        raw["objectives"]["mae"] = {"name": "masked_tokens", "modality": "image", "encoder_width": 32,
+                                    "target_dim": 192, "decoder_width": 16, "decoder_depth": 1, "decoder_heads": 2}
+        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
+        train(load_config(raw))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            state = consolidate(out / f"mae_zero{stage}")[0]
+            report[stage] = sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t))
+    if dist.get_rank() == 0:
+        (out / "masked_tokens.json").write_text(json.dumps(report))
 
 
 def damaged_then_refused(shards: list[str], out: Path) -> None:

@@ -4,6 +4,7 @@ ZeRO-3 export that reproduces the live engine's embeddings."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -128,3 +129,40 @@ def test_frozen_and_lora_towers_on_two_ranks(ranks_out: Path, stage: int) -> Non
     assert r["in_optimizer"] == r["trainable"]
     assert not [n for n in r["trainable"] if n.startswith(("model.encoders.text.", "model.heads.text."))]
     assert r["trainable_numel"] <= r["fp32_state_numel"] <= r["trainable_numel"] + 2 * 64 * len(r["trainable"])
+
+
+@pytest.mark.timeout(600)
+def test_mlm_tied_head_zero3_matches_zero0_and_resumes(ranks_out: Path) -> None:
+    """mlm with its decoder tied to the text tower's token embedding on 2 ranks: ZeRO-3 (the tied weight an
+    external parameter of the objective; crashed after step 3, resumed) gives ZeRO-0's per-step losses, the
+    embedding, the head and the tower move, and the schedule's step counter resumed with the checkpoint."""
+    for r in range(2):
+        ref, got = steps(ranks_out / "mlm_zero0", r), steps(ranks_out / "mlm_zero3", r)
+        assert sorted(got) == sorted(ref) and len(ref) == 6
+        for k in ref:
+            assert got[k][0] == ref[k][0] and math.isfinite(got[k][1]), k
+            assert got[k][1] == pytest.approx(ref[k][1], rel=1e-4), f"rank {r} loss at {k}"
+    report = json.loads((ranks_out / "mlm_tied_head.json").read_text())
+    for stage in ("0", "3"):
+        moved = report[stage]["moved"]
+        assert {"model.encoders.text.token_embed.weight", "objectives.mlm.transform.0.weight",
+                "model.encoders.text.trunk.blocks.0.attn.qkv.weight"} <= set(moved), moved
+        assert report[stage]["step"] == 6
+
+
+@pytest.mark.timeout(600)
+def test_masked_tokens_and_flip_zero3_match_zero0(ranks_out: Path) -> None:
+    """clip (on half the image patches, FLIP) + masked_tokens on 2 ranks: ZeRO-3, where the objective runs the
+    image tower a second time through its forward, gives ZeRO-0's per-step losses, and the tower, its directly
+    owned pos_embed and the decoder all move."""
+    for r in range(2):
+        ref, got = steps(ranks_out / "mae_zero0", r), steps(ranks_out / "mae_zero3", r)
+        assert sorted(got) == sorted(ref) and len(ref) == 6
+        for k in ref:
+            assert got[k][0] == ref[k][0] and math.isfinite(got[k][1]), k
+            assert got[k][1] == pytest.approx(ref[k][1], rel=1e-4), f"rank {r} loss at {k}"
+    report = json.loads((ranks_out / "masked_tokens.json").read_text())
+    for stage in ("0", "3"):
+        assert {"model.encoders.image.pos_embed", "model.encoders.image.patch_embed.weight",
+                "objectives.mae.decoder.mask_token", "objectives.mae.decoder.pred.weight",
+                "objectives.clip.logit_scale"} <= set(report[stage]), report[stage]
