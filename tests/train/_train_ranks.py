@@ -71,6 +71,7 @@ def main() -> None:
     damaged_then_refused(shards, out)
     adapted_runs(shards, out)
     mlm_tied_head(shards, out)
+    masked_tokens_runs(shards, out)
     dist.barrier()
     dist.destroy_process_group()
 
