@@ -19,7 +19,7 @@ from torch import Tensor
 
 from mmpt.data.shards import DataError
 from mmpt.encoders.base import ModalityData
-from mmpt.eval.common import Embedded, Task, embed_data, embed_texts
+from mmpt.eval.common import Embedded, Task, embed_data, embed_texts, embed_tokens, require_modality
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError, tasks
 
@@ -81,12 +81,14 @@ def match_ids(emb: Embedded, match_key: str | None, missing: int, vocab: dict[st
 
 
 def recall_at_k(queries: Tensor, candidates: Tensor, relevance: Callable[[slice], Tensor], ks: tuple[int, ...],
-                chunk: int = 1024) -> tuple[dict[int, float], float, int]:
+                chunk: int = 1024, scores: Callable[[slice], Tensor] | None = None
+                ) -> tuple[dict[int, float], float, int]:
     """Recall@k for each k, chance recall@1 and the number of answerable queries.
 
     ``relevance(rows)`` gives the (rows, n_candidates) bool matrix of a chunk of queries. Queries with
     no relevant candidate cannot be answered and are left out. Chance R@1 is the expected R@1 of a
-    random ranking: the mean over queries of (#relevant / #candidates).
+    random ranking: the mean over queries of (#relevant / #candidates). ``scores(rows)``, when given,
+    ranks a chunk of queries instead of their dot products with the candidates (re-ranking).
     """
     n_cand = len(candidates)
     depth = min(max(ks), n_cand)
@@ -95,7 +97,7 @@ def recall_at_k(queries: Tensor, candidates: Tensor, relevance: Callable[[slice]
     for start in range(0, len(queries), chunk):
         rows = slice(start, start + chunk)
         rel = relevance(rows)
-        top = (queries[rows] @ candidates.T).topk(depth, dim=1).indices
+        top = (scores(rows) if scores is not None else queries[rows] @ candidates.T).topk(depth, dim=1).indices
         found = rel.gather(1, top).cumsum(1) > 0  # found[:, j]: a relevant candidate within the top j+1
         ok = rel.any(1)
         for k in ks:
@@ -118,7 +120,10 @@ class Retrieval(Task):
     modality read from the same samples (e.g. ``audio`` against ``point_cloud``) instead of captions;
     metrics are then ``<modality>2<target>_rK`` and ``<target>2<modality>_rK``. match_key: with a
     target, a json field whose equal values make samples relevant to each other (several positives per
-    query); default: only the same sample.
+    query); default: only the same sample. rerank: name of the model's matching objective (e.g. ``itm``)
+    that re-ranks each query's contrastive top ``rerank_k``; R@K after re-ranking are reported as
+    ``..._rK_rerank`` beside the contrastive ones (needs a caller that passes the model's objectives).
+    rerank_k: how many contrastive candidates per query the matching head re-scores.
     """
 
     captions_key: str = "captions"
@@ -127,6 +132,8 @@ class Retrieval(Task):
     text_modality: str = "text"
     target: str | None = None
     match_key: str | None = None
+    rerank: str | None = None
+    rerank_k: int = 16
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -137,6 +144,8 @@ class Retrieval(Task):
             raise ConfigError(f"target: '{self.target}' is also the modality; retrieval needs two towers")
         if self.match_key is not None and self.target is None:
             raise ConfigError("match_key: only used with a target modality (captions match by their text)")
+        if isinstance(self.rerank_k, bool) or not isinstance(self.rerank_k, int) or self.rerank_k < 1:
+            raise ConfigError(f"rerank_k: expected a positive integer, got {self.rerank_k!r}")
 
     def default_id(self) -> str:
         return "retrieval" if self.target is None else f"retrieval/{self.modality}-{self.target}"
@@ -146,7 +155,17 @@ class Retrieval(Task):
         """Embed the samples and every caption (or the target modality), then rank both ways."""
         emb = self._embed(model, specs, device, progress, self.modality)
         if self.target is not None:
-            return self._cross_modal(emb, self._embed(model, specs, device, progress, self.target))
+            target = self._embed(model, specs, device, progress, self.target)
+            out = self._cross_modal(emb, target)
+            if self.rerank is not None:
+                vocab: dict[str, int] = {}
+                target_ids = match_ids(target, self.match_key, -2, vocab)
+                query_ids = match_ids(emb, self.match_key, -3, vocab).unsqueeze(1)
+                out.update(self._reranked(model, specs, device, progress, emb, self.modality, target.embeddings,
+                                          self._tokens(model, specs, device, progress, target, self.target),
+                                          torch.arange(len(target)), self.target, target_ids, query_ids,
+                                          (self.modality, self.target)))
+            return out
         texts, text_ids, sample_ids = caption_ids(sample_captions(emb, self.captions_key))
         if not texts:
             raise DataError(f"retrieval: no captions in {self.data!r} (json['{self.captions_key}'] or txt)")
@@ -156,6 +175,10 @@ class Retrieval(Task):
         text_emb = embed_texts(model, specs, list(unique), self.batch_size, device, modality=self.text_modality)
         text_emb = text_emb[order.to(text_emb.device)]
         out, n_queries = self._both_ways(emb.embeddings, text_emb, text_ids, sample_ids, "i", "t")
+        if self.rerank is not None:
+            texts_tok = _text_tokens(model, specs, list(unique), self.batch_size, device, self.text_modality)
+            out.update(self._reranked(model, specs, device, progress, emb, self.modality, text_emb, texts_tok,
+                                      order, self.text_modality, text_ids, sample_ids, ("i", "t")))
         out.update(n_images=len(emb), n_texts=len(texts), n_images_without_captions=len(emb) - n_queries,
                    skipped=emb.skipped)
         return out
@@ -194,3 +217,99 @@ class Retrieval(Task):
         if 1 in self.ks:
             out.update({f"{fwd}_r1_over_chance": ab[1] / ab_chance, f"{back}_r1_over_chance": ba[1] / ba_chance})
         return out, n_queries
+
+    def _tokens(self, model: MultimodalModel, specs: dict[str, ModalityData], device: torch.device | str,
+                progress: bool, emb: Embedded, modality: str) -> tuple[Tensor, Tensor]:
+        """Padded tokens (N, T, D) and mask of the samples ``emb`` holds, in its order."""
+        feats = embed_tokens(model, specs, self.data, self.batch_size, keep=(), device=device, progress=progress,
+                             workers=self.workers, modality=modality, desc=f"{self.default_id()} {modality} tokens")
+        if feats.keys != emb.keys:
+            raise DataError(f"retrieval: the token pass over {self.data!r} read other samples than the embedding pass")
+        return pad_tokens(feats.features)
+
+    def _reranked(self, model: MultimodalModel, specs: dict[str, ModalityData], device: torch.device | str,
+                  progress: bool, a: Embedded, a_modality: str, b_emb: Tensor, b_tokens: tuple[Tensor, Tensor],
+                  b_map: Tensor, b_modality: str, b_ids: Tensor, a_ids: Tensor, names: tuple[str, str]
+                  ) -> dict[str, Any]:
+        """R@K both ways after the matching objective re-ranks each query's contrastive top ``rerank_k``.
+        ``b_map`` (n_b,) indexes each b row's tokens in ``b_tokens`` (identical captions are encoded once)."""
+        matcher = self._matcher()
+        a_tok, a_mask = self._tokens(model, specs, device, progress, a, a_modality)
+        b_tok, b_mask = b_tokens
+        b_map, b_ids, a_ids = b_map.to(a.embeddings.device), b_ids.to(a.embeddings.device), a_ids.to(a.embeddings.device)
+        a_emb = a.embeddings
+
+        a_side, b_side = (a_modality, a_tok, a_mask, None), (b_modality, b_tok, b_mask, b_map)
+        fwd = recall_at_k(a_emb, b_emb, lambda r: relevance_matrix(b_ids, a_ids[r]).T, self.ks, scores=lambda r: rerank_top_k(
+            a_emb[r] @ b_emb.T, self.rerank_k, lambda qi, ci: pair_scores(matcher, a_side, qi + r.start, b_side, ci)))[0]
+        back = recall_at_k(b_emb, a_emb, lambda r: relevance_matrix(b_ids[r], a_ids), self.ks, scores=lambda r: rerank_top_k(
+            b_emb[r] @ a_emb.T, self.rerank_k, lambda qi, ci: pair_scores(matcher, b_side, qi + r.start, a_side, ci)))[0]
+        out = {f"{names[0]}2{names[1]}_r{k}_rerank": v for k, v in fwd.items()}
+        out.update({f"{names[1]}2{names[0]}_r{k}_rerank": v for k, v in back.items()})
+        out["mean_recall_rerank"] = sum(out.values()) / len(out)
+        return out
+
+    def _matcher(self) -> Any:
+        objectives = getattr(self, "objectives", None)
+        if objectives is None:
+            raise ConfigError(f"rerank: {self.rerank!r} is an objective of the model, but this caller passed the "
+                              "towers only (run_tasks(..., objectives=...))")
+        if self.rerank not in objectives or not hasattr(objectives[self.rerank], "match_logit"):
+            names = [n for n, o in objectives.items() if hasattr(o, "match_logit")]
+            raise ConfigError(f"rerank: {self.rerank!r} is not a matching objective of this model "
+                              f"(matching objectives: {', '.join(names) or 'none'})")
+        return objectives[self.rerank]
+
+
+def pad_tokens(features: list[Tensor]) -> tuple[Tensor, Tensor]:
+    """Stack per-sample (T_i, D) token features into (N, max T, D) with a (N, max T) bool mask."""
+    longest = max((f.shape[0] for f in features), default=1)
+    tokens = features[0].new_zeros(len(features), longest, features[0].shape[1]) if features else torch.zeros(0, 1, 1)
+    mask = torch.zeros(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    for i, f in enumerate(features):
+        tokens[i, :f.shape[0]] = f
+        mask[i, :f.shape[0]] = True
+    return tokens, mask
+
+
+@torch.no_grad()
+def _text_tokens(model: MultimodalModel, specs: dict[str, ModalityData], texts: list[str], batch_size: int,
+                 device: torch.device | str, modality: str) -> tuple[Tensor, Tensor]:
+    """Padded tokens and mask of strings through the ``modality`` tower."""
+    spec = require_modality(specs, modality, "re-ranking texts")
+    feats: list[Tensor] = []
+    for start in range(0, len(texts), batch_size):
+        fields = spec.prepare(texts[start:start + batch_size], train=False)
+        out = model.encoders[modality]({k: v.to(device) for k, v in fields.items()})
+        mask = out.mask if out.mask is not None else torch.ones(out.tokens.shape[:2], dtype=torch.bool)
+        feats += [t[m] for t, m in zip(out.tokens.float(), mask.to(torch.bool), strict=True)]
+    return pad_tokens(feats)
+
+
+Side = tuple[str, Tensor, Tensor, "Tensor | None"]  # modality, padded tokens, mask, row index map (or None)
+
+
+@torch.no_grad()
+def pair_scores(matcher: Any, a: Side, a_rows: Tensor, b: Side, b_rows: Tensor, chunk: int = 512) -> Tensor:
+    """``matcher.match_logit`` of the pairs (a row ``a_rows[i]``, b row ``b_rows[i]``), ``chunk`` pairs at a
+    time so only a chunk's tokens are ever gathered."""
+    def take(side: Side, rows: Tensor) -> tuple[Tensor, Tensor]:
+        rows = rows if side[3] is None else side[3][rows]
+        return side[1][rows], side[2][rows]
+
+    scores = [matcher.match_logit({a[0]: take(a, a_rows[i:i + chunk]), b[0]: take(b, b_rows[i:i + chunk])})
+              for i in range(0, len(a_rows), chunk)]
+    return torch.cat(scores) if scores else torch.zeros(0)
+
+
+def rerank_top_k(sims: Tensor, k: int, pair_score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+    """Scores (R, C) ranking each row's contrastive top ``k`` by ``pair_score(row index, column index)``
+    (flat index tensors -> one score each) above every other column, which keeps its contrastive order."""
+    k = min(k, sims.shape[1])
+    top = sims.topk(k, dim=1).indices
+    rows = torch.arange(sims.shape[0], device=sims.device)[:, None].expand(-1, k)
+    rescored = pair_score(rows.reshape(-1), top.reshape(-1)).view(rows.shape).float().to(sims.device)
+    out = sims.float().clone()
+    # lift the re-scored block above the largest similarity, keeping its own order
+    out[rows, top] = rescored - rescored.min() + out.max() + 1 if rescored.numel() else out[rows, top]
+    return out

@@ -1,7 +1,7 @@
 """Rank worker for test_contrastive: every 2-rank clip_loss scenario in one torchrun launch.
 
 Usage: python -m torch.distributed.run --nproc_per_node 2 tests/objectives/_clip_ranks.py OUTDIR
-Writes OUTDIR/{clip,siglip,filip}_rank{r}.pt: {scenario: {name: tensor}}, one file per objective. Inputs are seeded identically on every rank;
+Writes OUTDIR/{clip,siglip,filip,itm}_rank{r}.pt: {scenario: {name: tensor}}, one file per objective. Inputs are seeded identically on every rank;
 each rank takes its slice of the global batch, so the test can rebuild the global batch itself.
 """
 
@@ -130,6 +130,59 @@ def filip_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]
     return results
 
 
+def itm_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
+    """ITM with global (with_grad) and local negatives. Each rank's texts sit next to the *other* rank's
+    images in embedding space, so hard negatives come from the other rank; row 0 has the same caption on
+    both ranks. Rank 0's loss is multiplied by 0: any gradient on its tokens came from rank 1's loss."""
+    import mmpt.objectives.matching as matching
+    from mmpt.data.batch import Batch
+    from mmpt.encoders.base import EncoderOutput
+
+    g = torch.Generator().manual_seed(99)
+    n = WORLD * LOCAL_BATCH
+    text_tok, image_tok = torch.randn(n, 5, 6, generator=g), torch.randn(n, 3, 4, generator=g)
+    ids = torch.arange(1, n + 1)[:, None].repeat(1, 5)
+    ids[LOCAL_BATCH] = ids[0]  # the same caption on both ranks
+    u, v = torch.zeros(n, DIM), torch.zeros(n, DIM)
+    u[:, 0], v[:, 1] = 1.0, 1.0
+    noise = 0.05 * torch.randn(n, DIM, generator=g)
+    text_emb = F.normalize(torch.where(torch.arange(n)[:, None] < LOCAL_BATCH, u, v) + noise, dim=-1)
+    image_emb = F.normalize(torch.where(torch.arange(n)[:, None] < LOCAL_BATCH, v, u) + noise, dim=-1)
+    rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
+    drawn: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+    sample = matching.sample_negatives
+
+    def recording(scores: torch.Tensor, forbidden: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        idx, ok = sample(scores, forbidden)
+        drawn.append((idx, ok, forbidden))
+        return idx, ok
+
+    matching.sample_negatives = recording
+    results: dict[str, dict[str, torch.Tensor]] = {}
+    for gather in ("with_grad", "local"):
+        torch.manual_seed(7 + rank)
+        itm = matching.ITM(pairs=[["text", "image"]], widths={"text": 6, "image": 4}, width=8, depth=1, heads=2,
+                           gather=gather)
+        t, i = text_tok[rows].clone().requires_grad_(True), image_tok[rows].clone().requires_grad_(True)
+        outs = {"text": EncoderOutput(tokens=t, mask=None, pooled=t.mean(1), embedding=text_emb[rows]),
+                "image": EncoderOutput(tokens=i, mask=None, pooled=i.mean(1), embedding=image_emb[rows])}
+        fields = {"text": {"ids": ids[rows], "mask": ids[rows] > 0}}
+        drawn.clear()
+        out = itm(outs, Batch(fields=fields, present={}, keys=[str(k) for k in range(LOCAL_BATCH)]))
+        (out.loss * float(rank)).backward()
+        idx = torch.cat([d[0] for d in drawn])
+        other = (idx >= LOCAL_BATCH) if rank == 0 else (idx < LOCAL_BATCH)
+        hit = torch.cat([f[torch.arange(len(x)), x] & ok for x, ok, f in drawn])
+        results[f"itm/{'global' if gather == 'with_grad' else 'local'}"] = {
+            "loss": out.loss.detach(), "grad_text": t.grad if t.grad is not None else torch.zeros_like(t),
+            "grad_image": i.grad if i.grad is not None else torch.zeros_like(i),
+            "drawn_other_rank": other.sum(), "drawn_same_caption": hit.sum(),
+            "forbids_duplicate": drawn[0][2][0, LOCAL_BATCH if rank == 0 else 0] if gather == "with_grad"
+            else torch.tensor(True)}
+    matching.sample_negatives = sample
+    return results
+
+
 def main(outdir: Path) -> None:
     from open_clip.loss import ClipLoss
 
@@ -140,7 +193,7 @@ def main(outdir: Path) -> None:
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))
     rank, world = dist.get_rank(), dist.get_world_size()
     assert world == WORLD, world
-    for name, scenarios in (("siglip", siglip_scenarios), ("filip", filip_scenarios)):
+    for name, scenarios in (("siglip", siglip_scenarios), ("filip", filip_scenarios), ("itm", itm_scenarios)):
         torch.save(scenarios(rank, world), outdir / f"{name}_rank{rank}.pt")
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
     a_glob, b_glob = global_inputs()

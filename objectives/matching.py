@@ -1,0 +1,335 @@
+"""Matching (UNITER / ALBEF / BLIP ITM) for any two encoders that return tokens.
+
+A fusion module lets one modality's tokens (the *query* side, first of a pair) attend to the other's
+(the *key* side) and a 2-way head on its first token says matched / unmatched. Each positive pair of the
+batch gets one hard negative per direction, drawn from the same step's contrastive similarity
+(∝ softmax over the candidates, ALBEF): a key-side negative for the query and a query-side negative for
+the key, so the matching batch is 3B. A candidate is never a negative of a sample it is *the same item*
+as: the same sample, identical inputs of either modality (so duplicate captions: equal token ids), the
+same normalised caption text or the same source id when the batch carries them (``batch.meta``). A row
+with no valid candidate leaves the loss and is counted (``no_negative``). With ``gather: with_grad``
+(BLIP) the candidates are the global batch: token features cross ranks with gradient, so a rank's
+negatives train the towers of the rank they came from.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import warnings
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from mmpt.data.batch import Batch
+from mmpt.encoders.base import EncoderOutput
+from mmpt.layers import Block, CrossBlock, init_weights
+from mmpt.objectives.base import Objective, ObjectiveOutput
+from mmpt.objectives.contrastive import (
+    GatherMode,
+    check_pairs,
+    embedding_of,
+    encoder_output,
+    gather_features,
+    gather_mask,
+    loss_world,
+    present,
+)
+from mmpt.registry import ConfigError, objectives
+
+NEGATIVES = ("hard", "random")
+GATHERS = ("local", "with_grad")
+# Coefficients of the two fingerprint projections: irrational steps, so no two different integer inputs
+# project to the same pair of numbers short of float64 rounding (see ``input_fingerprints``).
+_STEPS = (0.6180339887498949, 0.41421356237309515)
+
+
+class Fusion(nn.Module):
+    """Query tokens (with a learned first token prepended) attend to themselves and to the key tokens,
+    ``depth`` times; a linear head on the fused first token gives matched / unmatched logits (N, 2)."""
+
+    def __init__(self, query_width: int, key_width: int, width: int, depth: int, heads: int, mlp_ratio: float):
+        super().__init__()
+        self.query_in = nn.Linear(query_width, width)
+        self.first = nn.Parameter(torch.zeros(1, 1, width))
+        self.self_blocks = nn.ModuleList(Block(width, heads, mlp_ratio) for _ in range(depth))
+        self.cross_blocks = nn.ModuleList(CrossBlock(width, heads, key_width, mlp_ratio) for _ in range(depth))
+        self.norm = nn.LayerNorm(width)
+        self.head = nn.Linear(width, 2)
+        self.apply(init_weights)
+        nn.init.trunc_normal_(self.first, std=0.02)
+
+    def forward(self, query: Tensor, query_mask: Tensor, key: Tensor, key_mask: Tensor) -> Tensor:
+        """(N, 2) float logits [unmatched, matched] of N (query, key) token sequences with bool masks."""
+        query, query_mask = _trim(query, query_mask)
+        key, key_mask = _trim(key, key_mask)
+        x = self.query_in(query)
+        x = torch.cat([self.first.expand(x.shape[0], -1, -1).to(x.dtype), x], 1)
+        mask = torch.cat([query_mask.new_ones(query_mask.shape[0], 1), query_mask], 1)
+        # A sample with no real key token (an absent modality's placeholder) would make every attention
+        # weight NaN; such rows are out of the loss, so let them attend to their placeholder tokens.
+        key_mask = key_mask | ~key_mask.any(1, keepdim=True)
+        for self_block, cross_block in zip(self.self_blocks, self.cross_blocks, strict=True):
+            x = cross_block(self_block(x, mask), key, key_mask)
+        return self.head(self.norm(x[:, 0])).float()
+
+
+def _trim(tokens: Tensor, mask: Tensor) -> tuple[Tensor, Tensor]:
+    """Drop trailing positions that are padding in every row (exact: they are masked everywhere); short
+    captions in a long context otherwise cost the fusion most of its time."""
+    real = mask.any(0).nonzero()
+    end = int(real.max()) + 1 if real.numel() else 1
+    return tokens[:, :end], mask[:, :end]
+
+
+def sample_negatives(scores: Tensor, forbidden: Tensor) -> tuple[Tensor, Tensor]:
+    """One column per row drawn with probability ∝ softmax(scores row) over the allowed columns.
+
+    scores (R, C); forbidden (R, C) bool, True where a column may not be drawn (the row's own item,
+    absent candidates). Returns (index (R,), ok (R,) bool): a row with no allowed column gets ok False
+    and an arbitrary index. One ``torch.multinomial`` call for all rows, from torch's global RNG.
+    """
+    ok = ~forbidden.all(1)
+    logits = scores.detach().float().masked_fill(forbidden, float("-inf"))
+    # guarded rows draw from a uniform dummy instead of an all -inf row (NaN weights)
+    weights = torch.softmax(logits.masked_fill(~ok[:, None], 0.0), dim=1)
+    return torch.multinomial(weights, 1).squeeze(1), ok
+
+
+def input_fingerprints(fields: dict[str, Tensor]) -> Tensor:
+    """(B, 2) int64: equal for samples whose fields are equal (identical captions, identical images).
+
+    Each row's fields are projected on two fixed irrational sequences in float64 (bits returned as int64,
+    so they travel through integer collectives). The sequences depend on the position only, so trailing
+    zeros (padding, a batch trimmed to its longest caption) do not change a fingerprint.
+    """
+    b = next(iter(fields.values())).shape[0]
+    out = torch.zeros(b, 2, dtype=torch.float64)
+    for f, name in enumerate(sorted(fields)):
+        x = fields[name].detach().reshape(b, -1).to("cpu", torch.float64)
+        pos = torch.arange(1, x.shape[1] + 1, dtype=torch.float64)
+        basis = torch.stack([(pos * s + f * 0.1).frac() + 0.5 for s in _STEPS], 1)
+        out += x @ basis
+    return out.view(torch.int64)
+
+
+def text_hash(text: str) -> int:
+    """A 62-bit non-negative hash of a string, the same in every process (Python's ``hash`` is salted)."""
+    return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "little") >> 2
+
+
+def identity_keys(batch: Batch | None, modalities: tuple[str, str], source_key: str | None, first: int,
+                  n: int) -> Tensor:
+    """(n, K, 2) int64: samples equal in any of the K keys are the same item and never each other's negatives.
+
+    Keys: the global sample index (``first`` + row), each modality's input fingerprint, the normalised
+    caption text (``meta['txt']``) and ``json[source_key]`` where the batch carries them. A missing value
+    gets a negative number unique to the sample, so two missing values never match.
+    """
+    from mmpt.eval.retrieval import normalise_caption
+
+    index = torch.arange(first, first + n, dtype=torch.int64)
+    missing = torch.stack([-1 - index, -1 - index], 1)
+    keys = [torch.stack([index, index], 1)]
+    fields = batch.fields if batch is not None else {}
+    keys += [input_fingerprints(fields[m]) for m in modalities if m in fields and fields[m]]
+    meta = batch.meta if batch is not None else {}
+    texts = [normalise_caption(t) if isinstance(t, str) else None for t in meta.get("txt") or []]
+    sources = [j.get(source_key) if isinstance(j, dict) and source_key else None for j in meta.get("json") or []]
+    for values in (texts, sources):
+        if len(values) == n and any(v is not None for v in values):
+            hashed = torch.tensor([text_hash(str(v)) if v is not None else -1 for v in values], dtype=torch.int64)
+            keys.append(torch.where((hashed >= 0)[:, None], hashed[:, None].expand(-1, 2), missing))
+    return torch.stack(keys, 1)
+
+
+def same_item(rows: Tensor, cols: Tensor) -> Tensor:
+    """(R, C) bool from identity keys (R, K, 2) and (C, K, 2): True where any key matches."""
+    return (rows[:, None] == cols[None]).all(-1).any(-1)
+
+
+def itm_loss(fusion: nn.Module, query: Tensor, query_mask: Tensor, key: Tensor, key_mask: Tensor,
+             query_all: Tensor, query_mask_all: Tensor, key_all: Tensor, key_mask_all: Tensor,
+             neg_key: Tensor, neg_query: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """Matching cross-entropy of the 3B batch: B positives (query_i, key_i), B key-side negatives
+    (query_i, key_all[neg_key_i]) and B query-side negatives (query_all[neg_query_i], key_i).
+
+    weights (3B,) float: 1 where the row counts, 0 where it does not (absent modality, no negative).
+    Returns (loss, logits (3B, 2), labels (3B,)): the weighted mean over counted rows; a zero that
+    still depends on the inputs when none counts.
+    """
+    b = query.shape[0]
+    q = torch.cat([query, query, query_all[neg_query]])
+    qm = torch.cat([query_mask, query_mask, query_mask_all[neg_query]])
+    k = torch.cat([key, key_all[neg_key], key])
+    km = torch.cat([key_mask, key_mask_all[neg_key], key_mask])
+    logits = fusion(q, qm, k, km)
+    labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(logits.device)
+    per_row = F.cross_entropy(logits, labels, reduction="none")
+    loss = (per_row * weights).sum() / weights.sum().clamp(min=1)
+    return loss, logits, labels
+
+
+def _tokens(out: EncoderOutput) -> tuple[Tensor, Tensor]:
+    return _with_mask(out.tokens, out.mask)
+
+
+def _gather_tokens(tokens: Tensor, mask: Tensor, world: int) -> tuple[Tensor, Tensor]:
+    """Every rank's tokens (with gradient) and masks, padded to the longest token count of any rank."""
+    length = torch.tensor([tokens.shape[1]], device=tokens.device)
+    lengths = [torch.empty_like(length) for _ in range(world)]
+    dist.all_gather(lengths, length)
+    pad = int(max(int(x) for x in lengths)) - tokens.shape[1]
+    if pad:
+        tokens = F.pad(tokens, (0, 0, 0, pad))
+        mask = F.pad(mask, (0, pad), value=False)
+    return gather_features(tokens, GatherMode("with_grad"), 0, world), gather_mask(mask, world)
+
+
+def _gather_plain(x: Tensor, world: int) -> Tensor:
+    parts = [torch.empty_like(x) for _ in range(world)]
+    dist.all_gather(parts, x.contiguous())
+    return torch.cat(parts)
+
+
+@objectives.register("itm")
+class ITM(Objective):
+    """Image-text matching (ALBEF / BLIP ITM) with hard negatives, for any pair of token encoders.
+
+    pairs: [[query, key], ...]: the query modality's tokens attend to the key modality's (e.g. [[text,
+    image]], ALBEF's text-side fusion). widths: the token width of each paired modality's tower, e.g.
+    {text: 128, image: 256}. width: fusion width. depth: fusion layers (self-attention + cross-attention).
+    heads: fusion attention heads. mlp_ratio: fusion MLP hidden size over width. negatives: 'hard' (∝
+    softmax of the step's contrastive similarity, ALBEF) or 'random' (uniform over valid candidates).
+    negative_logit_scale: scale of the cosine similarities in that softmax (1/temperature). source_key:
+    json field naming a sample's source; samples sharing it are never each other's negatives (needs the
+    json in the batch's meta). gather: 'local' (negatives from this rank's batch) or 'with_grad' (from
+    the global batch, tokens gathered with gradient, BLIP).
+    """
+
+    tiny_configs = ({"pairs": [["text", "image"]], "widths": {"text": 32, "image": 32}, "width": 16, "depth": 1,
+                     "heads": 2},)
+
+    def __init__(
+        self,
+        *,
+        pairs: list[list[str]],
+        widths: dict[str, int],
+        width: int = 128,
+        depth: int = 2,
+        heads: int = 4,
+        mlp_ratio: float = 4.0,
+        negatives: str = "hard",
+        negative_logit_scale: float = 1 / 0.07,
+        source_key: str | None = None,
+        gather: str = "local",
+    ):
+        super().__init__()
+        self.pairs = check_pairs(pairs, "itm")
+        self.modalities = tuple(dict.fromkeys(m for p in self.pairs for m in p))
+        for m in self.modalities:
+            w = widths.get(m)
+            if isinstance(w, bool) or not isinstance(w, int) or w < 1:
+                raise ConfigError(f"itm.widths.{m}: expected the token width of the '{m}' tower (a positive "
+                                  f"integer), got {w!r}")
+        if negatives not in NEGATIVES:
+            raise ConfigError(f"itm.negatives: expected one of {', '.join(NEGATIVES)}, got {negatives!r}")
+        if gather not in GATHERS:
+            raise ConfigError(f"itm.gather: expected one of {', '.join(GATHERS)}, got {gather!r}")
+        if not negative_logit_scale > 0:
+            raise ConfigError(f"itm.negative_logit_scale: expected > 0, got {negative_logit_scale}")
+        self.widths = {m: int(widths[m]) for m in self.modalities}
+        self.negatives, self.gather, self.source_key = negatives, gather, source_key
+        self.negative_logit_scale = float(negative_logit_scale)
+        self.fusions = nn.ModuleDict({
+            f"{q}__{k}": Fusion(self.widths[q], self.widths[k], width, depth, heads, mlp_ratio) for q, k in self.pairs})
+        self._warned_source = False
+
+    def forward(self, outputs: dict[str, EncoderOutput], batch: Batch) -> ObjectiveOutput:
+        """Mean over pairs of the 3B matching loss, with accuracy and negative-sampling metrics per pair."""
+        losses, metrics = [], {}
+        for q, k in self.pairs:
+            loss, m = self._pair_loss(q, k, outputs, batch)
+            losses.append(loss)
+            metrics.update({f"{q}_{k}/{name}": v for name, v in m.items()})
+        return ObjectiveOutput(loss=torch.stack(losses).mean(), metrics=metrics)
+
+    def _pair_loss(self, q: str, k: str, outputs: dict[str, EncoderOutput], batch: Batch
+                   ) -> tuple[Tensor, dict[str, Tensor]]:
+        q_tok, q_mask = _tokens(encoder_output(outputs, q, "itm"))
+        k_tok, k_mask = _tokens(encoder_output(outputs, k, "itm"))
+        self._check_width(q, q_tok)
+        self._check_width(k, k_tok)
+        q_emb, k_emb = embedding_of(outputs, q, "itm").detach(), embedding_of(outputs, k, "itm").detach()
+        valid = present(batch, q, q_emb) & present(batch, k, k_emb)
+        b = q_tok.shape[0]
+        rank, world = loss_world(self.gather == "local")
+        keys = identity_keys(batch, (q, k), self._source_key(batch), rank * b, b).to(q_tok.device)
+        if world > 1:
+            q_all, qm_all = _gather_tokens(q_tok, q_mask, world)
+            k_all, km_all = _gather_tokens(k_tok, k_mask, world)
+            q_emb_all, k_emb_all = _gather_plain(q_emb, world), _gather_plain(k_emb, world)
+            valid_all, keys_all = gather_mask(valid, world), _gather_plain(keys, world)
+        else:
+            q_all, qm_all, k_all, km_all = q_tok, q_mask, k_tok, k_mask
+            q_emb_all, k_emb_all, valid_all, keys_all = q_emb, k_emb, valid, keys
+        forbidden = same_item(keys, keys_all) | ~valid_all[None, :]
+        sim_qk, sim_kq = q_emb.float() @ k_emb_all.float().T, k_emb.float() @ q_emb_all.float().T
+        scale = self.negative_logit_scale if self.negatives == "hard" else 0.0
+        neg_k, ok_k = sample_negatives(scale * sim_qk, forbidden)
+        neg_q, ok_q = sample_negatives(scale * sim_kq, forbidden)
+        weights = torch.cat([valid, valid & ok_k, valid & ok_q]).float()
+        loss, logits, labels = itm_loss(self.fusions[f"{q}__{k}"], q_tok, q_mask, k_tok, k_mask, q_all, qm_all,
+                                        k_all, km_all, neg_k, neg_q, weights)
+        with torch.no_grad():
+            hits = (logits.argmax(1) == labels).float() * weights
+            pos, neg = weights[:b], weights[b:]
+            rows = torch.arange(b, device=sim_qk.device)
+            chosen = torch.cat([sim_qk[rows, neg_k][ok_k & valid], sim_kq[rows, neg_q][ok_q & valid]])
+            metrics = {
+                "acc": hits.sum() / weights.sum().clamp(min=1),
+                "pos_acc": hits[:b].sum() / pos.sum().clamp(min=1),
+                "neg_acc": hits[b:].sum() / neg.sum().clamp(min=1),
+                # rows of present samples that had no valid negative (all candidates the same item)
+                "no_negative": (valid & ~ok_k).sum().float() + (valid & ~ok_q).sum().float(),
+                "negative_sim": chosen.mean() if chosen.numel() else sim_qk.new_zeros(()),
+            }
+        return loss, metrics
+
+    def _check_width(self, modality: str, tokens: Tensor) -> None:
+        if tokens.shape[-1] != self.widths[modality]:
+            raise ConfigError(f"itm.widths.{modality}: {self.widths[modality]}, but the '{modality}' tower's tokens "
+                              f"are {tokens.shape[-1]} wide")
+
+    def _source_key(self, batch: Batch | None) -> str | None:
+        if self.source_key and not (batch is not None and batch.meta.get("json")) and not self._warned_source:
+            warnings.warn(f"itm.source_key: {self.source_key!r} set, but the batch carries no json (the training "
+                          "loader keeps none): negatives exclude same-sample, same-input and same-caption pairs only",
+                          stacklevel=3)
+            self._warned_source = True
+        return self.source_key
+
+    def fusion_for(self, a: str, b: str) -> tuple[str, str]:
+        """The (query, key) order of the trained pair of modalities ``a`` and ``b``."""
+        for q, k in self.pairs:
+            if {q, k} == {a, b}:
+                return q, k
+        raise ConfigError(f"itm: no pair of '{a}' and '{b}' (pairs: {[list(p) for p in self.pairs]})")
+
+    def match_logit(self, inputs: dict[str, tuple[Tensor, Tensor | None]]) -> Tensor:
+        """Matched-vs-unmatched log-odds (N,) of N paired rows of two modalities' tokens:
+        ``{modality: (tokens (N, T, D), mask (N, T) or None)}`` (the re-ranking score)."""
+        if len(inputs) != 2:
+            raise ValueError(f"itm.match_logit: expected two modalities, got {list(inputs)}")
+        q, k = self.fusion_for(*inputs)
+        (qt, qm), (kt, km) = (_with_mask(*inputs[q]), _with_mask(*inputs[k]))
+        logits = self.fusions[f"{q}__{k}"](qt, qm, kt, km)
+        return logits[:, 1] - logits[:, 0]
+
+
+
+def _with_mask(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
+    if mask is None:
+        mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
+    return tokens, mask.to(torch.bool)
