@@ -98,7 +98,8 @@ class MaskedTokens(Objective):
         if not 0.0 <= mask_ratio < 1.0:
             raise ConfigError(f"masked_tokens.mask_ratio: expected a ratio in [0, 1) (0: the encoder's default), "
                               f"got {mask_ratio}")
-        self.modalities = (modality,)
+        # it encodes its own (masked) inputs and reads none of the pretrainer's outputs
+        self.modalities = ()
         self.modality, self.mask_ratio = modality, float(mask_ratio)
         self.encoder_width, self.target_dim = encoder_width, target_dim
         self.decoder = MaskedDecoder(encoder_width, target_dim, decoder_width, decoder_depth, decoder_heads,
