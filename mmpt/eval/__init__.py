@@ -3,7 +3,8 @@
 Each entry is ``{name: <registered task>, id: <result name>, ...task keys}``; the keys are the task
 class's fields, so a typo fails with the closest valid key before anything runs. Every rank of a
 multi-rank job calls :func:`run_tasks` with the same inputs and runs the same forwards (ZeRO-3
-forwards are collectives), so nothing here depends on the rank.
+forwards are collectives); each embeds its part of the data and the parts are gathered
+(:mod:`mmpt.eval.sharding`), so every rank computes the same metrics.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import torch
 
 from mmpt.encoders.base import ModalityData
 from mmpt.eval.common import Embedded, Task, embed_data, embed_texts
+from mmpt.eval.sharding import split_over_ranks
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError, closest
 from mmpt.registry import tasks as task_registry
@@ -102,14 +104,16 @@ def _at(path: str, exc: ConfigError) -> ConfigError:
 
 
 def run_tasks(model: MultimodalModel, specs: dict[str, ModalityData], tasks: Sequence[dict[str, Any]],
-              device: torch.device | str, progress: bool = True) -> dict[str, dict[str, Any]]:
-    """Run every eval task in eval mode without gradients; returns {result name: metrics}."""
+              device: torch.device | str, progress: bool = True, *, rank: int = 0,
+              world: int = 1) -> dict[str, dict[str, Any]]:
+    """Run every eval task in eval mode without gradients; returns {result name: metrics}. With ``world``
+    > 1 every rank of the process group calls this, embeds its part and gets the same results."""
     built = build_tasks(tasks)  # every config error surfaces before any task spends time
     was_training = model.training
     model.eval()
     results: dict[str, dict[str, Any]] = {}
     try:
-        with torch.no_grad():
+        with torch.no_grad(), split_over_ranks(rank, world):
             for i, (name, task) in enumerate(built):
                 try:
                     results[name] = task.run(model, specs, device, progress)

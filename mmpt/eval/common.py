@@ -10,7 +10,7 @@ from __future__ import annotations
 import functools
 import glob
 import os
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -20,9 +20,10 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmpt.data.batch import Batch
-from mmpt.data.loader import Loader, eval_loader
+from mmpt.data.loader import eval_loader
 from mmpt.data.shards import DataError, expand_urls
 from mmpt.encoders.base import EncoderOutput, ModalityData
+from mmpt.eval.sharding import all_gather, canonical_order, current_ranks, in_lockstep
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError
 
@@ -80,7 +81,8 @@ def require_modality(specs: dict[str, ModalityData], modality: str, why: str) ->
 
 @dataclass
 class Embedded:
-    """Embeddings of a dataset with per-sample metadata, in loader order.
+    """Embeddings of a dataset with per-sample metadata, in canonical order: shard by shard as the pattern
+    lists them, each in stream order (file order for class folders), at any world size and worker count.
 
     embeddings: (N, E) L2-normalised, on the eval device. keys: sample keys (file paths for image
     folders). meta: per-sample extras: the ``keep`` extensions of shards (decoded ``json`` dicts,
@@ -97,39 +99,105 @@ class Embedded:
         return len(self.keys)
 
 
+@dataclass
+class _Rows:
+    """What one rank embedded of a dataset: each row's place in the whole set, key and meta, and skips."""
+
+    order: list[tuple[int, int, int]] = field(default_factory=list)
+    keys: list[str] = field(default_factory=list)
+    meta: dict[str, list[Any]] = field(default_factory=dict)
+    extras: tuple[str, ...] = ()
+    absent: int = 0  # rows of embedded batches that lack the modality
+    dropped: int = 0  # samples the loader dropped whole (in no batch)
+    shared_reads: bool = False  # every rank read every sample (batch split): ``dropped`` counts once
+
+    def add(self, batch: Batch, rows: list[int], order: list[tuple[int, int, int]]) -> None:
+        """Record the present ``rows`` of an embedded batch."""
+        self.order += [order[i] for i in rows]
+        self.keys += [batch.keys[i] for i in rows]
+        for ext in self.extras:
+            values = batch.meta.get(ext, [None] * len(batch))
+            self.meta.setdefault(ext, []).extend(values[i] for i in rows)
+        self.absent += len(batch) - len(rows)
+
+    def assemble(self, values: Tensor | list[Tensor], device: torch.device | str
+                 ) -> tuple[Any, list[str], dict[str, list[Any]], int]:
+        """(values, keys, meta, skipped) of every rank's rows in canonical order (shard, then stream order;
+        file order for class folders): the same at any world size and worker count."""
+        ranks = current_ranks()
+        if ranks.world > 1:  # travel through the CPU; come back on the eval device
+            values = values.cpu() if isinstance(values, Tensor) else [v.cpu() for v in values]
+        parts = all_gather((self, values), ranks)
+        perm = canonical_order([o for rows, _ in parts for o in rows.order])
+        if isinstance(values, Tensor):
+            gathered = torch.cat([v for _, v in parts]).to(device)
+            values = gathered[torch.tensor(perm, dtype=torch.long, device=gathered.device)]
+        else:
+            flat = [v for _, vs in parts for v in vs]
+            values = [flat[i].to(device) for i in perm]
+        keys = [k for rows, _ in parts for k in rows.keys]
+        meta = {ext: [m for rows, _ in parts for m in rows.meta.get(ext, [])] for ext in self.extras
+                if any(ext in rows.meta for rows, _ in parts)}
+        dropped = [rows.dropped for rows, _ in parts]
+        skipped = sum(rows.absent for rows, _ in parts) + (dropped[0] if self.shared_reads else sum(dropped))
+        return values, [keys[i] for i in perm], {ext: [v[i] for i in perm] for ext, v in meta.items()}, skipped
+
+
+def _forward(model: MultimodalModel, modality: str, fields: dict[str, Tensor], device: torch.device | str) -> EncoderOutput:
+    return model.encode_fields(modality, {k: v.to(device, non_blocking=True) for k, v in fields.items()})
+
+
+Placed = tuple[Batch, list[tuple[int, int, int]]]  # a batch and each row's place in the whole set
+
+
+def rank_batches(spec: ModalityData, pattern: str, batch_size: int, keep: tuple[str, ...], workers: int,
+                 modality: str, rows: _Rows) -> Iterator[tuple[Placed, bool]]:
+    """((batch, each row's place in the whole set), whether this rank embeds it) for the batches of
+    ``pattern`` this rank reads: its shards when there are at least as many shards as ranks (no rank
+    decodes another's samples), else every batch, of which it embeds every ``world``-th; its files of a
+    class folder."""
+    ranks = current_ranks()
+    if is_class_folder(pattern):
+        files = class_folder_files(pattern, spec.extensions)
+        place = {path: i for i, (path, _) in enumerate(files)}
+        rows.extras = ("label",)
+        for batch in class_folder_batches(spec, pattern, batch_size, workers, modality,
+                                          files=files[ranks.rank::ranks.world]):
+            yield (batch, [(place[k], 0, 0) for k in batch.keys]), True
+        return
+    urls = expand_urls(pattern)
+    by_shard = len(urls) >= ranks.world
+    place = {url: i for i, url in enumerate(urls)}
+    rows.extras, rows.shared_reads = keep, not by_shard
+    loader = eval_loader(urls[ranks.rank::ranks.world] if by_shard else urls, {modality: spec}, batch_size,
+                         keep=keep, workers=workers)
+    for j, batch in enumerate(loader):
+        if len(batch):
+            yield (batch, [(place[url], j, i) for i, url in enumerate(batch.meta["url"])]), by_shard or ranks.owns(j)
+    # An undecodable input reaches the batch as an absent row (counted in _Rows.add) and in the loader's
+    # counts; samples the loader dropped whole (empty members) are only in its counts.
+    rows.dropped += sum(n for reason, n in loader.state.total_skips().items()
+                        if not (reason.startswith("decode_error_") or reason == "decompression_bomb"))
+
+
 def encoded_batches(model: MultimodalModel, specs: dict[str, ModalityData], pattern: str, batch_size: int,
                     keep: tuple[str, ...], device: torch.device | str, progress: bool, workers: int, modality: str,
-                    desc: str, skipped: list[int]) -> Iterator[tuple[EncoderOutput, list[int], Batch, tuple[str, ...]]]:
-    """(tower output, rows of present samples, batch, meta extensions) per batch of ``pattern`` (shards or
-    a class folder) through the ``modality`` tower; ``skipped[0]`` counts samples without a row."""
+                    desc: str, rows: _Rows) -> Iterator[tuple[EncoderOutput, list[int], Batch, list[tuple[int, int, int]]]]:
+    """(tower output, rows of present samples, batch, each row's place) per batch this rank embeds of
+    ``pattern`` (shards or a class folder) through the ``modality`` tower (see :mod:`mmpt.eval.sharding`)."""
     spec = require_modality(specs, modality, f"embedding '{pattern}'")
-    if is_class_folder(pattern):
-        loader: Iterable[Batch] = class_folder_batches(spec, pattern, batch_size, workers, modality)
-        extras: tuple[str, ...] = ("label",)
-    else:
-        loader = eval_loader(pattern, {modality: spec}, batch_size, keep=keep, workers=workers)
-        extras = keep
-    for batch in tqdm(loader, disable=not progress, desc=desc, unit="batch", leave=False):
-        if not len(batch):
-            continue
-        fields = {k: v.to(device, non_blocking=True) for k, v in batch.fields[modality].items()}
+
+    def one_sample(placed: Placed) -> dict[str, Tensor]:  # padding forwards cost a gather, not a batch
+        return {k: v[:1] for k, v in placed[0].fields[modality].items()}
+
+    batches = tqdm(rank_batches(spec, pattern, batch_size, keep, workers, modality, rows), disable=not progress,
+                   desc=desc, unit="batch", leave=False)
+    for batch, order in in_lockstep(batches, one_sample, lambda fields: _forward(model, modality, fields, device),
+                                    current_ranks()):
         # The whole batch goes through the tower (absent rows are zero-filled by collate) so every rank
         # runs the same forwards; absent rows are dropped afterwards.
-        out = model.encode_fields(modality, fields)
-        rows = batch.present[modality].nonzero().squeeze(1).tolist()
-        skipped[0] += len(batch) - len(rows)
-        yield out, rows, batch, extras
-    if isinstance(loader, Loader):
-        # An undecodable input reaches the batch as an absent row (counted above) and in the loader's
-        # counts; samples the loader dropped whole (empty members) are only in its counts.
-        skipped[0] += sum(n for reason, n in loader.state.total_skips().items()
-                          if not (reason.startswith("decode_error_") or reason == "decompression_bomb"))
-
-
-def _keep_meta(meta: dict[str, list[Any]], batch: Batch, rows: list[int], extras: tuple[str, ...]) -> None:
-    for ext in extras:
-        values = batch.meta.get(ext, [None] * len(batch))
-        meta.setdefault(ext, []).extend(values[i] for i in rows)
+        out = _forward(model, modality, batch.fields[modality], device)
+        yield out, batch.present[modality].nonzero().squeeze(1).tolist(), batch, order
 
 
 @torch.no_grad()
@@ -137,23 +205,21 @@ def embed_data(model: MultimodalModel, specs: dict[str, ModalityData], pattern: 
                keep: tuple[str, ...] = ("json", "txt"), device: torch.device | str = "cpu",
                progress: bool = True, *, workers: int = 1, modality: str = "image",
                desc: str = "embed") -> Embedded:
-    """Embed every sample of ``pattern`` (shards, or a class folder) with the ``modality`` tower."""
-    chunks: list[Tensor] = []
-    keys: list[str] = []
-    meta: dict[str, list[Any]] = {}
-    skipped = [0]
-    for out, rows, batch, extras in encoded_batches(model, specs, pattern, batch_size, keep, device, progress,
-                                                    workers, modality, desc, skipped):
-        chunks.append(out.embedding[rows])
-        keys += [batch.keys[i] for i in rows]
-        _keep_meta(meta, batch, rows, extras)
-    embeddings = torch.cat(chunks) if chunks else torch.zeros(0, model.embed_dim, device=device)
-    return Embedded(embeddings.float(), keys, meta, skipped=skipped[0])
+    """Embed every sample of ``pattern`` (shards, or a class folder) with the ``modality`` tower; within
+    :func:`~mmpt.eval.sharding.split_over_ranks` each rank embeds its part and every rank gets the whole."""
+    rows, chunks = _Rows(), []
+    for out, present, batch, order in encoded_batches(model, specs, pattern, batch_size, keep, device, progress,
+                                                      workers, modality, desc, rows):
+        chunks.append(out.embedding[present])
+        rows.add(batch, present, order)
+    local = torch.cat(chunks).float() if chunks else torch.zeros(0, model.embed_dim, device=device)
+    embeddings, keys, meta, skipped = rows.assemble(local, device)
+    return Embedded(embeddings, keys, meta, skipped=skipped)
 
 
 @dataclass
 class TokenFeatures:
-    """Per-token features of a dataset, in loader order.
+    """Per-token features of a dataset, in canonical order (as :class:`Embedded`).
 
     features: one (T_i, D) tensor per sample: the real tokens (mask True) of ``EncoderOutput.tokens``,
     leading non-content tokens included. keys / meta / skipped: as in :class:`Embedded`.
@@ -173,31 +239,35 @@ def embed_tokens(model: MultimodalModel, specs: dict[str, ModalityData], pattern
                  keep: tuple[str, ...] = ("json",), device: torch.device | str = "cpu", progress: bool = True, *,
                  workers: int = 1, modality: str = "text", desc: str = "tokens") -> TokenFeatures:
     """Frozen per-token features (``EncoderOutput.tokens`` where its mask is True) of every sample."""
-    features: list[Tensor] = []
-    keys: list[str] = []
-    meta: dict[str, list[Any]] = {}
-    skipped = [0]
-    for out, rows, batch, extras in encoded_batches(model, specs, pattern, batch_size, keep, device, progress,
-                                                    workers, modality, desc, skipped):
+    rows, features = _Rows(), []
+    for out, present, batch, order in encoded_batches(model, specs, pattern, batch_size, keep, device, progress,
+                                                      workers, modality, desc, rows):
         tokens = out.tokens.float()
         mask = out.mask if out.mask is not None else torch.ones(tokens.shape[:2], dtype=torch.bool,
                                                                  device=tokens.device)
-        features += [tokens[i][mask[i]] for i in rows]
-        keys += [batch.keys[i] for i in rows]
-        _keep_meta(meta, batch, rows, extras)
-    return TokenFeatures(features, keys, meta, skipped=skipped[0])
+        features += [tokens[i][mask[i]] for i in present]
+        rows.add(batch, present, order)
+    features, keys, meta, skipped = rows.assemble(features, device)
+    return TokenFeatures(features, keys, meta, skipped=skipped)
 
 
 @torch.no_grad()
 def embed_texts(model: MultimodalModel, specs: dict[str, ModalityData], texts: list[str], batch_size: int,
                 device: torch.device | str = "cpu", *, modality: str = "text") -> Tensor:
-    """(len(texts), E) L2-normalised embeddings of strings, ``batch_size`` at a time."""
+    """(len(texts), E) L2-normalised embeddings of strings, ``batch_size`` at a time (every ``world``-th
+    batch on each rank within :func:`~mmpt.eval.sharding.split_over_ranks`; every rank passes the same list)."""
     spec = require_modality(specs, modality, "embedding texts")
-    out = []
-    for start in range(0, len(texts), batch_size):
+    ranks = current_ranks()
+    starts = ((start, ranks.owns(j)) for j, start in enumerate(range(0, len(texts), batch_size)))
+    mine: dict[int, Tensor] = {}
+    for start in in_lockstep(starts, lambda start: spec.prepare(texts[start:start + 1], train=False),
+                             lambda fields: _forward(model, modality, fields, device), ranks):
         fields = spec.prepare(texts[start:start + batch_size], train=False)
-        out.append(model.encode_fields(modality, {k: v.to(device) for k, v in fields.items()}).embedding)
-    return torch.cat(out).float() if out else torch.zeros(0, model.embed_dim, device=device)
+        mine[start] = _forward(model, modality, fields, device).embedding.float()
+    if ranks.world > 1:
+        mine = {start: e.to(device) for part in all_gather({s: e.cpu() for s, e in mine.items()}, ranks)
+                for start, e in part.items()}
+    return torch.cat([mine[s] for s in sorted(mine)]) if mine else torch.zeros(0, model.embed_dim, device=device)
 
 
 # Class-folder data (``root/class_name/*.jpg``: ImageNet's validation layout); any
@@ -246,9 +316,10 @@ def class_folder_files(root: str, extensions: tuple[str, ...]) -> list[tuple[str
 
 
 def class_folder_batches(spec: ModalityData, root: str, batch_size: int, workers: int = 1,
-                         modality: str | None = None) -> Iterator[Batch]:
-    """Batches of a class-folder dataset: ``meta['label']`` is each file's class folder name."""
-    dataset = _ClassFolderFiles(class_folder_files(root, spec.extensions), spec)
+                         modality: str | None = None, files: list[tuple[str, str]] | None = None) -> Iterator[Batch]:
+    """Batches of a class-folder dataset (or of ``files``, a part of its :func:`class_folder_files`):
+    ``meta['label']`` is each file's class folder name."""
+    dataset = _ClassFolderFiles(class_folder_files(root, spec.extensions) if files is None else files, spec)
     loader = torch.utils.data.DataLoader(
         dataset, batch_size=batch_size, shuffle=False, num_workers=workers,
         collate_fn=functools.partial(_collate_files, spec=spec, modality=modality or spec.modality),

@@ -202,12 +202,13 @@ def _global_skips(loader: Loader) -> dict[str, int]:
 
 
 def run_eval(module: Any, cfg: Config, specs: dict, d: Any, logger: RunLogger, step: int) -> dict[str, Any]:
-    """Every rank runs the same eval (ZeRO-3 forwards are collectives); rank 0 logs."""
+    """Every rank embeds its part of the eval data (the same number of forwards: ZeRO-3 forwards are
+    collectives), the parts are gathered, every rank gets the same metrics; rank 0 logs."""
     from mmpt.eval import run_tasks
 
     module.eval()
     with torch.no_grad():
-        results = run_tasks(module.model, specs, cfg.eval, device=d.device, progress=False)
+        results = run_tasks(module.model, specs, cfg.eval, device=d.device, progress=False, rank=d.rank, world=d.world)
     module.train()
     for task, metrics in results.items():
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, kind=f"eval/{task}")

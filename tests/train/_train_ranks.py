@@ -10,6 +10,9 @@ import json
 import shutil
 import sys
 import warnings
+from collections import Counter
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
@@ -48,6 +51,11 @@ def crash_then_resume(raw: dict, **fault) -> None:
 def main() -> None:
     shard_dir, out = Path(sys.argv[1]), Path(sys.argv[2])
     shards = sorted(str(p) for p in shard_dir.glob("*.tar"))
+    if len(sys.argv) > 3:  # one scenario in a launch of its own (usage: ... SHARD_DIR OUT_DIR SCENARIO)
+        SCENARIOS[sys.argv[3]](shards, out)
+        dist.barrier()
+        dist.destroy_process_group()
+        return
     gradcache_gradients(shards, out)
     for stage in (2, 3):
         ref = config(shards, out / f"zero{stage}_ref", stage)
@@ -209,6 +217,72 @@ def gradcache_gradients(shards: list[str], out: Path) -> None:
                         "checksums": [sum(float(g.double().sum()) for g in step.values()) for step in ref]}
     (out / f"gradcache_rank{rank}.json").write_text(json.dumps(report))
 
+
+def sharded_eval_tasks(shards: list[str]) -> list[dict]:
+    """Zero-shot over every shard (whole shards per rank) and retrieval over one (every other batch)."""
+    return [{"name": "zero_shot", "data": "::".join(shards), "label_key": "color", "batch_size": 16},
+            {"name": "retrieval", "data": shards[0], "batch_size": 8}]
+
+
+@contextmanager
+def eval_rows() -> Iterator[Counter]:
+    """Rows through each tower in forwards without gradients (eval), counted per modality."""
+    from mmpt.model import MultimodalModel
+
+    rows: Counter[str] = Counter()
+    forward = MultimodalModel.encode_fields
+
+    def counted(self, modality: str, fields: dict, tokens: bool = False):
+        if not torch.is_grad_enabled():
+            rows[modality] += len(next(iter(fields.values())))
+        return forward(self, modality, fields, tokens)
+
+    MultimodalModel.encode_fields = counted
+    try:
+        yield rows
+    finally:
+        MultimodalModel.encode_fields = forward
+
+
+def sharded_eval(shards: list[str], out: Path) -> None:
+    """Eval during training at ZeRO 0 and 3, each rank embedding its part: the loop's metrics, the rows each
+    rank's towers embedded for the same eval again, the gathered embeddings (rank 0 saves them), and a rank
+    without input of its own padding its forwards with one sent by another rank."""
+    from mmpt.eval import run_tasks
+    from mmpt.eval.common import embed_data
+    from mmpt.eval.sharding import EvalRanks, in_lockstep, split_over_ranks
+    from mmpt.train.engine import init_distributed
+
+    d = init_distributed()
+    for stage in (0, 3):
+        raw = config(shards, out / f"eval{stage}", stage)
+        raw["train"].update(steps=2, checkpoint_every=2)
+        raw["eval"] = sharded_eval_tasks(shards)
+        with eval_rows() as loop_rows:
+            summary = train(load_config(raw))
+        model, specs = summary.engine.module.model, build_data_specs(load_config(raw))
+        with eval_rows() as rows:
+            again = run_tasks(model, specs, raw["eval"], d.device, progress=False, rank=d.rank, world=d.world)
+        with split_over_ranks(d.rank, d.world):
+            embedded = {name: embed_data(model, specs, pattern, 8, progress=False)
+                        for name, pattern in (("all", "::".join(shards)), ("one", shards[0]))}
+        if d.rank == 0:
+            torch.save({name: {"keys": e.keys, "embeddings": e.embeddings, "skipped": e.skipped}
+                        for name, e in embedded.items()}, out / f"eval{stage}_embedded.pt")
+        numbers = {task: {k: v for k, v in m.items() if isinstance(v, (int, float))} for task, m in summary.eval.items()}
+        again = {task: {k: v for k, v in m.items() if isinstance(v, (int, float))} for task, m in again.items()}
+        (out / f"eval{stage}_rank{d.rank}.json").write_text(json.dumps(
+            {"loop": numbers, "again": again, "loop_rows": dict(loop_rows), "rows": dict(rows), "tasks": raw["eval"]}))
+        summary.engine.destroy()
+    # rank 0 has two inputs, rank 1 none: rank 1 pads twice with a template rank 0 sends
+    calls: list[list[float]] = []
+    items = [({"x": torch.tensor([7.0, 8.0])}, True)] * 2 if d.rank == 0 else []
+    got = list(in_lockstep(items, lambda item: {"x": item["x"][:1]}, lambda fields: calls.append(fields["x"].tolist()),
+                           EvalRanks(d.rank, d.world)))
+    (out / f"pad_rank{d.rank}.json").write_text(json.dumps({"items": len(got), "calls": calls}))
+
+
+SCENARIOS = {"sharded_eval": sharded_eval}
 
 if __name__ == "__main__":
     main()
