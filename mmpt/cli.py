@@ -90,6 +90,26 @@ def _parser() -> argparse.ArgumentParser:
                    help="extra parquet columns, comma-separated: caption (the sample's txt), json (its json)")
     m.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
 
+    c = sub.add_parser("caption", help="generate captions for shards with a model's caption/coca objective (JSONL)")
+    c.add_argument("model", help="exported .safetensors file or run directory")
+    c.add_argument("--data", required=True, help="shards: path, glob, brace list or pipe: URL")
+    c.add_argument("--modality", required=True, help="what to caption (the objective's source), e.g. image")
+    c.add_argument("--out", required=True, help="output JSONL: key, caption, score, finished (+ captions: n-best)")
+    c.add_argument("--objective", help="captioning objective to use when several caption --modality")
+    c.add_argument("--strategy", default="greedy", choices=["greedy", "beam", "sample"])
+    c.add_argument("--beam", type=int, default=4, help="beams per sample (--strategy beam)")
+    c.add_argument("--n-best", type=int, default=1, help="captions per sample (--strategy beam; <= --beam)")
+    c.add_argument("--length-penalty", type=float, default=1.0,
+                   help="beam scores are log-probability sums / length ** this (0: plain sums)")
+    c.add_argument("--top-k", type=int, default=0, help="sample among the k most likely tokens (0: all)")
+    c.add_argument("--top-p", type=float, default=1.0, help="sample within the top-p probability mass")
+    c.add_argument("--temperature", type=float, default=1.0)
+    c.add_argument("--seed", type=int, help="sampling seed")
+    c.add_argument("--max-len", type=int, help="tokens generated at most, EOS included (default: what fits)")
+    c.add_argument("--batch-size", type=int, default=64)
+    c.add_argument("--workers", type=int, default=1)
+    c.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
+
     x = sub.add_parser("export", help="consolidate a run (any ZeRO stage) into one .safetensors file")
     x.add_argument("run_dir", help="run directory or checkpoint folder (--format openclip|hf-clip: or an export)")
     x.add_argument("--out", required=True, help="output .safetensors path (hf-clip: a folder; openclip: a file, or a "
@@ -261,6 +281,14 @@ def _dispatch(args: argparse.Namespace) -> int:
         print(embed(args.model, args.data, args.modality, args.out, batch_size=args.batch_size,
                     workers=args.workers, normalize=not args.no_normalize, dtype=args.dtype,
                     metadata=args.metadata, allow_nonfinite=args.allow_nonfinite))
+    elif args.command == "caption":
+        from mmpt.caption import caption
+
+        print(caption(args.model, args.data, args.modality, args.out, objective=args.objective,
+                      batch_size=args.batch_size, workers=args.workers, allow_nonfinite=args.allow_nonfinite,
+                      strategy=args.strategy, beam=args.beam, n_best=args.n_best, length_penalty=args.length_penalty,
+                      top_k=args.top_k, top_p=args.top_p, temperature=args.temperature, seed=args.seed,
+                      max_len=args.max_len))
     elif args.command == "export":
         _export(args)
     elif args.command == "import":
@@ -343,7 +371,7 @@ def _eval(args: argparse.Namespace) -> None:
         refuse_untrusted_sources(tasks, where)
     if not tasks:
         raise ConfigError(f"{where}: no eval tasks to run")
-    results = run_tasks(model.model, transforms, tasks, device="cpu")
+    results = run_tasks(model, transforms, tasks, device="cpu")  # the Pretrainer: caption tasks need objectives
     print(format_table(results))
     if args.out:
         write_results(results, args.out)

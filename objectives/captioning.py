@@ -31,21 +31,22 @@ from mmpt.objectives.contrastive import (
 from mmpt.registry import ConfigError, objectives
 
 
-def caption_loss(logits: Tensor, targets: Tensor, mask: Tensor, label_smoothing: float = 0.0) -> Tensor:
-    """Mean cross-entropy of (B, T, V) logits against (B, T) target ids over positions where ``mask`` (B, T)
-    is True (padding, absent samples); computed in fp32. With no such position: a zero that keeps the graph."""
-    if not bool(mask.any()):
+def caption_loss(logits: Tensor, targets: Tensor, label_smoothing: float = 0.0) -> Tensor:
+    """Mean cross-entropy of (N, V) logits against (N,) target ids: the positions that count (padding and
+    absent samples already left out); fp32. With N = 0: a zero that keeps the graph."""
+    if not logits.shape[0]:
         return logits.sum() * 0.0
-    return F.cross_entropy(logits[mask].float(), targets[mask], label_smoothing=label_smoothing)
+    return F.cross_entropy(logits.float(), targets, label_smoothing=label_smoothing)
 
 
-def coca_loss(a: Tensor, b: Tensor, logits: Tensor, targets: Tensor, mask: Tensor, logit_scale: Tensor, *,
+def coca_loss(a: Tensor, b: Tensor, logits: Tensor, targets: Tensor, logit_scale: Tensor, *,
               clip_weight: float, caption_weight: float, gather: GatherMode, label_smoothing: float = 0.0,
               valid: Tensor | None = None) -> tuple[Tensor, Tensor, dict[str, Tensor]]:
-    """CoCa's loss: ``clip_weight`` x CLIP(a, b) + ``caption_weight`` x caption cross-entropy (open_clip's
-    ``CoCaLoss`` with padding given by ``mask``, not by an id); returns (clip term, caption term, metrics)."""
+    """CoCa's loss: ``clip_weight`` x CLIP(a, b) + ``caption_weight`` x caption cross-entropy of the counted
+    positions' (N, V) logits (open_clip's ``CoCaLoss`` with padding left out by a mask, not by an id, so a
+    tokenizer whose padding id is a real token is safe); returns (clip term, caption term, metrics)."""
     clip, metrics = clip_loss(a, b, logit_scale, gather=gather, valid=valid)
-    return clip_weight * clip, caption_weight * caption_loss(logits, targets, mask, label_smoothing), metrics
+    return clip_weight * clip, caption_weight * caption_loss(logits, targets, label_smoothing), metrics
 
 
 class CaptionDecoder(nn.Module):
@@ -69,9 +70,11 @@ class CaptionDecoder(nn.Module):
             nn.init.normal_(self.token_embed.weight, std=0.02)
 
     def forward(self, x: Tensor, memory: Tensor | None, memory_mask: Tensor | None = None,
-                cache: KVCache | None = None) -> Tensor:
-        """(B, T) ids (or (B, T, width) features) -> (B, T, vocab) next-token logits; with ``cache`` only the
-        positions after ``cache.length`` are given and the memory may be None after the first step."""
+                cache: KVCache | None = None, positions: Tensor | None = None) -> Tensor:
+        """(B, T) ids (or (B, T, width) features) -> (B, T, vocab) next-token logits, or (N, vocab) for the
+        N positions where ``positions`` (B, T) is True: the vocabulary head is most of a step's work, and
+        padding needs none. With ``cache`` only the positions after ``cache.length`` are given and the
+        memory may be None after the first step."""
         if self.context_length is not None:
             start = 0 if cache is None else cache.length
             if start + x.shape[1] > self.context_length:
@@ -80,7 +83,8 @@ class CaptionDecoder(nn.Module):
             x = self.token_embed(x) + self.pos_embed[:, start:start + x.shape[1]]
         for block, cross in zip(self.blocks, self.cross, strict=True):
             x = cross(block(x, None, cache), memory, memory_mask, cache)
-        return self.head(self.norm(x))
+        x = self.norm(x)
+        return self.head(x if positions is None else x[positions])
 
 
 class CaptionObjective(Objective):
@@ -194,9 +198,9 @@ class Caption(CaptionObjective):
         memory, memory_mask = self.memory(outputs)
         targets, mask = self.targets(batch, outputs, memory)
         ids = batch.fields[self.text]["ids"].to(memory.device)[:, :-1]
-        logits = self.decoder(ids, memory, memory_mask)
-        loss = caption_loss(logits, targets, mask, self.label_smoothing)
-        return ObjectiveOutput(loss=loss, metrics=token_metrics(logits, targets, mask))
+        logits = self.decoder(ids, memory, memory_mask, positions=mask)
+        loss = caption_loss(logits, targets[mask], self.label_smoothing)
+        return ObjectiveOutput(loss=loss, metrics=token_metrics(logits, targets[mask]))
 
     def step_logits(self, model: nn.Module, ids: Tensor, memory: Tensor | None, memory_mask: Tensor | None,
                     cache: KVCache | None) -> Tensor:
@@ -258,16 +262,16 @@ class CoCa(CaptionObjective):
                               f"wide; set width: {text_out.tokens.shape[-1]}")
         memory, memory_mask = self.memory(outputs)
         targets, mask = self.targets(batch, outputs, memory)
-        logits = self.decoder(text_out.tokens[:, :-1], memory, memory_mask)
+        logits = self.decoder(text_out.tokens[:, :-1], memory, memory_mask, positions=mask)
         a, b = embedding_of(outputs, self.source, "coca"), embedding_of(outputs, self.text, "coca")
         valid = present(batch, self.source, a) & present(batch, self.text, b)
         scale = bounded_log_scale(self.logit_scale.float(), math.log(self.max_logit_scale)).exp()
-        clip, caption, m = coca_loss(a, b, logits, targets, mask, scale[0], clip_weight=self.clip_weight,
+        clip, caption, m = coca_loss(a, b, logits, targets[mask], scale[0], clip_weight=self.clip_weight,
                                      caption_weight=self.caption_weight, gather=self.gather,
                                      label_smoothing=self.label_smoothing, valid=valid)
         metrics = {"clip_loss": clip.detach(), "caption_loss": caption.detach(), f"{self.source}_{self.text}/acc": m["acc"],
                    f"{self.text}_{self.source}/acc": m["acc_ba"], "logit_scale": scale[0].detach()}
-        metrics.update(token_metrics(logits, targets, mask))
+        metrics.update(token_metrics(logits, targets[mask]))
         return ObjectiveOutput(loss=clip + caption, metrics=metrics)
 
     def step_logits(self, model: nn.Module, ids: Tensor, memory: Tensor | None, memory_mask: Tensor | None,
@@ -285,8 +289,7 @@ class CoCa(CaptionObjective):
         return {"logit_scale"}
 
 
-def token_metrics(logits: Tensor, targets: Tensor, mask: Tensor) -> dict[str, Tensor]:
-    """Next-token top-1 accuracy over the positions that count (detached)."""
+def token_metrics(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:
+    """Next-token top-1 accuracy of (N, V) logits over the N positions that count (detached)."""
     with torch.no_grad():
-        hits = (logits.argmax(-1) == targets) & mask
-        return {"token_acc": hits.sum().float() / mask.sum().clamp(min=1)}
+        return {"token_acc": (logits.argmax(-1) == targets).float().sum() / max(len(targets), 1)}

@@ -103,6 +103,18 @@ def _at(path: str, exc: ConfigError) -> ConfigError:
     return exc if str(exc).startswith(path) else ConfigError(f"{path}.{exc}")
 
 
+def _task_model(task: Task, model: Any, where: str) -> Any:
+    """The towers (``MultimodalModel``) for most tasks; the whole Pretrainer for a task that generates with
+    an objective (``uses_objectives``, e.g. ``caption``), which run_tasks must then have been given."""
+    towers = getattr(model, "model", model)
+    if not getattr(task, "uses_objectives", False):
+        return towers
+    if towers is model:
+        raise ConfigError(f"{where}: task '{getattr(task, 'registry_name', type(task).__name__)}' generates with "
+                          "the model's objectives, but only its towers were passed to run_tasks")
+    return model
+
+
 def run_tasks(model: MultimodalModel, specs: dict[str, ModalityData], tasks: Sequence[dict[str, Any]],
               device: torch.device | str, progress: bool = True, *, rank: int = 0,
               world: int = 1) -> dict[str, dict[str, Any]]:
@@ -116,7 +128,7 @@ def run_tasks(model: MultimodalModel, specs: dict[str, ModalityData], tasks: Seq
         with torch.no_grad(), split_over_ranks(rank, world):
             for i, (name, task) in enumerate(built):
                 try:
-                    results[name] = task.run(model, specs, device, progress)
+                    results[name] = task.run(_task_model(task, model, f"eval[{i}]"), specs, device, progress)
                 except ConfigError as exc:  # found only once the data is read (e.g. a label_key in no json)
                     raise _at(f"eval[{i}]", exc) from exc
     finally:

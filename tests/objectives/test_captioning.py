@@ -61,7 +61,7 @@ def test_coca_loss_equals_open_clip_coca_loss(clip_weight: float, caption_weight
     scale = torch.tensor(14.3)
     ref_clip, ref_caption = CoCaLoss(caption_loss_weight=caption_weight, clip_loss_weight=clip_weight)(
         a, b, logits, labels, scale)
-    clip, caption, _ = coca_loss(a, b, logits, labels, mask, scale, clip_weight=clip_weight,
+    clip, caption, _ = coca_loss(a, b, logits[mask], labels[mask], scale, clip_weight=clip_weight,
                                  caption_weight=caption_weight, gather=GatherMode("local"))
     assert_close(clip, ref_clip)
     assert_close(caption, ref_caption)
@@ -79,22 +79,26 @@ def test_coca_objective_equals_open_clip_coca_loss_on_its_own_logits() -> None:
     outputs = model.embed(b)
     loss = model.loss(outputs, b)["loss"]
     ids, mask = b.fields["text"]["ids"], b.fields["text"]["mask"]
+    # the decoder scores counted positions only; CoCaLoss takes (B, T, V): padding gets logits it ignores
+    full = torch.randn(*ids[:, 1:].shape, seen["logits"].shape[-1])
+    full[mask[:, 1:]] = seen["logits"]
     labels = ids[:, 1:].masked_fill(~mask[:, 1:], 0)
     scale = obj.logit_scale.exp()[0]
     ref = CoCaLoss(caption_loss_weight=2.0, clip_loss_weight=1.0)(
-        outputs["image"].embedding, outputs["text"].embedding, seen["logits"], labels, scale)
+        outputs["image"].embedding, outputs["text"].embedding, full, labels, scale)
     assert_close(loss, ref[0] + ref[1])
-    assert seen["logits"].shape[:2] == ids[:, :-1].shape, "one text forward: the decoder reads the tower's tokens"
+    assert seen["logits"].shape[0] == int(mask[:, 1:].sum())
 
 
-def naive_caption_loss(logits: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor, keep: list[bool],
-                       smoothing: float) -> torch.Tensor:
-    """Label-smoothed cross-entropy one counted position at a time."""
+def naive_caption_loss(decoder: torch.nn.Module, memory: torch.Tensor, ids: torch.Tensor, mask: torch.Tensor,
+                       keep: list[bool], smoothing: float) -> torch.Tensor:
+    """Label-smoothed cross-entropy one counted position at a time, each sample decoded on its own."""
     terms = []
     for i in range(len(ids)):
+        logits = decoder(ids[i:i + 1, :-1], memory[i:i + 1])[0]
         for t in range(ids.shape[1] - 1):
             if keep[i] and mask[i, t + 1]:
-                logp = logits[i, t].log_softmax(-1)
+                logp = logits[t].log_softmax(-1)
                 terms.append(-(1 - smoothing) * logp[ids[i, t + 1]] - smoothing * logp.mean())
     return torch.stack(terms).mean()
 
@@ -103,13 +107,12 @@ def test_caption_loss_ignores_padding_and_absent_samples() -> None:
     model = pretrainer({"name": "caption", "context_length": 16, "width": 32, "depth": 1, "heads": 2,
                         "memory_width": 32, "label_smoothing": 0.1})
     obj = model.objectives["caption"]
-    seen = {}
-    obj.decoder.register_forward_hook(lambda m, i, o: seen.__setitem__("logits", o))
     keep = [True, True, False, True]
     b = batch(model, text_present=keep)
-    out = model.loss(model.embed(b), b)
+    outputs = model.embed(b)
+    out = model.loss(outputs, b)
     ids, mask = b.fields["text"]["ids"], b.fields["text"]["mask"]
-    assert_close(out["loss"], naive_caption_loss(seen["logits"], ids, mask, keep, 0.1))
+    assert_close(out["loss"], naive_caption_loss(obj.decoder, outputs["image"].tokens, ids, mask, keep, 0.1))
     # junk after the end of a caption (the padding) changes no counted position
     junk = ids.masked_fill(~mask, 777)
     b.fields["text"]["ids"] = junk
@@ -119,7 +122,7 @@ def test_caption_loss_ignores_padding_and_absent_samples() -> None:
 
 def test_caption_loss_without_counted_positions_is_a_zero_with_a_graph() -> None:
     logits = torch.randn(2, 3, 10, requires_grad=True)
-    loss = caption_loss(logits, torch.zeros(2, 3, dtype=torch.long), torch.zeros(2, 3, dtype=torch.bool))
+    loss = caption_loss(logits[torch.zeros(2, 3, dtype=torch.bool)], torch.zeros(0, dtype=torch.long))
     loss.backward()
     assert float(loss.detach()) == 0.0 and logits.grad is not None
 
