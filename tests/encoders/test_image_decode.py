@@ -12,10 +12,10 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image, ImageDraw
+from shardkit import write_tar
 
 from mmpt.data.loader import eval_loader
 from mmpt.encoders.image import DecompressionBomb, ImageData
-from tests.shardkit import write_tar
 
 
 def photo(w: int, h: int, seed: int = 0, fmt: str = "JPEG", mode: str = "RGB", **save) -> bytes:
