@@ -149,8 +149,9 @@ def mlm_tied_head(shards: list[str], out: Path) -> None:
 
 def masked_tokens_runs(shards: list[str], out: Path) -> None:
     """clip + masked_tokens (MAE) on the image tower, which also drops half its patches in clip's forward
-    (FLIP), at ZeRO 0 and 3: the tower runs twice per step (clip's forward, the objective's masked one);
-    per-step losses come from the runs' key logs; rank 0 writes which weights moved."""
+    (FLIP), at ZeRO 0 and at ZeRO 3 crashed after step 3 and resumed: the tower runs twice per step (clip's
+    forward, the objective's masked one); per-step losses come from the runs' key logs; rank 0 writes which
+    weights moved."""
     from mmpt.export import consolidate
 
     report = {}
@@ -160,7 +161,10 @@ def masked_tokens_runs(shards: list[str], out: Path) -> None:
         raw["objectives"]["mae"] = {"name": "masked_tokens", "modality": "image", "encoder_width": 32,
                                     "target_dim": 192, "decoder_width": 16, "decoder_depth": 1, "decoder_heads": 2}
         before = initial_weights(raw, stage, seed_offset=dist.get_rank())
-        train(load_config(raw))
+        if stage == 3:  # resumed masks and token drops must be the uninterrupted run's
+            crash_then_resume(raw, crash_at_step=3)
+        else:
+            train(load_config(raw))
         dist.barrier()
         if dist.get_rank() == 0:
             state = consolidate(out / f"mae_zero{stage}")[0]

@@ -153,8 +153,8 @@ def test_mlm_tied_head_zero3_matches_zero0_and_resumes(ranks_out: Path) -> None:
 @pytest.mark.timeout(600)
 def test_masked_tokens_and_flip_zero3_match_zero0(ranks_out: Path) -> None:
     """clip (on half the image patches, FLIP) + masked_tokens on 2 ranks: ZeRO-3, where the objective runs the
-    image tower a second time through its forward, gives ZeRO-0's per-step losses, and the tower, its directly
-    owned pos_embed and the decoder all move."""
+    image tower a second time through its forward (crashed after step 3, resumed: the same masks and drops),
+    gives ZeRO-0's per-step losses, and the tower, its directly owned pos_embed and the decoder all move."""
     for r in range(2):
         ref, got = steps(ranks_out / "mae_zero0", r), steps(ranks_out / "mae_zero3", r)
         assert sorted(got) == sorted(ref) and len(ref) == 6
