@@ -157,6 +157,9 @@ class TextTransformer(Encoder):
 
     modality = "text"
     tiny_configs = ({"context_length": 16, "width": 32, "depth": 2, "heads": 2},)
+    # Real tokens never see trailing padding (causal, or padded keys masked; pooling by the mask), so
+    # training cuts each batch after its longest caption (mmpt.train.padding).
+    trims_padding = True
 
     def __init__(self, context_length: int = 77, width: int = 512, depth: int = 12, heads: int = 8,
                  mlp_ratio: float = 4.0, causal: bool = True, pool: str = "eot",

@@ -21,6 +21,7 @@ from mmpt.train import checkpoint
 from mmpt.train.engine import DistInfo, build_engine, init_distributed
 from mmpt.train.lock import RunLock
 from mmpt.train.logger import RunLogger, StepRecords
+from mmpt.train.padding import trim_padding, trimmed_modalities
 from mmpt.train.plot import headline, plot_run
 from mmpt.train.rank0 import on_rank0
 from mmpt.train.resume_config import check_resume_config, write_config_history
@@ -98,11 +99,12 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
     keys_log = StepRecords(run_dir / f"keys_rank{d.rank}.jsonl", t.log_sample_keys, start)
     bar = _progress(d.is_main and t.progress, start, steps)
     it, last_ckpt, meter, step_fn = iter(loader), ckpt, _Meter(time.perf_counter()), step_strategy(cfg)
+    trimmed = trimmed_modalities(engine.module.model)
     last, evals = {}, {}
     for step in range(start, steps):
         for micro in range(t.grad_accum):
             t0 = time.perf_counter()
-            batch = next(it).to(d.device)
+            batch = trim_padding(next(it), trimmed, d.world, d.device).to(d.device)
             meter.wait += time.perf_counter() - t0
             out = step_fn(engine, batch)
             meter.samples += len(batch) * d.world
