@@ -286,7 +286,23 @@ def sharded_eval(shards: list[str], out: Path) -> None:
     (out / f"pad_rank{d.rank}.json").write_text(json.dumps({"items": len(got), "calls": calls}))
 
 
-SCENARIOS = {"sharded_eval": sharded_eval}
+def multinode(shards: list[str], out: Path) -> None:
+    """One rank per node (tests/train/test_multinode.py): the rendezvous each rank sees, then ZeRO-2 training
+    that crashes at step 3 and resumes from step 2's checkpoint in the shared run directory."""
+    import os
+
+    from mmpt.train.engine import init_distributed
+
+    d = init_distributed()
+    env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "CROSS_RANK")}
+    (out / f"node_rank{d.rank}.json").write_text(json.dumps({"rank": d.rank, "world": d.world, "env": env}))
+    raw = config(shards, out / "run", 2)
+    raw["train"].update(steps=4, checkpoint_every=2)
+    crash_then_resume(raw, crash_at_step=3)
+
+
+
+SCENARIOS = {"sharded_eval": sharded_eval, "multinode": multinode}
 
 if __name__ == "__main__":
     main()
