@@ -194,7 +194,7 @@ class MLM(Objective):
                               f"{tuple(tokens.shape)} for ids {tuple(masked.shape)}; expected one token per id of "
                               f"width {self.width}")
         loss, acc = mlm_loss(self.logits(tokens[selected], model), fields["ids"][selected])
-        return ObjectiveOutput(loss, {"acc": acc, "rate": torch.tensor(rate), "masked": selected.sum().float()})
+        return ObjectiveOutput(loss, {"acc": acc, "rate": loss.new_tensor(rate), "masked": selected.sum().float()})
 
     def logits(self, hidden: Tensor, model: nn.Module) -> Tensor:
         """(N, V) fp32 vocabulary logits of (N, D) selected token features."""
