@@ -30,10 +30,7 @@ class Pretrainer(nn.Module):
         self.model = model
         self.objectives = nn.ModuleDict(objectives)
         self.weights = {k: float((weights or {}).get(k, 1.0)) for k in objectives}
-        needed: list[str] = []
-        for obj in objectives.values():
-            needed += [m for m in obj.modalities if m not in needed]
-        self.needed = needed or model.modalities
+        self.needed = encoded_modalities(model, objectives.values())
         self.token_needed = tuple(dict.fromkeys(m for obj in objectives.values() for m in obj.token_modalities))
 
     def embed(self, batch: Batch) -> dict[str, EncoderOutput]:
@@ -75,6 +72,15 @@ class Pretrainer(nn.Module):
             fn = getattr(obj, "no_weight_decay", None)
             names |= {f"objectives.{k}.{n}" for n in (fn() if fn else ())}
         return names
+
+
+def encoded_modalities(model: MultimodalModel, objectives: Any) -> list[str]:
+    """The modalities a step encodes: those the objectives read; every modality when one does not say
+    (``modalities is None``) or there is no objective; none when every objective encodes its own inputs."""
+    declared = [obj.modalities for obj in objectives]
+    if not declared or any(d is None for d in declared):
+        return model.modalities
+    return list(dict.fromkeys(m for d in declared for m in d))
 
 
 def build_data_specs(cfg: Config) -> dict[str, ModalityData]:

@@ -22,7 +22,8 @@ class ObjectiveOutput(TensorRecord):
 class Objective(nn.Module):
     """Base class: ``forward(outputs, batch) -> ObjectiveOutput``.
 
-    ``modalities`` lists the modalities the objective reads, so the pretrainer encodes only those.
+    ``modalities`` lists the modalities the objective reads, so the pretrainer encodes only those (all of
+    them when an objective leaves it None).
     An objective that must run a tower on inputs of its own (masked modelling encodes masked ids or
     the visible patches) sets ``uses_model = True`` and is called ``forward(outputs, batch, model)``
     with the :class:`~mmpt.model.MultimodalModel`: calling a tower's ``forward`` (a module call) keeps
@@ -30,7 +31,9 @@ class Objective(nn.Module):
     does not (see docs/design.md, "Objectives that run a tower").
     """
 
-    modalities: tuple[str, ...] = ()
+    # None: the objective does not say, so every modality is encoded; () reads no encoder output (an
+    # objective that encodes inputs of its own, such as masked modelling, sets that).
+    modalities: tuple[str, ...] | None = None
     # Modalities whose per-token projected embeddings (``EncoderOutput.token_embedding``) it reads.
     token_modalities: tuple[str, ...] = ()
     # True: forward also takes the MultimodalModel, to encode inputs of its own (masked modelling).
