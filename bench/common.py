@@ -133,15 +133,17 @@ def steady_rate(windows: list[tuple[int, int, float]], skip_steps: int, batch: i
 
 
 def medians(runs: dict[str, list[dict]], keys: tuple[str, ...], keep_logs: bool) -> dict[str, dict]:
-    """Per tool: the median of each key over its runs, plus the runs (log paths dropped unless the work
-    dir is kept, since the logs go with it)."""
+    """Per tool: the median of each key over its runs, its [min, max] under ``spread``, plus the runs (log
+    paths dropped unless the work dir is kept, since the logs go with it)."""
     import statistics
 
     if not keep_logs:
         for rs in runs.values():
             for r in rs:
                 r.pop("log", None)
-    return {tool: {**{k: statistics.median(r[k] for r in rs) for k in keys}, "runs": rs} for tool, rs in runs.items()}
+    return {tool: {**{k: statistics.median(r[k] for r in rs) for k in keys},
+                   "spread": {k: [min(r[k] for r in rs), max(r[k] for r in rs)] for k in keys}, "runs": rs}
+            for tool, rs in runs.items()}
 
 
 def machine() -> dict:

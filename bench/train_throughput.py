@@ -15,17 +15,30 @@ Steady-state samples/s comes from each tool's own log windows (mmpt: metrics.jso
 per `train.log_every` steps; OpenCLIP: the window average `Batch (t)` of its `Train Epoch:` lines),
 counting only the windows that start after the first --skip-frac of the steps, as total samples
 over total time. Wall time of each whole command (start-up, data start, checkpoint) is reported too.
+
+Two configurations by default (--configs), each run --repeats times per tool in alternating order
+(median, min and max reported, and the ratio of the medians per configuration):
+  ctx32-demo  text context 32, the demo captions as generated (about 10 real tokens of 32);
+  ctx77-web   OpenCLIP's usual context of 77, every demo caption lengthened with web alt-text filler
+              clauses ("stock photo", "vector illustration for your project", ...) to a token count
+              (start and end tokens included) drawn from a log-normal with median 18 and sigma 0.55, a
+              web-caption-like length distribution; whole clauses overshoot the target a little: measured
+              mean ~23, median 20, 90th percentile 39, 0.3% cut at 77 (the JSON's "captions" has each run's).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import io
 import json
 import math
 import re
 import shutil
+import statistics
 import subprocess
 import sys
+import tarfile
 import tempfile
 from pathlib import Path
 
@@ -37,9 +50,9 @@ from common import (  # noqa: E402
     add_model_args,
     brace,
     demo_data,
+    machine,
     medians,
     model_from_args,
-    report,
     run_logged,
     steady_rate,
     thread_env,
@@ -60,12 +73,77 @@ PARAMS_OC = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
              "print(sum(p.numel() for p in m.parameters()))")
 
 
-def run_mmpt(data: Path, model, a, work: Path, tag: str, steps: int | None = None) -> dict | None:
+# Web alt-text padding for the ctx77-web captions (see the module docstring).
+FILLERS = ("stock photo", "high resolution image", "isolated on a plain backdrop", "simple flat design",
+           "vector illustration for your project", "royalty free clip art", "minimalist icon", "digital art",
+           "shown in close up", "printed on a poster", "free download for personal use", "with soft lighting",
+           "great for presentations and websites", "modern graphic element", "centered composition",
+           "bright and clean colors", "part of a larger collection of shapes", "high quality png",
+           "drawn by hand", "seen from the front")
+WEB_MEDIAN_TOKENS, WEB_SIGMA = 18, 0.55
+
+
+def token_count(texts: list[str]) -> list[int]:
+    """BPE tokens of each text with start and end tokens, uncut."""
+    from mmpt.encoders.text import build_tokenizer
+
+    return build_tokenizer("openclip-bpe", 1024).encode(texts)[1].sum(1).tolist()
+
+
+def web_caption(caption: str, rng, filler_tokens: dict[str, int]) -> str:
+    """``caption`` plus filler clauses up to a log-normal token count (BPE splits at ', ', so counts add)."""
+    target = round(rng.lognormal(math.log(WEB_MEDIAN_TOKENS), WEB_SIGMA))
+    n = token_count([caption])[0]
+    while n < target:
+        clause = FILLERS[rng.integers(len(FILLERS))]
+        caption, n = f"{caption}, {clause}", n + filler_tokens[clause]
+    return caption
+
+
+def web_shards(shards: list[Path], out: Path, seed: int = 0) -> list[Path]:
+    """Copies of ``shards`` whose ``txt`` members are lengthened to web-caption lengths."""
+    import numpy as np
+
+    rng = np.random.default_rng(seed)
+    filler_tokens = dict(zip(FILLERS, (n - 2 for n in token_count([", " + f for f in FILLERS])), strict=True))
+    out.mkdir(parents=True, exist_ok=True)
+    written = []
+    for shard in shards:
+        with tarfile.open(shard) as src, tarfile.open(out / shard.name, "w") as dst:
+            for info in src:
+                data = src.extractfile(info).read() if info.isfile() else None
+                if info.name.endswith(".txt"):
+                    lines = data.decode("utf-8").splitlines()
+                    data = "\n".join(web_caption(x, rng, filler_tokens) for x in lines).encode("utf-8")
+                    info.size = len(data)
+                dst.addfile(info, io.BytesIO(data) if data is not None else None)
+        written.append(out / shard.name)
+    return written
+
+
+def caption_stats(shards: list[Path], ctx: int, batch: int) -> dict:
+    """Real tokens per caption (first line, as cut to ``ctx``) and the mean longest one per batch in
+    shard order: the text width mmpt's trimmed batches run at (the shuffle buffer mixes, the mean holds)."""
+    texts = []
+    for shard in shards:
+        with tarfile.open(shard) as tar:
+            texts += [tar.extractfile(i).read().decode("utf-8").splitlines()[0] for i in tar if i.name.endswith(".txt")]
+    lengths = [min(n, ctx) for n in token_count(texts)]
+    q = statistics.quantiles(lengths, n=100)
+    longest = [max(lengths[i:i + batch]) for i in range(0, len(lengths) - batch + 1, batch)]
+    return {"context": ctx, "captions": len(lengths), "mean_tokens": round(statistics.fmean(lengths), 2),
+            "median_tokens": statistics.median(lengths), "p90_tokens": q[89], "p99_tokens": q[98],
+            "cut_at_context_frac": round(sum(n >= ctx for n in lengths) / len(lengths), 4),
+            "mean_longest_per_batch": round(statistics.fmean(longest), 2)}
+
+
+def run_mmpt(data: Path, model, a, work: Path, tag: str, steps: int | None = None,
+             train_dir: Path | None = None) -> dict | None:
     """One mmpt training run; ``steps`` set: an untimed warm-up run of that many steps (returns None)."""
     out = work / f"mmpt-{tag}"
     n_steps = steps or a.steps
     sets = model.mmpt_overrides() + [
-        f"data.sources=[{data / 'train'}]", f"data.batch_size={a.batch_size}", f"data.workers={a.workers}",
+        f"data.sources=[{train_dir or data / 'train'}]", f"data.batch_size={a.batch_size}", f"data.workers={a.workers}",
         f"data.shuffle_buffer={a.shuffle_buffer}", f"train.steps={n_steps}", f"train.log_every={a.log_every}",
         f"train.checkpoint_every={n_steps}", "train.eval_every=0", "train.progress=false", "train.zero_stage=0",
         "train.precision=fp32", "train.grad_accum=1", f"train.grad_clip={a.grad_clip}", f"train.out_dir={out}",
@@ -143,13 +221,38 @@ def warm(peer_py: Path, data: Path, pattern: str, cfg_dir: Path, model, a, work:
     run_openclip(peer_py, pattern, cfg_dir, a, work, "warmup", steps=2)
 
 
+@dataclasses.dataclass
+class Setup:
+    """One measured configuration: its model, its training shards and their caption statistics."""
+
+    name: str
+    model: object
+    train: list[Path]
+    cfg_dir: Path
+    captions: dict
+
+
+def parse_configs(text: str) -> list[tuple[int, str]]:
+    """'32:demo,77:web' -> [(32, 'demo'), (77, 'web')]."""
+    out = []
+    for item in text.split(","):
+        ctx, _, kind = item.strip().partition(":")
+        if not ctx.isdigit() or kind not in ("demo", "web"):
+            raise SystemExit(f"--configs: {item!r} is not CONTEXT:demo or CONTEXT:web")
+        out.append((int(ctx), kind))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--steps", type=int, default=60, help="optimizer steps per tool (default 60)")
+    p.add_argument("--steps", type=int, default=50, help="optimizer steps per run (default 50)")
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--workers", type=int, default=1, help="data-loader workers, both tools")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS, both tools")
     add_model_args(p)
+    p.add_argument("--configs", default="32:demo,77:web",
+                   help="CONTEXT:CAPTIONS list; captions 'demo' (as generated) or 'web' (lengthened, see above); "
+                        "--ctx is ignored when given here (default 32:demo,77:web)")
     p.add_argument("--lr", type=float, default=5e-4)
     p.add_argument("--warmup", type=int, default=None, help="warm-up steps (default: min(10, steps // 5))")
     p.add_argument("--wd", type=float, default=0.1, help="weight decay, both tools")
@@ -161,8 +264,9 @@ def main() -> None:
     p.add_argument("--train-samples", type=int, default=None,
                    help="demo training samples (default: max(8000, steps*batch + 2000), so that neither tool "
                         "starts a second pass over the shards, and its shuffle-buffer refill, inside the measurement)")
-    p.add_argument("--repeats", type=int, default=1,
-                   help="runs per tool, alternating the order (mmpt first, then OpenCLIP first, ...); medians reported")
+    p.add_argument("--repeats", type=int, default=3,
+                   help="runs per tool and configuration, alternating the order (mmpt first, then OpenCLIP first, "
+                        "...); median, min and max reported (default 3)")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed 2-step warm-up run of each tool")
     p.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     p.add_argument("--keep-dirs", action="store_true", help="keep the temporary shards, run dirs and logs")
@@ -170,7 +274,8 @@ def main() -> None:
     a.log_every = a.log_every or max(1, a.steps // 20)
     a.warmup = a.warmup if a.warmup is not None else min(10, max(1, a.steps // 5))
     a.skip_steps = math.ceil(a.skip_frac * a.steps)
-    model = model_from_args(a)
+    configs = parse_configs(a.configs)
+    base = model_from_args(a)
     train_samples = a.train_samples or max(8000, math.ceil((a.steps * a.batch_size + 2000) / 1000) * 1000)
 
     peer_py = ensure_peer_env()  # before anything is timed; minutes on first use
@@ -180,41 +285,79 @@ def main() -> None:
         shards = demo_data(work / "data", train_samples, 16, a.image_size, a.threads)
         if len(shards["train"]) < a.workers:
             raise SystemExit(f"{len(shards['train'])} train shards < {a.workers} workers (OpenCLIP needs one each)")
-        pattern = brace(shards["train"])
-        cfg_dir = model.write_openclip_config(work / "oc-config")
-        oc_params = int(subprocess.run([str(peer_py), "-c", PARAMS_OC, str(cfg_dir), OC_MODEL_NAME], check=True,
-                                       capture_output=True, text=True, env=thread_env(a.threads)).stdout.split()[-1])
+        setups = []
+        for ctx, kind in configs:
+            name = f"ctx{ctx}-{kind}"
+            train = shards["train"] if kind == "demo" else web_shards(shards["train"], work / "data-web" / "train")
+            model = dataclasses.replace(base, ctx=ctx)
+            setups.append(Setup(name, model, train, model.write_openclip_config(work / f"oc-config-{name}"),
+                                caption_stats(train, ctx, a.batch_size)))
+            print(f"{name}: captions {setups[-1].captions}", flush=True)
+        oc_params = {s.name: int(subprocess.run(
+            [str(peer_py), "-c", PARAMS_OC, str(s.cfg_dir), OC_MODEL_NAME], check=True, capture_output=True,
+            text=True, env=thread_env(a.threads)).stdout.split()[-1]) for s in setups}
         if not a.no_warmup:
-            warm(peer_py, work / "data", pattern, cfg_dir, model, a, work)
-        runs: dict[str, list[dict]] = {"mmpt": [], "openclip": []}
+            first = setups[0]
+            warm(peer_py, work / "data", brace(first.train), first.cfg_dir, first.model, a, work)
+        runs = {s.name: {"mmpt": [], "openclip": []} for s in setups}
         for i in range(a.repeats):
             order = ["mmpt", "openclip"] if i % 2 == 0 else ["openclip", "mmpt"]
-            for tool in order:
-                print(f"run {i + 1}/{a.repeats}: {tool} ({a.steps} steps of {a.batch_size})", flush=True)
-                r = (run_mmpt(work / "data", model, a, work, str(i)) if tool == "mmpt"
-                     else run_openclip(peer_py, pattern, cfg_dir, a, work, str(i)))
-                print(f"  {r['samples_per_s']:.1f} samples/s steady, {r['wall_s']:.1f} s wall, "
-                      f"data wait {100 * r['data_wait_frac']:.1f}%", flush=True)
-                runs[tool].append(r)
-        results = medians(runs, ("samples_per_s", "wall_s", "data_wait_frac"), a.keep_dirs)
-        results["openclip"]["params_m"] = round(oc_params / 1e6, 2)
-        results["mmpt"]["params_m"] = runs["mmpt"][0].get("params_m")
+            for s in setups:
+                for tool in order:
+                    tag = f"{s.name}-{i}"
+                    print(f"run {i + 1}/{a.repeats} {s.name}: {tool} ({a.steps} steps of {a.batch_size})", flush=True)
+                    r = (run_mmpt(work / "data", s.model, a, work, tag, train_dir=s.train[0].parent)
+                         if tool == "mmpt" else run_openclip(peer_py, brace(s.train), s.cfg_dir, a, work, tag))
+                    print(f"  {r['samples_per_s']:.1f} samples/s steady, {r['wall_s']:.1f} s wall, "
+                          f"data wait {100 * r['data_wait_frac']:.1f}%", flush=True)
+                    runs[s.name][tool].append(r)
         settings = {"steps": a.steps, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,
                     "precision": "fp32", "lr": a.lr, "warmup": a.warmup, "wd": a.wd, "grad_clip": a.grad_clip,
                     "log_every": a.log_every, "steady_from_step": a.skip_steps + 1, "train_samples": train_samples,
-                    "repeats": a.repeats}
-        report("train_throughput", "samples_per_s", "samples/s steady", results, a.out, settings, model,
-               extra={"openclip_model_config": model.openclip_config(), "mmpt_overrides": model.mmpt_overrides(),
-                      "peer_env": versions(), "wall_speed_ratio_mmpt_over_openclip":
-                          results["openclip"]["wall_s"] / results["mmpt"]["wall_s"]})
-        print(f"params: mmpt {results['mmpt']['params_m']} M, OpenCLIP {results['openclip']['params_m']} M; "
-              f"data wait: mmpt {100 * results['mmpt']['data_wait_frac']:.1f}%, "
-              f"OpenCLIP {100 * results['openclip']['data_wait_frac']:.1f}%")
+                    "repeats": a.repeats, "order": "alternating per repeat (mmpt first on odd repeats)"}
+        report(setups, runs, oc_params, settings, a)
     finally:
         if a.keep_dirs:
             print(f"kept: {work}")
         else:
             shutil.rmtree(work, ignore_errors=True)
+
+
+def report(setups: list[Setup], runs: dict, oc_params: dict, settings: dict, a) -> None:
+    """Print one table per configuration with the ratio of the medians, and write the JSON."""
+    keys = ("samples_per_s", "wall_s", "data_wait_frac")
+    configs = {}
+    print()
+    print(f"train_throughput  ({', '.join(f'{k}={v}' for k, v in settings.items())})")
+    for s in setups:
+        res = medians(runs[s.name], keys, a.keep_dirs)
+        res["openclip"]["params_m"] = round(oc_params[s.name] / 1e6, 2)
+        res["mmpt"]["params_m"] = runs[s.name]["mmpt"][0].get("params_m")
+        ratio = res["mmpt"]["samples_per_s"] / res["openclip"]["samples_per_s"]
+        m_lo, m_hi = res["mmpt"]["spread"]["samples_per_s"]
+        o_lo, o_hi = res["openclip"]["spread"]["samples_per_s"]
+        configs[s.name] = {"model": dataclasses.asdict(s.model), "captions": s.captions,
+                           "openclip_model_config": s.model.openclip_config(),
+                           "mmpt_overrides": s.model.mmpt_overrides(), "results": res,
+                           "ratio_mmpt_over_openclip": ratio, "ratio_range": [m_lo / o_hi, m_hi / o_lo],
+                           "wall_speed_ratio_mmpt_over_openclip": res["openclip"]["wall_s"] / res["mmpt"]["wall_s"]}
+        print(f"\n{s.name}: context {s.model.ctx}, captions mean {s.captions['mean_tokens']} tokens, "
+              f"longest per batch {s.captions['mean_longest_per_batch']} (mean)")
+        print(f"{'tool':10s} {'samples/s median':>17s} {'[min, max]':>16s} {'wall s':>8s} {'data wait':>10s}")
+        for tool, v in res.items():
+            lo, hi = v["spread"]["samples_per_s"]
+            print(f"{tool:10s} {v['samples_per_s']:17.1f} {f'[{lo:.1f}, {hi:.1f}]':>16s} {v['wall_s']:8.1f} "
+                  f"{100 * v['data_wait_frac']:9.1f}%")
+        print(f"ratio mmpt/OpenCLIP (median samples/s): {ratio:.3f}  (range {m_lo / o_hi:.3f}-{m_hi / o_lo:.3f}); "
+              f"params mmpt {res['mmpt']['params_m']} M, OpenCLIP {res['openclip']['params_m']} M")
+    payload = {"benchmark": "train_throughput", "settings": settings, "configurations": configs,
+               "ratio_mmpt_over_openclip": {k: v["ratio_mmpt_over_openclip"] for k, v in configs.items()},
+               "peer_env": versions(), "machine": machine()}
+    a.out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = a.out.with_name(a.out.name + ".tmp")
+    tmp.write_text(json.dumps(payload, indent=1) + "\n")
+    tmp.replace(a.out)
+    print(f"results: {a.out}")
 
 
 if __name__ == "__main__":
