@@ -124,6 +124,7 @@ class MLM(Objective):
     """
 
     uses_model = True
+    modalities = ()  # reads no encoder output: it encodes its masked copy itself
     tiny_configs = ({"modality": "text", "width": 32},
                     {"modality": "text", "width": 32, "tie": False, "vocab_size": 49409})
 
