@@ -74,7 +74,7 @@ def weights_digest(model: torch.nn.Module) -> str:
     for name, t in sorted(model.state_dict().items()):
         t = t.detach().cpu().contiguous()
         h.update(f"{name}|{t.dtype}|{tuple(t.shape)}".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())  # reshape: 0-dim buffers cannot view
+        h.update(t.reshape(-1).view(torch.uint8).numpy())  # reshape: 0-dim cannot view; no bytes copy
     return h.hexdigest()
 
 
