@@ -117,7 +117,7 @@ class CaptionObjective(Objective):
 
     def step_logits(self, model: nn.Module, ids: Tensor, memory: Tensor | None, memory_mask: Tensor | None,
                     cache: KVCache | None) -> Tensor:  # pragma: no cover - abstract
-        """(N, T, V) logits of decoding ``ids`` against ``memory``."""
+        """(N, V) logits of the token after ``ids`` (N, t), decoded against ``memory``."""
         raise NotImplementedError
 
     @torch.no_grad()
@@ -154,8 +154,7 @@ class SourceDecoder:
         first = cache is None or cache.length == 0
         memory = self.memory.index_select(0, rows) if first else None
         mask = self.memory_mask.index_select(0, rows) if first and self.memory_mask is not None else None
-        logits = self.objective.step_logits(self.model, ids, memory, mask, cache)
-        return logits[:, -1].float()
+        return self.objective.step_logits(self.model, ids, memory, mask, cache).float()
 
 
 def _tokenizer_vocab(tokenizer: str, context_length: int) -> int:
@@ -204,7 +203,7 @@ class Caption(CaptionObjective):
 
     def step_logits(self, model: nn.Module, ids: Tensor, memory: Tensor | None, memory_mask: Tensor | None,
                     cache: KVCache | None) -> Tensor:
-        return self.decoder(ids, memory, memory_mask, cache)
+        return self.decoder(ids, memory, memory_mask, cache, positions=last_position(ids))
 
     def max_positions(self, model: nn.Module) -> int:
         """Tokens a generated caption may hold, BOS included."""
@@ -278,7 +277,7 @@ class CoCa(CaptionObjective):
                     cache: KVCache | None) -> Tensor:
         fields = {"ids": ids, "mask": torch.ones_like(ids, dtype=torch.bool)}
         tokens = model.encoders[self.text](fields, cache=cache).tokens
-        return self.decoder(tokens, memory, memory_mask, cache)
+        return self.decoder(tokens, memory, memory_mask, cache, positions=last_position(ids))
 
     def max_positions(self, model: nn.Module) -> int:
         """Tokens a generated caption may hold, BOS included: the text tower's context."""
@@ -287,6 +286,13 @@ class CoCa(CaptionObjective):
     def no_weight_decay(self) -> set[str]:
         """The logit scale is not decayed."""
         return {"logit_scale"}
+
+
+def last_position(ids: Tensor) -> Tensor:
+    """(N, t) bool, True at the last position: decoding needs the vocabulary head there only."""
+    last = torch.zeros(ids.shape, dtype=torch.bool, device=ids.device)
+    last[:, -1] = True
+    return last
 
 
 def token_metrics(logits: Tensor, targets: Tensor) -> dict[str, Tensor]:

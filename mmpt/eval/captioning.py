@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 import torch
 from torch import nn
 
-from mmpt.eval.common import Task
+from mmpt.eval.common import Task, is_class_folder
 from mmpt.registry import ConfigError, tasks
 
 log = logging.getLogger(__name__)
@@ -125,6 +125,8 @@ class CaptionEval(Task):
             raise ConfigError(f"limit/examples: must be >= 0, got {self.limit}/{self.examples}")
         if not self.attributes:
             raise ConfigError("attributes: name at least one json key to score")
+        if is_class_folder(self.data):
+            raise ConfigError(f"data: {self.data} is a folder of files; captions are scored against shards' json")
 
     def default_id(self) -> str:
         return f"caption/{self.modality}"
