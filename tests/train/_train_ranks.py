@@ -80,6 +80,7 @@ def main() -> None:
     adapted_runs(shards, out)
     mlm_tied_head(shards, out)
     masked_tokens_runs(shards, out)
+    coca_runs(shards, out)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -171,6 +172,45 @@ def masked_tokens_runs(shards: list[str], out: Path) -> None:
             report[stage] = sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t))
     if dist.get_rank() == 0:
         (out / "masked_tokens.json").write_text(json.dumps(report))
+
+
+def coca_runs(shards: list[str], out: Path) -> None:
+    """coca-tiny's objective (clip + caption from multimodal layers on the text tower's tokens) at ZeRO 0 and 3;
+    per-step losses come from the runs' key logs. At ZeRO 3 every rank also captions a fixed batch with the
+    live engine (KV-cached greedy decoding through the partitioned towers and decoder); rank 0 writes those
+    tokens, the tokens of the consolidated weights in a plain model, and which weights moved."""
+    from mmpt.export import consolidate
+    from mmpt.generate import GenerationConfig, generate
+    from mmpt.pretrainer import build_pretrainer
+    from mmpt.train.engine import init_distributed
+
+    init_distributed()  # a launch of its own (SCENARIOS) has not joined the group yet
+
+    def captions(module: torch.nn.Module, fields: dict) -> list[list[int]]:
+        decoder = module.objectives["coca"].start_decoding(module.model, fields)
+        return [h[0].tokens for h in generate(decoder, GenerationConfig(max_len=6))]
+
+    report: dict = {"moved": {}}
+    for stage in (0, 3):
+        raw = config(shards, out / f"coca_zero{stage}", stage)
+        raw["objectives"] = {"coca": {"name": "coca", "width": 32, "depth": 1, "heads": 2, "memory_width": 32}}
+        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
+        engine = train(load_config(raw)).engine
+        dist.barrier()
+        if stage == 3:
+            fields = next(iter(eval_loader(shards[:1], build_data_specs(load_config(raw)), 4, workers=0))).fields["image"]
+            engine.module.eval()
+            report["live"] = captions(engine.module, fields)
+        if dist.get_rank() == 0:
+            state = consolidate(out / f"coca_zero{stage}")[0]
+            report["moved"][stage] = sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t))
+            if stage == 3:
+                plain = build_pretrainer(load_config(raw))
+                plain.load_state_dict(state)
+                report["reloaded"] = captions(plain.eval(), fields)
+        engine.destroy()
+    if dist.get_rank() == 0:
+        (out / "coca.json").write_text(json.dumps(report))
 
 
 def damaged_then_refused(shards: list[str], out: Path) -> None:
@@ -302,7 +342,7 @@ def multinode(shards: list[str], out: Path) -> None:
 
 
 
-SCENARIOS = {"sharded_eval": sharded_eval, "multinode": multinode}
+SCENARIOS = {"sharded_eval": sharded_eval, "multinode": multinode, "coca": coca_runs}
 
 if __name__ == "__main__":
     main()
