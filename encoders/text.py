@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData
 from mmpt.layers import KVCache, Transformer, last_token, masked_mean
+from mmpt.padding import by_length
 from mmpt.registry import ConfigError, encoders, modalities
 
 
@@ -158,7 +159,8 @@ class TextTransformer(Encoder):
     modality = "text"
     tiny_configs = ({"context_length": 16, "width": 32, "depth": 2, "heads": 2},)
     # Real tokens never see trailing padding (causal, or padded keys masked; pooling by the mask), so
-    # training cuts each batch after its longest caption (mmpt.train.padding).
+    # training cuts each batch after its longest caption and the trunk runs rows grouped by length
+    # (mmpt.padding).
     trims_padding = True
 
     def __init__(self, context_length: int = 77, width: int = 512, depth: int = 12, heads: int = 8,
@@ -182,7 +184,7 @@ class TextTransformer(Encoder):
         if start + ids.shape[1] > self.context_length:
             raise ValueError(f"text/transformer: {start + ids.shape[1]} positions > context_length {self.context_length}")
         x = self.token_embed(ids) + self.pos_embed[:, start: start + ids.shape[1]]
-        tokens = self.norm(self.trunk(x, mask, cache) if cache is not None else self.trunk(x, mask))
+        tokens = self.norm(self.trunk(x, mask, cache) if cache is not None else by_length(self.trunk, x, mask))
         if self.pool == "eot":
             pooled = last_token(tokens, mask)
         elif self.pool == "cls":

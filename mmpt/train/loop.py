@@ -16,12 +16,12 @@ import torch.distributed as dist
 from mmpt.config import Config
 from mmpt.data.batch import Batch
 from mmpt.data.loader import Loader, train_loader
+from mmpt.padding import trim_padding, trimmed_modalities
 from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
 from mmpt.train import checkpoint
 from mmpt.train.engine import DistInfo, build_engine, init_distributed
 from mmpt.train.lock import RunLock
 from mmpt.train.logger import RunLogger, StepRecords
-from mmpt.train.padding import trim_padding, trimmed_modalities
 from mmpt.train.plot import headline, plot_run
 from mmpt.train.rank0 import on_rank0
 from mmpt.train.resume_config import check_resume_config, write_config_history
