@@ -16,7 +16,7 @@ from typing import Any
 import torch
 
 from mmpt.config import Config
-from mmpt.init import build_module
+from mmpt.init import build_module, share_fp32_master
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
 
@@ -183,6 +183,7 @@ def build_engine(cfg: Config, dist_info: DistInfo, total_steps: int):
     optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
+    share_fp32_master(engine.optimizer)  # fp32 at ZeRO-3: no second copy of the parameters (see mmpt.init)
     if skips_allreduce(ds, dist_info.world):
         engine.enable_backward_allreduce = False
     return engine, ds
