@@ -155,6 +155,8 @@ class TrainConfig:
     activation memory of one chunk: embed chunks without grad, loss on all, re-forward each chunk).
     gradcache_chunk: samples per forward with step 'gradcache'; divides data.batch_size.
     progress: show a progress bar.
+    compile: torch.compile each tower (opt-in: on 2 CPU cores the first steps spent ~4 min compiling and
+    later steps were no faster; worth trying on GPUs).
     crash_at_step / crash_in_save: fault injection for resume tests (crash after that step / inside its save).
     deepspeed: entries merged into the generated DeepSpeed config (unknown keys warn).
     """
@@ -177,6 +179,7 @@ class TrainConfig:
     step: str = "plain"
     gradcache_chunk: int | None = None
     progress: bool = True
+    compile: bool = False
     crash_at_step: int | None = None
     crash_in_save: int | None = None
     deepspeed: dict[str, Any] = field(default_factory=dict)

@@ -186,6 +186,9 @@ def build_engine(cfg: Config, dist_info: DistInfo, total_steps: int):
     share_fp32_master(engine.optimizer)  # fp32 at ZeRO-3: no second copy of the parameters (see mmpt.init)
     if skips_allreduce(ds, dist_info.world):
         engine.enable_backward_allreduce = False
+    if cfg.train.compile:  # in place: parameter names, checkpoints and exports stay the same
+        for tower in module.model.encoders.values():
+            tower.compile()
     return engine, ds
 
 
