@@ -1,11 +1,13 @@
 """Embedding throughput: `mmpt embed` vs OpenCLIP's usual loop, in one run.
 
 Same freshly generated demo shards (--images eval images), the same tiny CLIP architecture as
-bench/train_throughput.py, fp32 on CPU, the same batch size, data workers and thread count
-(OMP_NUM_THREADS / MKL_NUM_THREADS); the two run one after the other, never at the same time.
+bench/train_throughput.py on CPU, the same batch size, data workers and thread count
+(OMP_NUM_THREADS / MKL_NUM_THREADS); the runs go one after the other, never at the same time.
 
   mmpt:     `mmpt embed MODEL --data SHARDS --modality image --out DIR --dtype float32` on a model
-            exported from a 2-step mmpt run (weights do not change the speed).
+            exported from a 2-step mmpt run (weights do not change the speed), as users get it (compute
+            precision `auto`: bf16 on CPUs with native bfloat16, else fp32) and forced to fp32 (row
+            `mmpt-fp32`, like for like with OpenCLIP's fp32 loop).
   OpenCLIP: in the main venv, `open_clip.create_model_and_transforms(<same config>, pretrained=None)`,
             a webdataset pipeline decoding the jpg with OpenCLIP's eval `preprocess`, a torch
             DataLoader with the same batch size and workers, `model.encode_image(x, normalize=True)`
@@ -52,16 +54,19 @@ import json, sys, time
 t0 = time.perf_counter()
 import torch, mmpt, mmpt.embed, mmpt.cli
 t1 = time.perf_counter()
-summaries = []
+precision, summaries = sys.argv[1], []
 _embed = mmpt.embed.embed
 def embed(*args, **kwargs):  # the CLI's own call, kept to read the loop time mmpt measures itself
+    if precision != "default":  # embed(precision=...) until the CLI has a flag for it
+        kwargs["precision"] = precision
     summary = _embed(*args, **kwargs)
     summaries.append(summary)
     return summary
 mmpt.embed.embed = embed
-rc = mmpt.cli.main(sys.argv[1:])
-print("BENCH " + json.dumps({"import_s": t1 - t0, "run_s": time.perf_counter() - t1, "loop_s": summaries[-1].seconds}),
-      flush=True)
+rc = mmpt.cli.main(sys.argv[2:])
+resolved = mmpt.embed.resolve_precision("auto" if precision == "default" else precision, torch.device("cpu"))
+print("BENCH " + json.dumps({"import_s": t1 - t0, "run_s": time.perf_counter() - t1, "loop_s": summaries[-1].seconds,
+                             "precision": resolved}), flush=True)
 sys.exit(rc)
 """
 
@@ -111,10 +116,10 @@ def tiny_model(data: Path, model, a, work: Path) -> Path:
     return weights
 
 
-def run_mmpt(weights: Path, pattern: str, a, work: Path, tag: str) -> dict:
+def run_mmpt(weights: Path, pattern: str, a, work: Path, tag: str, precision: str) -> dict:
     out = work / f"mmpt-emb-{tag}"
     log = work / f"mmpt-embed-{tag}.log"
-    wall, _ = run_logged([main_python(), "-c", MMPT_DRIVER, "embed", str(weights), "--data", pattern,
+    wall, _ = run_logged([main_python(), "-c", MMPT_DRIVER, precision, "embed", str(weights), "--data", pattern,
                           "--modality", "image", "--out", str(out), "--batch-size", str(a.batch_size),
                           "--workers", str(a.workers), "--dtype", "float32"], log, thread_env(a.threads), cwd=work)
     inner = bench_line(log)
@@ -125,7 +130,7 @@ def run_mmpt(weights: Path, pattern: str, a, work: Path, tag: str) -> dict:
     return {"images": images, "wall_s": wall, "images_per_s": images / wall,
             "after_import_s": inner["run_s"], "after_import_images_per_s": images / inner["run_s"],
             "loop_s": inner["loop_s"], "loop_images_per_s": images / inner["loop_s"],
-            "import_s": inner["import_s"], "log": str(log)}
+            "import_s": inner["import_s"], "precision": inner["precision"], "log": str(log)}
 
 
 def run_openclip(cfg_dir: Path, pattern: str, a, work: Path, tag: str) -> dict:
@@ -148,7 +153,7 @@ def main() -> None:
     p.add_argument("--workers", type=int, default=1, help="data-loader workers, both tools")
     p.add_argument("--threads", type=int, default=2, help="OMP_NUM_THREADS / MKL_NUM_THREADS, both tools")
     add_model_args(p)
-    p.add_argument("--repeats", type=int, default=1,
+    p.add_argument("--repeats", type=int, default=3,
                    help="runs per tool, alternating the order (mmpt first, then OpenCLIP first, ...); medians reported")
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed warm-up pass of each tool")
     p.add_argument("--out", type=Path, default=RESULTS / "embed_throughput.json")
@@ -168,17 +173,20 @@ def main() -> None:
         if not a.no_warmup:  # imports, file caches: untimed, both tools, on the first eval shard only
             print("warm-up: one untimed pass of each tool over one shard", flush=True)
             first = str(shards["eval"][0])
-            run_logged([main_python(), "-c", MMPT_DRIVER, "embed", str(weights), "--data", first, "--modality",
+            run_logged([main_python(), "-c", MMPT_DRIVER, "default", "embed", str(weights), "--data", first,
+                        "--modality",
                         "image", "--out", str(work / "warm-emb"), "--batch-size", str(a.batch_size), "--workers", "1"],
                        work / "warm-mmpt.log", thread_env(a.threads), cwd=work)
             run_logged([main_python(), "-c", OPENCLIP_LOOP, str(cfg_dir), OC_MODEL_NAME, first, str(a.batch_size), "1",
                         str(work / "warm-oc.npy")], work / "warm-oc.log", thread_env(a.threads), cwd=work)
-        runs: dict[str, list[dict]] = {"mmpt": [], "openclip": []}
+        # mmpt as users get it (precision auto), mmpt forced to fp32 (like for like), OpenCLIP (fp32)
+        tools = ["mmpt", "mmpt-fp32", "openclip"]
+        runs: dict[str, list[dict]] = {t: [] for t in tools}
         for i in range(a.repeats):
-            for tool in (["mmpt", "openclip"] if i % 2 == 0 else ["openclip", "mmpt"]):
+            for tool in (tools if i % 2 == 0 else tools[::-1]):
                 print(f"run {i + 1}/{a.repeats}: {tool}", flush=True)
-                r = (run_mmpt(weights, pattern, a, work, str(i)) if tool == "mmpt"
-                     else run_openclip(cfg_dir, pattern, a, work, str(i)))
+                r = (run_openclip(cfg_dir, pattern, a, work, str(i)) if tool == "openclip"
+                     else run_mmpt(weights, pattern, a, work, str(i), "default" if tool == "mmpt" else "fp32"))
                 if r["images"] != a.images:
                     raise SystemExit(f"{tool} embedded {r['images']} images, expected {a.images}")
                 print(f"  loop {r['loop_images_per_s']:.1f} images/s ({r['loop_s']:.1f} s), whole command "
@@ -188,18 +196,23 @@ def main() -> None:
         results = medians(runs, ("loop_images_per_s", "loop_s", "images_per_s", "wall_s", "after_import_images_per_s",
                                  "after_import_s", "import_s"), a.keep_dirs)
         settings = {"images": a.images, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,
-                    "precision": "fp32", "repeats": a.repeats}
+                    "precision": f"mmpt {runs['mmpt'][0]['precision']} (auto), mmpt-fp32 fp32, openclip fp32",
+                    "repeats": a.repeats}
 
-        def ratio(key: str) -> float:
-            return results["mmpt"][key] / results["openclip"][key]
+        def ratio(key: str, tool: str = "mmpt") -> float:
+            return results[tool][key] / results["openclip"][key]
 
         report("embed_throughput", "loop_images_per_s", "images/s (loop)", results, a.out, settings, model,
                extra={"ratio_loop": ratio("loop_images_per_s"), "ratio_command": ratio("images_per_s"),
+                      "ratio_loop_fp32": ratio("loop_images_per_s", "mmpt-fp32"),
+                      "ratio_command_fp32": ratio("images_per_s", "mmpt-fp32"),
                       "ratio_after_import": ratio("after_import_images_per_s"),
                       "openclip_model_config": model.openclip_config(), "mmpt_overrides": model.mmpt_overrides()})
         for key, what in (("images_per_s", "whole command"), ("after_import_images_per_s", "after imports")):
             print(f"{what}: mmpt {results['mmpt'][key]:.1f}, OpenCLIP {results['openclip'][key]:.1f} images/s, "
                   f"ratio {ratio(key):.3f}")
+        print(f"mmpt forced to fp32: loop ratio {ratio('loop_images_per_s', 'mmpt-fp32'):.3f}, whole command "
+              f"{ratio('images_per_s', 'mmpt-fp32'):.3f}")
     finally:
         if a.keep_dirs:
             print(f"kept: {work}")
