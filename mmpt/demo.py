@@ -59,7 +59,7 @@ def run_demo(out: str = "runs/demo", smoke: bool = False, overrides: list[str] |
     summary = train(cfg)
     model_file = export(cfg.train.out_dir, root / f"{name}.safetensors")
     model, transforms, _ = load(model_file)
-    results = run_tasks(model.model, transforms, cfg.eval, device="cpu")
+    results = run_tasks(model, transforms, cfg.eval, device="cpu")  # the Pretrainer: caption tasks need objectives
     write_results(results, root / "results.json")
     # a new model each run: its embeddings replace the last run's (embed refuses to mix two models)
     shutil.rmtree(root / "embeddings", ignore_errors=True)

@@ -210,7 +210,7 @@ def run_eval(module: Any, cfg: Config, specs: dict, d: Any, logger: RunLogger, s
 
     module.eval()
     with torch.no_grad():
-        results = run_tasks(module.model, specs, cfg.eval, device=d.device, progress=False, rank=d.rank, world=d.world)
+        results = run_tasks(module, specs, cfg.eval, device=d.device, progress=False, rank=d.rank, world=d.world)
     module.train()
     for task, metrics in results.items():
         logger.log(step, {k: v for k, v in metrics.items() if isinstance(v, (int, float))}, kind=f"eval/{task}")

@@ -18,8 +18,8 @@ def smooth(values: list[float], weight: float = 0.9) -> list[float]:
 
 
 def headline(metric: str) -> bool:
-    """Eval metrics worth a curve: top-1 accuracies and recall@1, not chance levels or counts."""
-    return (metric.endswith("top1") or metric.endswith("_r1")) and "chance" not in metric
+    """Eval metrics worth a curve: top-1 accuracies, recall@1 and caption accuracies, not chance levels or counts."""
+    return metric.endswith(("top1", "_r1", "_acc")) and "chance" not in metric
 
 
 def _series(recs: list[dict[str, Any]], key: str) -> tuple[list[int], list[float]]:
