@@ -484,8 +484,9 @@ def _check_gradcache(t: TrainConfig, batch_size: int) -> None:
 
 
 def _check_objective_modalities(where: str, objective: Any, encoders: dict[str, Any]) -> None:
-    """Every modality an objective reads (its pairs, its anchor) needs an encoder."""
-    named = [*getattr(objective, "modalities", ()), getattr(objective, "anchor", None)]
+    """Every modality an objective reads (its pairs, its anchor, the one it masks) needs an encoder."""
+    named = [*(getattr(objective, "modalities", None) or ()), getattr(objective, "anchor", None),
+             getattr(objective, "modality", None)]
     for m in (m for m in named if m is not None):
         if m not in encoders:
             raise ConfigError(f"{where}: modality '{m}' has no encoder{closest(m, list(encoders))}; "

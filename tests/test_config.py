@@ -31,6 +31,8 @@ from mmpt.registry import ConfigError
     (lambda c: c["train"].update(checkpoint_every=0), r"train\.checkpoint_every: must be >= 1, got 0"),
     (lambda c: c["objectives"]["clip"].update(pairs=[["image", "audio"]]), r"objectives\.clip: modality 'audio' has no encoder"),
     (lambda c: c["objectives"]["clip"].update(pairs=None, anchor="txt"), r"objectives\.clip: modality 'txt' has no encoder \(did you mean 'text'\?\)"),
+    (lambda c: c["objectives"].update(mlm={"name": "mlm", "modality": "txt", "width": 32}),
+     r"objectives\.mlm: modality 'txt' has no encoder \(did you mean 'text'\?\)"),
 ])
 def test_bad_config_names_the_key(tiny_cfg: dict, mutate, message: str) -> None:
     mutate(tiny_cfg)
@@ -168,3 +170,11 @@ def test_every_shipped_recipe_loads() -> None:
     for name in names:
         cfg = load_config(name)
         assert cfg.name == name and cfg.eval, name
+
+
+def test_objective_that_does_not_name_its_modalities_passes_the_check() -> None:
+    from types import SimpleNamespace
+
+    from mmpt.config import _check_objective_modalities
+
+    _check_objective_modalities("objectives.custom", SimpleNamespace(modalities=None), {"text": {}})
