@@ -88,6 +88,10 @@ def _parser() -> argparse.ArgumentParser:
                         "per component and cosine similarities by ~1e-4 (measured) from float32")
     m.add_argument("--metadata", default="", metavar="FIELDS",
                    help="extra parquet columns, comma-separated: caption (the sample's txt), json (its json)")
+    m.add_argument("--precision", default="auto", choices=["auto", "fp32", "bf16"],
+                   help="compute precision: auto = bf16 where the hardware has native bf16 (AVX512-BF16/AMX CPUs, "
+                        "CUDA), else fp32; bf16 rows stay within 1e-2 per component (cosine >= 0.999) of fp32; "
+                        "a folder keeps the precision it started with")
     m.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
 
     c = sub.add_parser("caption", help="generate captions for shards with a model's caption/coca objective (JSONL)")
@@ -280,7 +284,7 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(embed(args.model, args.data, args.modality, args.out, batch_size=args.batch_size,
                     workers=args.workers, normalize=not args.no_normalize, dtype=args.dtype,
-                    metadata=args.metadata, allow_nonfinite=args.allow_nonfinite))
+                    metadata=args.metadata, allow_nonfinite=args.allow_nonfinite, precision=args.precision))
     elif args.command == "caption":
         from mmpt.caption import caption
 

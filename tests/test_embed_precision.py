@@ -65,3 +65,14 @@ def test_folder_keeps_its_precision(model_path: Path, color_shards: list[str], t
     with pytest.raises(ConfigError, match="written for another settings"):
         embed(str(model_path), color_shards[1], "image", str(out), batch_size=16, workers=0, progress=False,
               precision="bf16")
+
+
+def test_cli_passes_precision(model_path: Path, color_shards: list[str], tmp_path: Path) -> None:
+    import json
+
+    from mmpt.cli import main
+
+    out = tmp_path / "cli"
+    main(["embed", str(model_path), "--data", color_shards[0], "--modality", "image", "--out", str(out),
+          "--batch-size", "16", "--workers", "0", "--precision", "bf16"])
+    assert json.loads((out / "img_manifest.json").read_text())["settings"]["precision"] == "bf16"
