@@ -58,11 +58,11 @@ def itm_scores(model, transforms, images: list[bytes], captions: list[list[str]]
         imgs = img_data.collate([img_data.transform(img_data.decode(b, "jpg"), False) for b in images[lo:lo + chunk]])
         caps = rows[lo:lo + chunk]
         k = len(caps[0])
-        io_ = mm.encoders["image"](imgs)
-        to = mm.encoders["text"](txt_data.prepare([c for row in caps for c in row], train=False))
-        itok = io_.tokens.repeat_interleave(k, 0)
-        imask = None if io_.mask is None else io_.mask.repeat_interleave(k, 0)
-        out.append(itm.match_logit({"image": (itok, imask), "text": (to.tokens, to.mask)}).view(len(caps), k))
+        itok, imask = itm.inputs_of(mm.encode_fields("image", imgs, tokens=True), "image")
+        text = txt_data.prepare([c for row in caps for c in row], train=False)
+        ttok, tmask = itm.inputs_of(mm.encode_fields("text", text, tokens=True), "text")
+        image = (itok.repeat_interleave(k, 0), imask.repeat_interleave(k, 0))
+        out.append(itm.match_logit({"image": image, "text": (ttok, tmask)}).view(len(caps), k))
     return torch.cat(out).numpy()
 
 

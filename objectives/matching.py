@@ -40,6 +40,7 @@ from mmpt.registry import ConfigError, objectives
 
 NEGATIVES = ("hard", "random")
 GATHERS = ("local", "with_grad")
+FEATURES = ("token_embedding", "tokens")
 # Coefficients of the two fingerprint projections: irrational steps, so no two different integer inputs
 # project to the same pair of numbers short of float64 rounding (see ``input_fingerprints``).
 _STEPS = (0.6180339887498949, 0.41421356237309515)
@@ -151,13 +152,15 @@ def same_item(rows: Tensor, cols: Tensor) -> Tensor:
 
 def itm_loss(fusion: nn.Module, query: Tensor, query_mask: Tensor, key: Tensor, key_mask: Tensor,
              query_all: Tensor, query_mask_all: Tensor, key_all: Tensor, key_mask_all: Tensor,
-             neg_key: Tensor, neg_query: Tensor, weights: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+             neg_key: Tensor, neg_query: Tensor, weights: Tensor, balance: bool = True
+             ) -> tuple[Tensor, Tensor, Tensor]:
     """Matching cross-entropy of the 3B batch: B positives (query_i, key_i), B key-side negatives
     (query_i, key_all[neg_key_i]) and B query-side negatives (query_all[neg_query_i], key_i).
 
     weights (3B,) float: 1 where the row counts, 0 where it does not (absent modality, no negative).
-    Returns (loss, logits (3B, 2), labels (3B,)): the weighted mean over counted rows; a zero that
-    still depends on the inputs when none counts.
+    Returns (loss, logits (3B, 2), labels (3B,)). The loss is the mean over counted rows, or with
+    ``balance`` the mean of the positives' mean and the negatives' mean (each class half the loss);
+    a zero that still depends on the inputs when nothing counts.
     """
     b = query.shape[0]
     q = torch.cat([query, query, query_all[neg_query]])
@@ -166,13 +169,11 @@ def itm_loss(fusion: nn.Module, query: Tensor, query_mask: Tensor, key: Tensor, 
     km = torch.cat([key_mask, key_mask_all[neg_key], key_mask])
     logits = fusion(q, qm, k, km)
     labels = torch.cat([torch.ones(b, dtype=torch.long), torch.zeros(2 * b, dtype=torch.long)]).to(logits.device)
-    per_row = F.cross_entropy(logits, labels, reduction="none")
-    loss = (per_row * weights).sum() / weights.sum().clamp(min=1)
-    return loss, logits, labels
-
-
-def _tokens(out: EncoderOutput) -> tuple[Tensor, Tensor]:
-    return _with_mask(out.tokens, out.mask)
+    per_row = F.cross_entropy(logits, labels, reduction="none") * weights
+    if not balance:
+        return per_row.sum() / weights.sum().clamp(min=1), logits, labels
+    pos, neg = per_row[:b].sum() / weights[:b].sum().clamp(min=1), per_row[b:].sum() / weights[b:].sum().clamp(min=1)
+    return (pos + neg) / 2, logits, labels
 
 
 def _gather_tokens(tokens: Tensor, mask: Tensor, world: int) -> tuple[Tensor, Tensor]:
@@ -205,11 +206,19 @@ class ITM(Objective):
     negative_logit_scale: scale of the cosine similarities in that softmax (1/temperature). source_key:
     json field naming a sample's source; samples sharing it are never each other's negatives (needs the
     json in the batch's meta). gather: 'local' (negatives from this rank's batch) or 'with_grad' (from
-    the global batch, tokens gathered with gradient, BLIP).
+    the global batch, tokens gathered with gradient, BLIP). features: what the fusion reads: 'token_embedding'
+    (every token through the model's projection head into the contrastive space, L2-normalised; every width
+    is then model.embed_dim) or 'tokens' (the towers' own token features). balance: average the positive
+    and the negative rows' losses separately, each half of the loss (ALBEF: a plain mean over the 3B rows;
+    from scratch that plain mean sat at the 1:2 prior on the demo data). hard_warmup: training steps over
+    which the sampling scale ramps linearly from 0 (uniform: random negatives) to negative_logit_scale, so
+    the fusion learns on easy negatives before the hard ones (0: hard from the first step, ALBEF).
     """
 
     tiny_configs = ({"pairs": [["text", "image"]], "widths": {"text": 32, "image": 32}, "width": 16, "depth": 1,
-                     "heads": 2},)
+                     "heads": 2},
+                    {"pairs": [["image", "text"]], "widths": {"text": 32, "image": 32}, "width": 16, "depth": 1,
+                     "heads": 2, "features": "tokens"})
 
     def __init__(
         self,
@@ -224,6 +233,9 @@ class ITM(Objective):
         negative_logit_scale: float = 1 / 0.07,
         source_key: str | None = None,
         gather: str = "local",
+        features: str = "token_embedding",
+        balance: bool = True,
+        hard_warmup: int = 0,
     ):
         super().__init__()
         self.pairs = check_pairs(pairs, "itm")
@@ -237,10 +249,21 @@ class ITM(Objective):
             raise ConfigError(f"itm.negatives: expected one of {', '.join(NEGATIVES)}, got {negatives!r}")
         if gather not in GATHERS:
             raise ConfigError(f"itm.gather: expected one of {', '.join(GATHERS)}, got {gather!r}")
+        if features not in FEATURES:
+            raise ConfigError(f"itm.features: expected one of {', '.join(FEATURES)}, got {features!r}")
         if not negative_logit_scale > 0:
             raise ConfigError(f"itm.negative_logit_scale: expected > 0, got {negative_logit_scale}")
         self.widths = {m: int(widths[m]) for m in self.modalities}
-        self.negatives, self.gather, self.source_key = negatives, gather, source_key
+        self.negatives, self.gather, self.source_key, self.features = negatives, gather, source_key, features
+        self.balance = bool(balance)
+        if isinstance(hard_warmup, bool) or not isinstance(hard_warmup, int) or hard_warmup < 0:
+            raise ConfigError(f"itm.hard_warmup: expected a number of steps >= 0, got {hard_warmup!r}")
+        self.hard_warmup = hard_warmup
+        # training forwards so far (a buffer: checkpoints carry it, so a resumed run ramps on where it was)
+        self.register_buffer("step", torch.zeros(1, dtype=torch.long))
+        # From scratch, a fusion over the towers' own tokens stayed at the matched/unmatched prior on the
+        # demo data (their token spaces are unrelated); over the shared contrastive space it learned at once.
+        self.token_modalities = self.modalities if features == "token_embedding" else ()
         self.negative_logit_scale = float(negative_logit_scale)
         self.fusions = nn.ModuleDict({
             f"{q}__{k}": Fusion(self.widths[q], self.widths[k], width, depth, heads, mlp_ratio) for q, k in self.pairs})
@@ -249,6 +272,8 @@ class ITM(Objective):
     def forward(self, outputs: dict[str, EncoderOutput], batch: Batch) -> ObjectiveOutput:
         """Mean over pairs of the 3B matching loss, with accuracy and negative-sampling metrics per pair."""
         losses, metrics = [], {}
+        if self.training:
+            self.step += 1
         for q, k in self.pairs:
             loss, m = self._pair_loss(q, k, outputs, batch)
             losses.append(loss)
@@ -257,8 +282,8 @@ class ITM(Objective):
 
     def _pair_loss(self, q: str, k: str, outputs: dict[str, EncoderOutput], batch: Batch
                    ) -> tuple[Tensor, dict[str, Tensor]]:
-        q_tok, q_mask = _tokens(encoder_output(outputs, q, "itm"))
-        k_tok, k_mask = _tokens(encoder_output(outputs, k, "itm"))
+        q_tok, q_mask = self.inputs_of(encoder_output(outputs, q, "itm"), q)
+        k_tok, k_mask = self.inputs_of(encoder_output(outputs, k, "itm"), k)
         self._check_width(q, q_tok)
         self._check_width(k, k_tok)
         q_emb, k_emb = embedding_of(outputs, q, "itm").detach(), embedding_of(outputs, k, "itm").detach()
@@ -276,12 +301,12 @@ class ITM(Objective):
             q_emb_all, k_emb_all, valid_all, keys_all = q_emb, k_emb, valid, keys
         forbidden = same_item(keys, keys_all) | ~valid_all[None, :]
         sim_qk, sim_kq = q_emb.float() @ k_emb_all.float().T, k_emb.float() @ q_emb_all.float().T
-        scale = self.negative_logit_scale if self.negatives == "hard" else 0.0
+        scale = self.negative_scale()
         neg_k, ok_k = sample_negatives(scale * sim_qk, forbidden)
         neg_q, ok_q = sample_negatives(scale * sim_kq, forbidden)
         weights = torch.cat([valid, valid & ok_k, valid & ok_q]).float()
         loss, logits, labels = itm_loss(self.fusions[f"{q}__{k}"], q_tok, q_mask, k_tok, k_mask, q_all, qm_all,
-                                        k_all, km_all, neg_k, neg_q, weights)
+                                        k_all, km_all, neg_k, neg_q, weights, self.balance)
         with torch.no_grad():
             hits = (logits.argmax(1) == labels).float() * weights
             pos, neg = weights[:b], weights[b:]
@@ -294,12 +319,37 @@ class ITM(Objective):
                 # rows of present samples that had no valid negative (all candidates the same item)
                 "no_negative": (valid & ~ok_k).sum().float() + (valid & ~ok_q).sum().float(),
                 "negative_sim": chosen.mean() if chosen.numel() else sim_qk.new_zeros(()),
+                "negative_scale": sim_qk.new_tensor(scale),
             }
         return loss, metrics
 
+    def negative_scale(self) -> float:
+        """The similarity scale negatives are drawn with at this step (0: uniform)."""
+        if self.negatives == "random":
+            return 0.0
+        ramp = 1.0 if not self.hard_warmup else min(1.0, max(int(self.step) - 1, 0) / self.hard_warmup)
+        return self.negative_logit_scale * ramp
+
+    def inputs_of(self, out: EncoderOutput, modality: str = "") -> tuple[Tensor, Tensor]:
+        """The (tokens, bool mask) the fusion reads from an encoder output (``features`` picks which)."""
+        if self.features == "tokens":
+            return _with_mask(out.tokens, out.mask)
+        emb = out.get("token_embedding")
+        if emb is None:
+            raise ValueError(f"itm: encoder output of {modality!r} has no token_embedding; encode it with "
+                             f"MultimodalModel(..., tokens=({modality!r},)) (Pretrainer does so from token_modalities)")
+        return _with_mask(emb, out.mask)
+
+    def project(self, model: nn.Module, modality: str, tokens: Tensor) -> Tensor:
+        """A tower's raw tokens as the fusion reads them, for callers that hold raw tokens (eval re-ranking):
+        the model's head and L2 normalisation, as ``MultimodalModel.encode_fields(tokens=True)`` does."""
+        if self.features == "tokens":
+            return tokens
+        return F.normalize(model.heads[modality](tokens).float(), dim=-1)
+
     def _check_width(self, modality: str, tokens: Tensor) -> None:
         if tokens.shape[-1] != self.widths[modality]:
-            raise ConfigError(f"itm.widths.{modality}: {self.widths[modality]}, but the '{modality}' tower's tokens "
+            raise ConfigError(f"itm.widths.{modality}: {self.widths[modality]}, but the '{modality}' {self.features} "
                               f"are {tokens.shape[-1]} wide")
 
     def _source_key(self, batch: Batch | None) -> str | None:

@@ -236,6 +236,7 @@ class Retrieval(Task):
         matcher = self._matcher()
         a_tok, a_mask = self._tokens(model, specs, device, progress, a, a_modality)
         b_tok, b_mask = b_tokens
+        a_tok, b_tok = matcher.project(model, a_modality, a_tok), matcher.project(model, b_modality, b_tok)
         b_map, b_ids, a_ids = b_map.to(a.embeddings.device), b_ids.to(a.embeddings.device), a_ids.to(a.embeddings.device)
         a_emb = a.embeddings
 
@@ -255,7 +256,7 @@ class Retrieval(Task):
             raise ConfigError(f"rerank: {self.rerank!r} is an objective of the model, but this caller passed the "
                               "towers only (run_tasks(..., objectives=...))")
         if self.rerank not in objectives or not hasattr(objectives[self.rerank], "match_logit"):
-            names = [n for n, o in objectives.items() if hasattr(o, "match_logit")]
+            names = [n for n, o in objectives.items() if hasattr(o, "match_logit")]  # and project()
             raise ConfigError(f"rerank: {self.rerank!r} is not a matching objective of this model "
                               f"(matching objectives: {', '.join(names) or 'none'})")
         return objectives[self.rerank]

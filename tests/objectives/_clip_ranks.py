@@ -162,7 +162,7 @@ def itm_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
     for gather in ("with_grad", "local"):
         torch.manual_seed(7 + rank)
         itm = matching.ITM(pairs=[["text", "image"]], widths={"text": 6, "image": 4}, width=8, depth=1, heads=2,
-                           gather=gather)
+                           gather=gather, features="tokens")
         t, i = text_tok[rows].clone().requires_grad_(True), image_tok[rows].clone().requires_grad_(True)
         outs = {"text": EncoderOutput(tokens=t, mask=None, pooled=t.mean(1), embedding=text_emb[rows]),
                 "image": EncoderOutput(tokens=i, mask=None, pooled=i.mean(1), embedding=image_emb[rows])}

@@ -110,10 +110,11 @@ def make_outputs(b: int, seed: int = 0, grad: bool = False) -> dict[str, Encoder
 
 def tiny_itm(**kw) -> ITM:
     torch.manual_seed(0)
-    return ITM(pairs=[["text", "image"]], widths=WIDTHS, width=16, depth=2, heads=2, **kw)
+    return ITM(pairs=[["text", "image"]], widths=WIDTHS, width=16, depth=2, heads=2, **{"features": "tokens", **kw})
 
 
-def test_itm_loss_equals_a_naive_per_sample_loop() -> None:
+@pytest.mark.parametrize("balance", [False, True])
+def test_itm_loss_equals_a_naive_per_sample_loop(balance: bool) -> None:
     b = 5
     itm = tiny_itm()
     outs = make_outputs(b)
@@ -122,9 +123,9 @@ def test_itm_loss_equals_a_naive_per_sample_loop() -> None:
     neg_k, neg_q = torch.tensor([1, 0, 4, 2, 3]), torch.tensor([2, 3, 0, 4, 1])
     weights = torch.tensor([1, 1, 0, 1, 1, 1, 1, 1, 0, 1, 0, 1, 1, 1, 1], dtype=torch.float)
     fusion = itm.fusions["text__image"].eval()
-    loss, logits, labels = itm_loss(fusion, q, qm, k, km, q, qm, k, km, neg_k, neg_q, weights)
+    loss, logits, labels = itm_loss(fusion, q, qm, k, km, q, qm, k, km, neg_k, neg_q, weights, balance)
 
-    terms, total = [], 0.0
+    terms, totals = {1: [], 0: []}, {1: 0.0, 0: 0.0}
     for i in range(b):
         cases = [((i, i), 1), ((i, int(neg_k[i])), 0), ((int(neg_q[i]), i), 0)]
         for c, ((qi, ki), label) in enumerate(cases):
@@ -132,9 +133,12 @@ def test_itm_loss_equals_a_naive_per_sample_loop() -> None:
             # one sample at a time, its padding cut off: padding must not change anything
             n_real = int(qm[qi].sum())
             out = fusion(q[qi:qi + 1, :n_real], qm[qi:qi + 1, :n_real], k[ki:ki + 1], km[ki:ki + 1])
-            terms.append(w * F.cross_entropy(out, torch.tensor([label])))
-            total += w
-    naive = torch.stack(terms).sum() / total
+            terms[label].append(w * F.cross_entropy(out, torch.tensor([label])))
+            totals[label] += w
+    if balance:  # each class half the loss
+        naive = (torch.stack(terms[1]).sum() / totals[1] + torch.stack(terms[0]).sum() / totals[0]) / 2
+    else:
+        naive = (torch.stack(terms[1]).sum() + torch.stack(terms[0]).sum()) / (totals[1] + totals[0])
     torch.testing.assert_close(loss, naive, rtol=1e-5, atol=1e-6)
     assert labels.tolist() == [1] * b + [0] * (2 * b)
 
@@ -168,12 +172,42 @@ def test_random_negatives_ignore_similarity() -> None:
         tiny_itm(negatives="hardest")
 
 
+def test_hard_warmup_ramps_from_random_to_hard_and_counts_training_forwards() -> None:
+    itm = tiny_itm(hard_warmup=4, negative_logit_scale=10.0)
+    batch = Batch(fields={}, present={}, keys=["a", "b", "c"])
+    scales = [float(itm(make_outputs(3), batch).metrics["text_image/negative_scale"]) for _ in range(6)]
+    assert scales == [0.0, 2.5, 5.0, 7.5, 10.0, 10.0]
+    itm.eval()
+    itm(make_outputs(3), batch)
+    assert int(itm.step) == 6  # eval forwards do not advance it
+    assert tiny_itm(negatives="random").negative_scale() == 0.0
+    with pytest.raises(ConfigError, match="itm.hard_warmup"):
+        tiny_itm(hard_warmup=-1)
+
+
 def test_width_mismatch_names_the_key() -> None:
-    itm = ITM(pairs=[["text", "image"]], widths={"text": 12, "image": 9}, width=16, depth=1, heads=2)
-    with pytest.raises(ConfigError, match=r"itm.widths.image: 9, but the 'image' tower's tokens are 8 wide"):
+    itm = ITM(pairs=[["text", "image"]], widths={"text": 12, "image": 9}, width=16, depth=1, heads=2, features="tokens")
+    with pytest.raises(ConfigError, match=r"itm.widths.image: 9, but the 'image' tokens are 8 wide"):
         itm(make_outputs(3), Batch(fields={}, present={}, keys=["a", "b", "c"]))
     with pytest.raises(ConfigError, match="itm.widths.image"):
         ITM(pairs=[["text", "image"]], widths={"text": 12})
+
+
+def test_default_features_are_the_projected_tokens() -> None:
+    """By default the fusion reads ``token_embedding`` (asked for through token_modalities), not the raw tokens."""
+    itm = ITM(pairs=[["text", "image"]], widths={"text": 4, "image": 4}, width=8, depth=1, heads=2)
+    assert set(itm.token_modalities) == {"text", "image"}
+    outs = make_outputs(3)
+    with pytest.raises(ValueError, match="no token_embedding"):
+        itm(outs, Batch(fields={}, present={}, keys=["a", "b", "c"]))
+    for o in outs.values():
+        o.token_embedding = F.normalize(o.tokens[..., :4], dim=-1)
+    assert torch.isfinite(itm(outs, Batch(fields={}, present={}, keys=["a", "b", "c"])).loss)
+    head = torch.nn.Linear(WIDTHS["text"], 4, bias=False)
+    model = torch.nn.Module()
+    model.heads = torch.nn.ModuleDict({"text": head})
+    torch.testing.assert_close(itm.project(model, "text", outs["text"].tokens),
+                               F.normalize(head(outs["text"].tokens), dim=-1))
 
 
 def test_match_logit_takes_either_order() -> None:
