@@ -80,6 +80,7 @@ def main() -> None:
     adapted_runs(shards, out)
     mlm_tied_head(shards, out)
     masked_tokens_runs(shards, out)
+    itm_runs(shards, out)
     coca_runs(shards, out)
     dist.barrier()
     dist.destroy_process_group()
@@ -172,6 +173,29 @@ def masked_tokens_runs(shards: list[str], out: Path) -> None:
             report[stage] = sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t))
     if dist.get_rank() == 0:
         (out / "masked_tokens.json").write_text(json.dumps(report))
+
+
+def itm_runs(shards: list[str], out: Path) -> None:
+    """albef-tiny's objectives, clip + itm with hard negatives from the global batch (token features gathered
+    with gradient), at ZeRO 0 and 3; per-step losses come from the runs' key logs; rank 0 writes which
+    weights moved."""
+    from mmpt.export import consolidate
+    from mmpt.train.engine import init_distributed
+
+    init_distributed()  # also launched on its own (SCENARIOS), before anything joined the group
+    report = {}
+    for stage in (0, 3):
+        raw = config(shards, out / f"itm_zero{stage}", stage)
+        raw["objectives"]["itm"] = {"name": "itm", "pairs": [["image", "text"]], "widths": {"image": 32, "text": 32},
+                                    "width": 16, "depth": 1, "heads": 2, "gather": "with_grad"}
+        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
+        train(load_config(raw))
+        dist.barrier()
+        if dist.get_rank() == 0:
+            state = consolidate(out / f"itm_zero{stage}")[0]
+            report[stage] = sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t))
+    if dist.get_rank() == 0:
+        (out / "itm.json").write_text(json.dumps(report))
 
 
 def coca_runs(shards: list[str], out: Path) -> None:
@@ -341,8 +365,7 @@ def multinode(shards: list[str], out: Path) -> None:
     crash_then_resume(raw, crash_at_step=3)
 
 
-
-SCENARIOS = {"sharded_eval": sharded_eval, "multinode": multinode, "coca": coca_runs}
+SCENARIOS = {"sharded_eval": sharded_eval, "itm": itm_runs, "coca": coca_runs, "multinode": multinode}
 
 if __name__ == "__main__":
     main()

@@ -151,6 +151,25 @@ def test_mlm_tied_head_zero3_matches_zero0_and_resumes(ranks_out: Path) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_itm_global_hard_negatives_zero3_match_zero0(ranks_out: Path) -> None:
+    """clip + itm drawing hard negatives from the global batch (tokens gathered with gradient) on 2 ranks:
+    ZeRO-3, where the fusion's parameters are partitioned, gives ZeRO-0's per-step losses, and the fusion
+    (its directly owned first token included), its head and both towers move."""
+    for r in range(2):
+        ref, got = steps(ranks_out / "itm_zero0", r), steps(ranks_out / "itm_zero3", r)
+        assert sorted(got) == sorted(ref) and len(ref) == 6
+        for k in ref:
+            assert got[k][0] == ref[k][0] and math.isfinite(got[k][1]), k
+            assert got[k][1] == pytest.approx(ref[k][1], rel=1e-4), f"rank {r} loss at {k}"
+    report = json.loads((ranks_out / "itm.json").read_text())
+    for stage in ("0", "3"):
+        assert {"objectives.itm.fusions.image__text.first", "objectives.itm.fusions.image__text.head.weight",
+                "objectives.itm.fusions.image__text.cross_blocks.0.cross.kv.weight",
+                "model.encoders.text.token_embed.weight", "model.encoders.image.patch_embed.weight"} <= set(report[stage]), \
+            report[stage]
+
+
+@pytest.mark.timeout(600)
 def test_coca_zero3_matches_zero0_and_decodes_partitioned(ranks_out: Path) -> None:
     """coca (clip + caption from multimodal layers on the text tower's tokens) on 2 ranks: ZeRO-3 gives ZeRO-0's
     per-step losses, the decoder, the logit scale and both towers move, and KV-cached greedy captions from the
