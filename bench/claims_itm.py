@@ -36,7 +36,7 @@ from claims_common import add_run_args, ensure_demo_data, print_table, train_rec
 from claims_filip_fine_grained import ATTRS, fine_grained_set  # noqa: E402
 from common import RESULTS  # noqa: E402
 
-from mmpt.eval import build_tasks  # noqa: E402
+from mmpt.eval import run_tasks  # noqa: E402
 
 NAME = "claims_itm"
 RECIPE = "albef-tiny"
@@ -80,10 +80,8 @@ def itm_metrics(s: np.ndarray) -> dict[str, float]:
 
 def retrieval(model, transforms, data: Path, k: int) -> dict[str, float]:
     """Held-out R@1/5/10 both ways, contrastive and re-ranked by itm (the retrieval task's rerank option)."""
-    [(_, task)] = build_tasks([{"name": "retrieval", "data": str(data / "eval"), "rerank": "itm", "rerank_k": k}])
-    task.objectives = model.objectives  # what run_tasks passes once the caller hands over the objectives
-    model.eval()
-    res = task.run(model.model, transforms, "cpu", progress=False)
+    res = run_tasks(model, transforms, [{"name": "retrieval", "data": str(data / "eval"), "rerank": "itm",
+                                         "rerank_k": k}], device="cpu", progress=False)["retrieval"]
     keys = [f"{d}_r{r}{s}" for s in ("", "_rerank") for d in ("i2t", "t2i") for r in (1, 5, 10)]
     return {key: res[key] for key in keys} | {"i2t_r1_chance": res["i2t_r1_chance"]}
 

@@ -122,7 +122,7 @@ class Retrieval(Task):
     target, a json field whose equal values make samples relevant to each other (several positives per
     query); default: only the same sample. rerank: name of the model's matching objective (e.g. ``itm``)
     that re-ranks each query's contrastive top ``rerank_k``; R@K after re-ranking are reported as
-    ``..._rK_rerank`` beside the contrastive ones (needs a caller that passes the model's objectives).
+    ``..._rK_rerank`` beside the contrastive ones (run_tasks then passes the whole Pretrainer).
     rerank_k: how many contrastive candidates per query the matching head re-scores.
     """
 
@@ -146,6 +146,8 @@ class Retrieval(Task):
             raise ConfigError("match_key: only used with a target modality (captions match by their text)")
         if isinstance(self.rerank_k, bool) or not isinstance(self.rerank_k, int) or self.rerank_k < 1:
             raise ConfigError(f"rerank_k: expected a positive integer, got {self.rerank_k!r}")
+        # re-ranking scores with an objective: run_tasks then passes the Pretrainer (towers + objectives)
+        self.uses_objectives = self.rerank is not None
 
     def default_id(self) -> str:
         return "retrieval" if self.target is None else f"retrieval/{self.modality}-{self.target}"
@@ -153,6 +155,8 @@ class Retrieval(Task):
     def run(self, model: MultimodalModel, specs: dict[str, ModalityData], device: torch.device | str,
             progress: bool = True) -> dict[str, Any]:
         """Embed the samples and every caption (or the target modality), then rank both ways."""
+        objectives = getattr(model, "objectives", None)  # the Pretrainer's, when re-ranking
+        model = getattr(model, "model", model)
         emb = self._embed(model, specs, device, progress, self.modality)
         if self.target is not None:
             target = self._embed(model, specs, device, progress, self.target)
@@ -161,7 +165,8 @@ class Retrieval(Task):
                 vocab: dict[str, int] = {}
                 target_ids = match_ids(target, self.match_key, -2, vocab)
                 query_ids = match_ids(emb, self.match_key, -3, vocab).unsqueeze(1)
-                out.update(self._reranked(model, specs, device, progress, emb, self.modality, target.embeddings,
+                out.update(self._reranked(model, objectives, specs, device, progress, emb, self.modality,
+                                          target.embeddings,
                                           self._tokens(model, specs, device, progress, target, self.target),
                                           torch.arange(len(target)), self.target, target_ids, query_ids,
                                           (self.modality, self.target)))
@@ -177,8 +182,8 @@ class Retrieval(Task):
         out, n_queries = self._both_ways(emb.embeddings, text_emb, text_ids, sample_ids, "i", "t")
         if self.rerank is not None:
             texts_tok = _text_tokens(model, specs, list(unique), self.batch_size, device, self.text_modality)
-            out.update(self._reranked(model, specs, device, progress, emb, self.modality, text_emb, texts_tok,
-                                      order, self.text_modality, text_ids, sample_ids, ("i", "t")))
+            out.update(self._reranked(model, objectives, specs, device, progress, emb, self.modality, text_emb,
+                                      texts_tok, order, self.text_modality, text_ids, sample_ids, ("i", "t")))
         out.update(n_images=len(emb), n_texts=len(texts), n_images_without_captions=len(emb) - n_queries,
                    skipped=emb.skipped)
         return out
@@ -227,13 +232,13 @@ class Retrieval(Task):
             raise DataError(f"retrieval: the token pass over {self.data!r} read other samples than the embedding pass")
         return pad_tokens(feats.features)
 
-    def _reranked(self, model: MultimodalModel, specs: dict[str, ModalityData], device: torch.device | str,
-                  progress: bool, a: Embedded, a_modality: str, b_emb: Tensor, b_tokens: tuple[Tensor, Tensor],
+    def _reranked(self, model: MultimodalModel, objectives: Any, specs: dict[str, ModalityData],
+                  device: torch.device | str, progress: bool, a: Embedded, a_modality: str, b_emb: Tensor, b_tokens: tuple[Tensor, Tensor],
                   b_map: Tensor, b_modality: str, b_ids: Tensor, a_ids: Tensor, names: tuple[str, str]
                   ) -> dict[str, Any]:
         """R@K both ways after the matching objective re-ranks each query's contrastive top ``rerank_k``.
         ``b_map`` (n_b,) indexes each b row's tokens in ``b_tokens`` (identical captions are encoded once)."""
-        matcher = self._matcher()
+        matcher = self._matcher(objectives)
         a_tok, a_mask = self._tokens(model, specs, device, progress, a, a_modality)
         b_tok, b_mask = b_tokens
         a_tok, b_tok = matcher.project(model, a_modality, a_tok), matcher.project(model, b_modality, b_tok)
@@ -250,11 +255,10 @@ class Retrieval(Task):
         out["mean_recall_rerank"] = sum(out.values()) / len(out)
         return out
 
-    def _matcher(self) -> Any:
-        objectives = getattr(self, "objectives", None)
+    def _matcher(self, objectives: Any) -> Any:
         if objectives is None:
-            raise ConfigError(f"rerank: {self.rerank!r} is an objective of the model, but this caller passed the "
-                              "towers only (run_tasks(..., objectives=...))")
+            raise ConfigError(f"rerank: {self.rerank!r} is an objective of the model, but only its towers were "
+                              "passed to this task (run_tasks passes the Pretrainer)")
         if self.rerank not in objectives or not hasattr(objectives[self.rerank], "match_logit"):
             names = [n for n, o in objectives.items() if hasattr(o, "match_logit")]  # and project()
             raise ConfigError(f"rerank: {self.rerank!r} is not a matching objective of this model "

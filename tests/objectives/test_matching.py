@@ -266,10 +266,11 @@ def test_rerank_needs_the_model_objectives(tmp_path) -> None:
 
     pattern = write_color_shards(tmp_path, (4,))[0]
     [(_, task)] = build_tasks([{"name": "retrieval", "data": pattern, "rerank": "itm"}])
-    with pytest.raises(ConfigError, match="rerank: 'itm' is an objective of the model, but this caller passed"):
-        task._matcher()
-    task.objectives = {"clip": torch.nn.Module()}
+    assert task.uses_objectives  # run_tasks hands it the Pretrainer
+    with pytest.raises(ConfigError, match="rerank: 'itm' is an objective of the model, but only its towers"):
+        task._matcher(None)
     with pytest.raises(ConfigError, match=r"not a matching objective of this model \(matching objectives: none\)"):
-        task._matcher()
+        task._matcher({"clip": torch.nn.Module()})
+    assert not build_tasks([{"name": "retrieval", "data": pattern}])[0][1].uses_objectives
     with pytest.raises(ConfigError, match="rerank_k"):
         build_tasks([{"name": "retrieval", "data": pattern, "rerank": "itm", "rerank_k": 0}])
