@@ -123,7 +123,10 @@ class Retrieval(Task):
     query); default: only the same sample. rerank: name of the model's matching objective (e.g. ``itm``)
     that re-ranks each query's contrastive top ``rerank_k``; R@K after re-ranking are reported as
     ``..._rK_rerank`` beside the contrastive ones (run_tasks then passes the whole Pretrainer).
-    rerank_k: how many contrastive candidates per query the matching head re-scores.
+    rerank_k: how many contrastive candidates per query the matching head re-scores. rerank_similarity:
+    weight of the contrastive cosine similarity added to the matching log-odds of each re-scored pair (0:
+    the matching score alone, as ALBEF; BLIP adds the similarity with weight 1; a CLIP logit scale weighs
+    the two as logits).
     """
 
     captions_key: str = "captions"
@@ -134,6 +137,7 @@ class Retrieval(Task):
     match_key: str | None = None
     rerank: str | None = None
     rerank_k: int = 16
+    rerank_similarity: float = 0.0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -247,9 +251,11 @@ class Retrieval(Task):
 
         a_side, b_side = (a_modality, a_tok, a_mask, None), (b_modality, b_tok, b_mask, b_map)
         fwd = recall_at_k(a_emb, b_emb, lambda r: relevance_matrix(b_ids, a_ids[r]).T, self.ks, scores=lambda r: rerank_top_k(
-            a_emb[r] @ b_emb.T, self.rerank_k, lambda qi, ci: pair_scores(matcher, a_side, qi + r.start, b_side, ci)))[0]
+            a_emb[r] @ b_emb.T, self.rerank_k, lambda qi, ci: pair_scores(matcher, a_side, qi + r.start, b_side, ci),
+            self.rerank_similarity))[0]
         back = recall_at_k(b_emb, a_emb, lambda r: relevance_matrix(b_ids[r], a_ids), self.ks, scores=lambda r: rerank_top_k(
-            b_emb[r] @ a_emb.T, self.rerank_k, lambda qi, ci: pair_scores(matcher, b_side, qi + r.start, a_side, ci)))[0]
+            b_emb[r] @ a_emb.T, self.rerank_k, lambda qi, ci: pair_scores(matcher, b_side, qi + r.start, a_side, ci),
+            self.rerank_similarity))[0]
         out = {f"{names[0]}2{names[1]}_r{k}_rerank": v for k, v in fwd.items()}
         out.update({f"{names[1]}2{names[0]}_r{k}_rerank": v for k, v in back.items()})
         out["mean_recall_rerank"] = sum(out.values()) / len(out)
@@ -307,13 +313,16 @@ def pair_scores(matcher: Any, a: Side, a_rows: Tensor, b: Side, b_rows: Tensor, 
     return torch.cat(scores) if scores else torch.zeros(0)
 
 
-def rerank_top_k(sims: Tensor, k: int, pair_score: Callable[[Tensor, Tensor], Tensor]) -> Tensor:
+def rerank_top_k(sims: Tensor, k: int, pair_score: Callable[[Tensor, Tensor], Tensor],
+                 similarity: float = 0.0) -> Tensor:
     """Scores (R, C) ranking each row's contrastive top ``k`` by ``pair_score(row index, column index)``
-    (flat index tensors -> one score each) above every other column, which keeps its contrastive order."""
+    (flat index tensors -> one score each) plus ``similarity`` x their contrastive similarity, above every
+    other column, which keeps its contrastive order."""
     k = min(k, sims.shape[1])
     top = sims.topk(k, dim=1).indices
     rows = torch.arange(sims.shape[0], device=sims.device)[:, None].expand(-1, k)
     rescored = pair_score(rows.reshape(-1), top.reshape(-1)).view(rows.shape).float().to(sims.device)
+    rescored = rescored + similarity * sims.float().gather(1, top)
     out = sims.float().clone()
     # lift the re-scored block above the largest similarity, keeping its own order
     out[rows, top] = rescored - rescored.min() + out.max() + 1 if rescored.numel() else out[rows, top]

@@ -244,6 +244,9 @@ def test_rerank_reorders_the_top_k_only() -> None:
 
     order = rerank_top_k(sims, 3, pair_score).argsort(dim=1, descending=True)
     assert order.tolist() == [[2, 3, 0, 4, 1], [3, 4, 2, 1, 0]]
+    # BLIP-style: the similarity (weighted) added to the matching score of each re-scored pair
+    order = rerank_top_k(sims, 3, pair_score, similarity=30.0).argsort(dim=1, descending=True)
+    assert order.tolist() == [[0, 3, 2, 4, 1], [4, 3, 2, 1, 0]]
 
 
 def test_a_perfect_reranker_lifts_r1_to_contrastive_recall_at_k() -> None:
