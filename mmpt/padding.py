@@ -12,6 +12,7 @@ causal mask is a buffer of the full context) get the batch unchanged.
 from __future__ import annotations
 
 import dataclasses
+from collections import Counter
 from collections.abc import Callable
 
 import torch
@@ -56,32 +57,31 @@ def length_groups(lengths: list[int], max_groups: int = 4, overhead: int = 256) 
     """Rows grouped by length, as ``[(rows, width), ...]`` with every row in exactly one group whose width
     covers it: the split of the length-sorted rows into at most ``max_groups`` runs that minimises the
     padded tokens computed (rows x width per group) plus ``overhead`` tokens per extra call."""
+    import numpy as np
+
     order = sorted(range(len(lengths)), key=lengths.__getitem__)
-    values = sorted(set(lengths))
-    count = [sum(1 for n in lengths if n == v) for v in values]
-    # best[g][i]: cheapest cover of the i shortest distinct lengths by g groups (dynamic programme over
-    # at most a context's worth of distinct lengths, not over rows)
-    inf = float("inf")
-    best = [[0.0] + [inf] * len(values)] + [[inf] * (len(values) + 1) for _ in range(max_groups)]
-    cut = [[0] * (len(values) + 1) for _ in range(max_groups + 1)]
-    for g in range(1, max_groups + 1):
-        for i in range(1, len(values) + 1):
-            rows = 0
-            for j in range(i - 1, -1, -1):  # the group holds distinct lengths j..i-1
-                rows += count[j]
-                cost = best[g - 1][j] + rows * values[i - 1] + overhead
-                if cost < best[g][i]:
-                    best[g][i], cut[g][i] = cost, j
-    g = min(range(1, max_groups + 1), key=lambda k: best[k][len(values)])
-    bounds, i = [], len(values)
-    while i > 0:
-        bounds.append((cut[g][i], i))
-        i, g = cut[g][i], g - 1
-    groups, start = [], 0
-    for j, i in reversed(bounds):
-        n = sum(count[j:i])
-        groups.append((order[start:start + n], values[i - 1]))
-        start += n
+    per_length = Counter(lengths)
+    values = np.array(sorted(per_length), dtype=np.float64)
+    cum = np.concatenate([[0], np.cumsum([per_length[v] for v in values])])
+    u = len(values)
+    # cost[j, i]: one group holding the distinct lengths j..i-1 (rows cum[i] - cum[j] at width values[i-1]);
+    # a dynamic programme over at most a context's worth of distinct lengths, vectorised over (j, i)
+    j, i = np.meshgrid(np.arange(u + 1), np.arange(u + 1), indexing="ij")
+    cost = np.where(j < i, (cum[i] - cum[j]) * np.concatenate([[0.0], values])[i] + overhead, np.inf)
+    best, cuts = [np.where(np.arange(u + 1) == 0, 0.0, np.inf)], []
+    for _ in range(max_groups):
+        total = best[-1][:, None] + cost
+        cuts.append(total.argmin(0))
+        best.append(total.min(0))
+    g = int(np.argmin([b[u] for b in best[1:]])) + 1
+    bounds, end = [], u
+    while end > 0:
+        start = int(cuts[g - 1][end])
+        bounds.append((start, end))
+        end, g = start, g - 1
+    groups = []
+    for start, end in reversed(bounds):
+        groups.append((order[int(cum[start]):int(cum[end])], int(values[end - 1])))
     return groups
 
 
