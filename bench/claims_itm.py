@@ -7,7 +7,9 @@ similarity) and ``random`` (uniform over the batch, same identity exclusions). E
 held-out demo split:
 
 - retrieval R@1 both ways by the contrastive embeddings, and after the itm head re-scores each query's
-  contrastive top ``--rerank-k`` (the ``retrieval`` task with ``rerank: itm``);
+  contrastive top ``--rerank-k`` (the ``retrieval`` task with ``rerank: itm``): by the matching log-odds
+  alone (ALBEF, ``_rerank``) and by the log-odds plus the similarity times the run's learnt clip logit scale
+  (BLIP adds the similarity; the scale makes both logits, ``_fused``);
 - ITM accuracy on held-out pairs: every eval image with its true caption ("a {size} {color} {shape} {where}
   of a {background} background"), five captions that each change one attribute (hard negatives; the set of
   ``claims_filip_fine_grained.py``) and the true caption of another random eval image (an easy negative).
@@ -79,11 +81,16 @@ def itm_metrics(s: np.ndarray) -> dict[str, float]:
 
 
 def retrieval(model, transforms, data: Path, k: int) -> dict[str, float]:
-    """Held-out R@1/5/10 both ways, contrastive and re-ranked by itm (the retrieval task's rerank option)."""
-    res = run_tasks(model, transforms, [{"name": "retrieval", "data": str(data / "eval"), "rerank": "itm",
-                                         "rerank_k": k}], device="cpu", progress=False)["retrieval"]
+    """Held-out R@1/5/10 both ways: contrastive, re-ranked by the itm log-odds alone (ALBEF) and by the log-odds
+    plus the similarity times the run's own learnt clip logit scale (BLIP-style fused score, ``_fused``)."""
+    scale = float(model.objectives["clip"].logit_scale.exp().max())
+    tasks = [{"name": "retrieval", "id": name, "data": str(data / "eval"), "rerank": "itm", "rerank_k": k,
+              "rerank_similarity": sim} for name, sim in (("itm", 0.0), ("fused", scale))]
+    res = run_tasks(model, transforms, tasks, device="cpu", progress=False)
     keys = [f"{d}_r{r}{s}" for s in ("", "_rerank") for d in ("i2t", "t2i") for r in (1, 5, 10)]
-    return {key: res[key] for key in keys} | {"i2t_r1_chance": res["i2t_r1_chance"]}
+    out = {key: res["itm"][key] for key in keys} | {"i2t_r1_chance": res["itm"]["i2t_r1_chance"]}
+    out.update({f"{d}_r{r}_fused": res["fused"][f"{d}_r{r}_rerank"] for d in ("i2t", "t2i") for r in (1, 5, 10)})
+    return out | {"fused_similarity_weight": scale}
 
 
 def plot(results: dict[str, dict[str, float]], out: Path) -> Path:
@@ -93,10 +100,10 @@ def plot(results: dict[str, dict[str, float]], out: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 3.6))
+    fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
     names = list(results)
     width = 0.8 / len(names)
-    r_keys = ["i2t_r1", "i2t_r1_rerank", "t2i_r1", "t2i_r1_rerank"]
+    r_keys = ["i2t_r1", "i2t_r1_rerank", "i2t_r1_fused", "t2i_r1", "t2i_r1_rerank", "t2i_r1_fused"]
     a_keys = ["pairwise_hard", "top1_hard", "balanced", "acc_random_neg"]
     for ax, keys, title in ((left, r_keys, "held-out retrieval R@1: contrastive vs itm re-ranked"),
                             (right, a_keys, "held-out ITM accuracy")):
@@ -133,12 +140,13 @@ def main() -> int:
         print(f"{name}: trained in {runs[name]['wall_s']:.0f} s; {results[name]}", flush=True)
     print(f"\n{RECIPE}, {a.steps} steps each, {len(images)} held-out images; R@1 chance "
           f"{results['hard']['i2t_r1_chance']:.4f}; pairwise chance 0.500, top1_hard chance {1 / 6:.3f}")
-    cols = ["i2t_r1", "i2t_r1_rerank", "t2i_r1", "t2i_r1_rerank", "pairwise_hard", "top1_hard", "acc_pos",
-            "acc_hard_neg", "acc_random_neg", "balanced"]
+    cols = ["i2t_r1", "i2t_r1_rerank", "i2t_r1_fused", "t2i_r1", "t2i_r1_rerank", "t2i_r1_fused", "pairwise_hard",
+            "top1_hard", "acc_pos", "acc_hard_neg", "acc_random_neg", "balanced"]
     print_table(["negatives", *cols], [[n, *[r[c] for c in cols]] for n, r in results.items()])
     h, r = results["hard"], results["random"]
-    print(f"\nre-ranking (hard): i2t R@1 {h['i2t_r1']:.3f} -> {h['i2t_r1_rerank']:.3f}, "
-          f"t2i R@1 {h['t2i_r1']:.3f} -> {h['t2i_r1_rerank']:.3f}")
+    print(f"\nre-ranking (hard): i2t R@1 {h['i2t_r1']:.3f} -> itm {h['i2t_r1_rerank']:.3f} / fused "
+          f"{h['i2t_r1_fused']:.3f}, t2i R@1 {h['t2i_r1']:.3f} -> itm {h['t2i_r1_rerank']:.3f} / fused "
+          f"{h['t2i_r1_fused']:.3f}")
     print(f"hard vs random negatives: pairwise vs one-attribute changes {h['pairwise_hard']:.3f} vs "
           f"{r['pairwise_hard']:.3f}; balanced accuracy {h['balanced']:.3f} vs {r['balanced']:.3f}")
     png = plot(results, RESULTS / f"{NAME}.png")
