@@ -14,7 +14,9 @@ negatives train the towers of the rank they came from.
 
 from __future__ import annotations
 
+import copy
 import hashlib
+import math
 import warnings
 
 import torch
@@ -28,6 +30,7 @@ from mmpt.layers import Block, CrossBlock, init_weights
 from mmpt.objectives.base import Objective, ObjectiveOutput
 from mmpt.objectives.contrastive import (
     GatherMode,
+    bounded_log_scale,
     check_pairs,
     embedding_of,
     encoder_output,
@@ -383,3 +386,187 @@ def _with_mask(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     if mask is None:
         mask = torch.ones(tokens.shape[:2], dtype=torch.bool, device=tokens.device)
     return tokens, mask.to(torch.bool)
+
+
+def momentum_itc_loss(a: Tensor, b: Tensor, a_m: Tensor, b_m: Tensor, queue_a: Tensor, queue_b: Tensor,
+                      scale: Tensor, alpha: float, valid: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+    """ALBEF's contrastive loss with momentum distillation, both directions averaged.
+
+    a, b (B, E): online embeddings (the in-batch columns, with gradient, as in ``clip``); a_m, b_m (B, E):
+    the momentum towers' embeddings; queue_a, queue_b (Q, E): earlier momentum embeddings, extra columns.
+    Row i of a->b is scored against [b; queue_b]; its target is (1 - alpha) * one-hot(i) + alpha *
+    softmax(scale * a_m_i @ [b_m; queue_b]). valid (B,) bool: absent samples leave the rows and columns.
+    With alpha 0 and an empty queue this is ``clip_loss`` exactly.
+    """
+    valid = torch.ones(a.shape[0], dtype=torch.bool, device=a.device) if valid is None else valid.bool()
+    scale = scale.float()
+    losses, hits = [], []
+    for x, y, x_m, y_m, queue in ((a, b, a_m, b_m, queue_b), (b, a, b_m, a_m, queue_a)):
+        cols = torch.cat([valid, valid.new_ones(queue.shape[0])])
+        # a finite fill (not -inf): a row whose columns are all absent stays free of NaN (see clip)
+        fill = torch.finfo(torch.float32).min
+        logits = (scale * x.float() @ torch.cat([y.float(), queue.float()]).T).masked_fill(~cols, fill)
+        with torch.no_grad():
+            soft = scale * x_m.float() @ torch.cat([y_m.float(), queue.float()]).T
+            soft = torch.softmax(soft.masked_fill(~cols, fill), 1)
+            hard = torch.eye(*logits.shape, device=logits.device)
+            target = (1 - alpha) * hard + alpha * soft
+            hits.append(((logits.argmax(1) == torch.arange(len(x), device=x.device)).float() * valid).sum())
+        # masked columns have target 0: zero their log-probabilities (-inf after the fill) before the product
+        log_p = torch.log_softmax(logits, 1).masked_fill(~cols, 0.0)
+        losses.append(-(target * log_p).sum(1)[valid].sum())
+    count = valid.sum().clamp(min=1)
+    loss = (losses[0] + losses[1]) / (2 * count) if valid.any() else 0.0 * (a.sum() + b.sum())
+    return loss, {"acc": hits[0] / count, "acc_ba": hits[1] / count}
+
+
+def _momentum_embedding(tower: nn.Module, head: nn.Module, fields: dict[str, Tensor]) -> Tensor:
+    """L2-normalised projected pooled embedding, as ``MultimodalModel.encode_fields`` computes it."""
+    return F.normalize(head(tower(fields).pooled).float(), dim=-1)
+
+
+@objectives.register("itc_momentum")
+class MomentumITC(Objective):
+    """ALBEF's contrastive loss with momentum distillation and a feature queue (off unless a recipe names it).
+
+    Momentum copies (fp32, no gradient) of the paired towers and heads are made from the model at the
+    first forward and after that move by EMA at every training forward, before they encode the batch
+    (ALBEF's order). Their embeddings give soft targets; a FIFO queue of them (gathered from all ranks,
+    so every rank's queue is the same) adds columns. The copies and the queue are buffers and frozen
+    parameters of this objective, outside the optimizer, saved in checkpoints (a resumed run goes on
+    exactly). The in-batch columns are the online embeddings (gradient to both towers, as ``clip``), so
+    alpha 0 and queue_size 0 is ``clip``. ZeRO-3 is refused: a copy of partitioned parameters is wrong.
+
+    pairs: modality pairs to contrast, e.g. [[image, text]]. momentum: EMA factor of the momentum
+    towers (ALBEF 0.995). alpha: weight of the momentum soft targets against the one-hot targets (ALBEF
+    0.4). queue_size: momentum embeddings kept per modality as extra columns (0: none; ALBEF 65536).
+    init_logit_scale: starting scale (1/temperature). max_logit_scale: upper bound of the scale.
+    learn_logit_scale: train the scale (else fixed at init).
+    """
+
+    uses_model = True
+    tiny_configs = ({"pairs": [["image", "text"]], "queue_size": 8, "init_logit_scale": 20.0},)
+
+    def __init__(self, *, pairs: list[list[str]], momentum: float = 0.995, alpha: float = 0.4,
+                 queue_size: int = 0, init_logit_scale: float = 1 / 0.07, max_logit_scale: float = 100.0,
+                 learn_logit_scale: bool = True):
+        super().__init__()
+        self.pairs = check_pairs(pairs, "itc_momentum")
+        self.modalities = tuple(dict.fromkeys(m for p in self.pairs for m in p))
+        if not 0.0 <= momentum < 1.0:
+            raise ConfigError(f"itc_momentum.momentum: expected 0 <= momentum < 1, got {momentum}")
+        if not 0.0 <= alpha <= 1.0:
+            raise ConfigError(f"itc_momentum.alpha: expected 0 <= alpha <= 1, got {alpha}")
+        if isinstance(queue_size, bool) or not isinstance(queue_size, int) or queue_size < 0:
+            raise ConfigError(f"itc_momentum.queue_size: expected an integer >= 0, got {queue_size!r}")
+        if not 0 < init_logit_scale <= max_logit_scale:
+            raise ConfigError(f"itc_momentum.init_logit_scale: expected 0 < init_logit_scale <= max_logit_scale "
+                              f"({max_logit_scale}), got {init_logit_scale}")
+        self.momentum, self.alpha, self.queue_size = float(momentum), float(alpha), queue_size
+        self.max_logit_scale = float(max_logit_scale)
+        self.logit_scale = nn.Parameter(torch.full((len(self.pairs),), math.log(init_logit_scale)),
+                                        requires_grad=learn_logit_scale)
+        # Per modality: its momentum tower and head, and its queue (Q, embed_dim), all made at the first
+        # forward (the width is the model's); a checkpoint loaded before that is held until then.
+        self.momentum_towers = nn.ModuleDict()
+        self.momentum_heads = nn.ModuleDict()
+        self.register_buffer("fifo_ptr", torch.zeros(1, dtype=torch.long))
+        self.register_buffer("fifo_filled", torch.zeros(1, dtype=torch.long))
+        self._pending: dict[str, Tensor] = {}
+        self._register_load_state_dict_pre_hook(self._hold_lazy_state)
+
+    def _hold_lazy_state(self, state_dict: dict, prefix: str, *args: object) -> None:
+        if len(self.momentum_towers):
+            return
+        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(_LAZY)]:
+            self._pending[key[len(prefix):]] = state_dict.pop(key)
+
+    def queue(self, modality: str) -> Tensor:
+        """The filled part of ``modality``'s queue (N <= queue_size, embed_dim), in storage order."""
+        return getattr(self, f"queue_{modality}")[: int(self.fifo_filled)]
+
+    @torch.no_grad()
+    def _build(self, model: nn.Module) -> bool:
+        """Make the momentum copies and queues; True when a held checkpoint state was loaded into them."""
+        if any(hasattr(p, "ds_status") for p in model.parameters()):
+            raise ConfigError("itc_momentum: momentum towers need train.zero_stage <= 2 (a copy of ZeRO-3 "
+                              "partitioned parameters is wrong); got zero_stage 3")
+        for m in self.modalities:
+            if m not in model.encoders:
+                raise ConfigError(f"itc_momentum.pairs: no encoder for modality {m!r} "
+                                  f"(have {', '.join(model.encoders)})")
+            for target, source in ((self.momentum_towers, model.encoders[m]), (self.momentum_heads, model.heads[m])):
+                target[m] = copy.deepcopy(source).float().requires_grad_(False)
+            self.register_buffer(f"queue_{m}", torch.zeros(self.queue_size, model.embed_dim,
+                                                           device=self.logit_scale.device))
+        restored, self._pending = self._pending, {}
+        if restored:
+            self.load_state_dict({**self.state_dict(), **restored})
+        return bool(restored)
+
+    @torch.no_grad()
+    def ema_update(self, model: nn.Module) -> None:
+        """momentum_param <- momentum * momentum_param + (1 - momentum) * online_param; buffers copied."""
+        for m in self.modalities:
+            for mom, online in ((self.momentum_towers[m], model.encoders[m]), (self.momentum_heads[m], model.heads[m])):
+                for p_m, p in zip(mom.parameters(), online.parameters(), strict=True):
+                    p_m.mul_(self.momentum).add_(p.detach().float(), alpha=1 - self.momentum)
+                for b_m, b in zip(mom.buffers(), online.buffers(), strict=True):
+                    b_m.copy_(b)
+
+    @torch.no_grad()
+    def _momentum_embeddings(self, batch: Batch) -> dict[str, Tensor]:
+        out = {}
+        for m in self.modalities:
+            # eval mode: no dropout in the targets; batch norm uses the online tower's running statistics
+            tower, head = self.momentum_towers[m].eval(), self.momentum_heads[m].eval()
+            out[m] = _momentum_embedding(tower, head, batch.fields[m])
+        return out
+
+    @torch.no_grad()
+    def _enqueue(self, emb: dict[str, Tensor], valid: Tensor) -> None:
+        if not self.queue_size:
+            return
+        _, world = loss_world()
+        if world > 1:
+            emb = {m: _gather_plain(e, world) for m, e in emb.items()}
+            valid = gather_mask(valid, world)
+        rows = {m: e[valid.to(e.device)][-self.queue_size:] for m, e in emb.items()}
+        n = next(iter(rows.values())).shape[0]
+        slots = (self.fifo_ptr + torch.arange(n, device=self.fifo_ptr.device)) % self.queue_size
+        for m, r in rows.items():
+            getattr(self, f"queue_{m}")[slots] = r.to(self.fifo_ptr.device)
+        self.fifo_ptr.copy_((self.fifo_ptr + n) % self.queue_size)
+        self.fifo_filled.clamp_(max=self.queue_size - n).add_(n)
+
+    def forward(self, outputs: dict[str, EncoderOutput], batch: Batch, model: nn.Module) -> ObjectiveOutput:
+        """Mean over pairs of the distilled contrastive loss; then the batch's momentum embeddings join the queue."""
+        # a fresh copy equals the online towers; a restored one (resumed run) moves on as it would have
+        copied = not len(self.momentum_towers) and not self._build(model)
+        if self.training and not copied:
+            self.ema_update(model)
+        emb_m = self._momentum_embeddings(batch)
+        scales = bounded_log_scale(self.logit_scale.float(), math.log(self.max_logit_scale)).exp()
+        losses, metrics = [], {}
+        every = None
+        for i, (a, b) in enumerate(self.pairs):
+            ea, eb = embedding_of(outputs, a, "itc_momentum"), embedding_of(outputs, b, "itc_momentum")
+            valid = present(batch, a, ea) & present(batch, b, eb)
+            every = valid if every is None else every & valid
+            loss, m = momentum_itc_loss(ea, eb, emb_m[a], emb_m[b], self.queue(a), self.queue(b), scales[i],
+                                        self.alpha, valid)
+            losses.append(loss)
+            metrics.update({f"{a}_{b}/acc": m["acc"], f"{b}_{a}/acc": m["acc_ba"],
+                            f"{a}_{b}/logit_scale": scales[i].detach()})
+        metrics["queue_filled"] = self.fifo_filled[0].float()
+        if self.training:
+            self._enqueue(emb_m, every)
+        return ObjectiveOutput(loss=torch.stack(losses).mean(), metrics=metrics)
+
+    def no_weight_decay(self) -> set[str]:
+        """Parameter names excluded from weight decay: the logit scales."""
+        return {"logit_scale"}
+
+
+# state made at the first forward (see MomentumITC._hold_lazy_state)
+_LAZY = ("momentum_towers.", "momentum_heads.", "queue_")
