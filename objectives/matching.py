@@ -420,6 +420,17 @@ def momentum_itc_loss(a: Tensor, b: Tensor, a_m: Tensor, b_m: Tensor, queue_a: T
     return loss, {"acc": hits[0] / count, "acc_ba": hits[1] / count}
 
 
+def frozen_copy(module: nn.Module) -> nn.Module:
+    """An fp32 deep copy of ``module`` whose parameters are buffers: no gradient, no optimizer, and
+    DeepSpeed (which lists a module's parameters once, when the engine is built) never sees them."""
+    out = copy.deepcopy(module).float()
+    for sub in out.modules():
+        for name, p in list(sub._parameters.items()):
+            del sub._parameters[name]
+            sub.register_buffer(name, None if p is None else p.detach())
+    return out
+
+
 def _momentum_embedding(tower: nn.Module, head: nn.Module, fields: dict[str, Tensor]) -> Tensor:
     """L2-normalised projected pooled embedding, as ``MultimodalModel.encode_fields`` computes it."""
     return F.normalize(head(tower(fields).pooled).float(), dim=-1)
@@ -434,7 +445,8 @@ class MomentumITC(Objective):
     (ALBEF's order). Their embeddings give soft targets; a FIFO queue of them (gathered from all ranks,
     so every rank's queue is the same) adds columns. The copies and the queue are buffers and frozen
     parameters of this objective, outside the optimizer, saved in checkpoints (a resumed run goes on
-    exactly). The in-batch columns are the online embeddings (gradient to both towers, as ``clip``), so
+    exactly); their weights are buffers, as DeepSpeed ZeRO-1/2 rejects parameters made after the
+    engine. The in-batch columns are the online embeddings (gradient to both towers, as ``clip``), so
     alpha 0 and queue_size 0 is ``clip``. ZeRO-3 is refused: a copy of partitioned parameters is wrong.
 
     pairs: modality pairs to contrast, e.g. [[image, text]]. momentum: EMA factor of the momentum
@@ -495,8 +507,8 @@ class MomentumITC(Objective):
             if m not in model.encoders:
                 raise ConfigError(f"itc_momentum.pairs: no encoder for modality {m!r} "
                                   f"(have {', '.join(model.encoders)})")
-            for target, source in ((self.momentum_towers, model.encoders[m]), (self.momentum_heads, model.heads[m])):
-                target[m] = copy.deepcopy(source).float().requires_grad_(False)
+            self.momentum_towers[m] = frozen_copy(model.encoders[m])
+            self.momentum_heads[m] = frozen_copy(model.heads[m])
             self.register_buffer(f"queue_{m}", torch.zeros(self.queue_size, model.embed_dim,
                                                            device=self.logit_scale.device))
         restored, self._pending = self._pending, {}
@@ -509,10 +521,10 @@ class MomentumITC(Objective):
         """momentum_param <- momentum * momentum_param + (1 - momentum) * online_param; buffers copied."""
         for m in self.modalities:
             for mom, online in ((self.momentum_towers[m], model.encoders[m]), (self.momentum_heads[m], model.heads[m])):
-                for p_m, p in zip(mom.parameters(), online.parameters(), strict=True):
-                    p_m.mul_(self.momentum).add_(p.detach().float(), alpha=1 - self.momentum)
-                for b_m, b in zip(mom.buffers(), online.buffers(), strict=True):
-                    b_m.copy_(b)
+                for name, p in online.named_parameters():
+                    mom.get_buffer(name).mul_(self.momentum).add_(p.detach().float(), alpha=1 - self.momentum)
+                for name, b in online.named_buffers():
+                    mom.get_buffer(name).copy_(b)
 
     @torch.no_grad()
     def _momentum_embeddings(self, batch: Batch) -> dict[str, Tensor]:

@@ -86,7 +86,7 @@ def batch_of(pre: Pretrainer, n: int = 3) -> Batch:
 
 
 def momentum_params(obj: MomentumITC) -> dict[str, torch.Tensor]:
-    return {n: p.detach().clone() for n, p in obj.named_parameters() if n.startswith("momentum_")}
+    return {n: b.clone() for n, b in obj.named_buffers() if n.startswith("momentum_")}
 
 
 def test_ema_update_follows_the_formula() -> None:
@@ -98,14 +98,14 @@ def test_ema_update_follows_the_formula() -> None:
     online = {f"momentum_{kind}.{n}": p for kind, mods in (("towers", pre.model.encoders), ("heads", pre.model.heads))
               for n, p in mods.named_parameters()}
     before = momentum_params(obj)
-    assert set(before) == set(online) and all(torch.equal(before[n], online[n]) for n in before)
-    assert not any(p.requires_grad for n, p in obj.named_parameters() if n.startswith("momentum_"))
+    assert set(online) <= set(before) and all(torch.equal(before[n], online[n]) for n in online)
+    assert [n for n, _ in obj.named_parameters()] == ["logit_scale"]  # nothing for the optimizer
     with torch.no_grad():
         for p in pre.model.parameters():
             p.add_(torch.randn_like(p))
     pre(batch)
     after = momentum_params(obj)
-    for n in before:
+    for n in online:
         torch.testing.assert_close(after[n], 0.9 * before[n] + 0.1 * online[n].detach(), rtol=0, atol=1e-6)
     pre.eval()
     pre(batch)  # no update outside training
@@ -158,9 +158,10 @@ def losses(run_dir: Path) -> dict[tuple[int, int], float]:
     return {(r["step"], r["micro"]): r["loss"] for r in map(json.loads, open(run_dir / "keys_rank0.jsonl"))}
 
 
-def test_training_with_it_resumes_exactly(color_shards: list[str], tmp_path: Path) -> None:
+@pytest.mark.parametrize("stage", [0, 2])
+def test_training_with_it_resumes_exactly(stage: int, color_shards: list[str], tmp_path: Path) -> None:
     def config(out: Path, **train_kw: object) -> dict:
-        raw = tiny_config(color_shards, out, steps=6, **train_kw)
+        raw = tiny_config(color_shards, out, steps=6, zero_stage=stage, **train_kw)
         raw["objectives"] = {"clip": {"name": "clip", "pairs": [["image", "text"]]},
                              "itc": {**MOMENTUM, "queue_size": 12, "weight": 1.0}}
         return raw
