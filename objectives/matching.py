@@ -421,14 +421,8 @@ def momentum_itc_loss(a: Tensor, b: Tensor, a_m: Tensor, b_m: Tensor, queue_a: T
 
 
 def frozen_copy(module: nn.Module) -> nn.Module:
-    """An fp32 deep copy of ``module`` whose parameters are buffers: no gradient, no optimizer, and
-    DeepSpeed (which lists a module's parameters once, when the engine is built) never sees them."""
-    out = copy.deepcopy(module).float()
-    for sub in out.modules():
-        for name, p in list(sub._parameters.items()):
-            del sub._parameters[name]
-            sub.register_buffer(name, None if p is None else p.detach())
-    return out
+    """An fp32 deep copy of ``module`` in eval mode whose parameters take no gradient."""
+    return copy.deepcopy(module).float().requires_grad_(False).eval()
 
 
 def _momentum_embedding(tower: nn.Module, head: nn.Module, fields: dict[str, Tensor]) -> Tensor:
@@ -443,10 +437,10 @@ class MomentumITC(Objective):
     Momentum copies (fp32, no gradient) of the paired towers and heads are made from the model at the
     first forward and after that move by EMA at every training forward, before they encode the batch
     (ALBEF's order). Their embeddings give soft targets; a FIFO queue of them (gathered from all ranks,
-    so every rank's queue is the same) adds columns. The copies and the queue are buffers and frozen
-    parameters of this objective, outside the optimizer, saved in checkpoints (a resumed run goes on
-    exactly); their weights are buffers, as DeepSpeed ZeRO-1/2 rejects parameters made after the
-    engine. The in-batch columns are the online embeddings (gradient to both towers, as ``clip``), so
+    so every rank's queue is the same) adds columns. The copies are held outside the module tree (the
+    optimizer and DeepSpeed, which lists a module's parameters once, when the engine is built, never
+    see them) but their state is in this objective's state_dict (``momentum.*``), as the queue's is
+    (buffers): checkpoints carry both and a resumed run goes on exactly. The in-batch columns are the online embeddings (gradient to both towers, as ``clip``), so
     alpha 0 and queue_size 0 is ``clip``. ZeRO-3 is refused: a copy of partitioned parameters is wrong.
 
     pairs: modality pairs to contrast, e.g. [[image, text]]. momentum: EMA factor of the momentum
@@ -480,18 +474,28 @@ class MomentumITC(Objective):
                                         requires_grad=learn_logit_scale)
         # Per modality: its momentum tower and head, and its queue (Q, embed_dim), all made at the first
         # forward (the width is the model's); a checkpoint loaded before that is held until then.
-        self.momentum_towers = nn.ModuleDict()
-        self.momentum_heads = nn.ModuleDict()
+        # Per modality {towers, heads}: its momentum tower and head, and its queue buffer (Q, embed_dim),
+        # all made at the first forward (their sizes are the model's); state loaded before is held till then.
+        object.__setattr__(self, "copies", nn.ModuleDict({"towers": nn.ModuleDict(), "heads": nn.ModuleDict()}))
         self.register_buffer("fifo_ptr", torch.zeros(1, dtype=torch.long))
         self.register_buffer("fifo_filled", torch.zeros(1, dtype=torch.long))
         self._pending: dict[str, Tensor] = {}
-        self._register_load_state_dict_pre_hook(self._hold_lazy_state)
+        self._register_state_dict_hook(_save_copies)
+        self._register_load_state_dict_pre_hook(self._load_lazy_state)
 
-    def _hold_lazy_state(self, state_dict: dict, prefix: str, *args: object) -> None:
-        if len(self.momentum_towers):
+    @property
+    def built(self) -> bool:
+        """Whether the momentum copies exist (after the first forward)."""
+        return len(self.copies["towers"]) > 0
+
+    def _load_lazy_state(self, state_dict: dict, prefix: str, *args: object) -> None:
+        copies = {k[len(prefix) + len("momentum."):]: state_dict.pop(k)
+                  for k in [k for k in state_dict if k.startswith(prefix + "momentum.")]}
+        if self.built:
+            self.copies.load_state_dict(copies)
             return
-        for key in [k for k in state_dict if k.startswith(prefix) and k[len(prefix):].startswith(_LAZY)]:
-            self._pending[key[len(prefix):]] = state_dict.pop(key)
+        queues = {k[len(prefix):]: state_dict.pop(k) for k in [k for k in state_dict if k.startswith(prefix + "queue_")]}
+        self._pending = {"copies": copies, "queues": queues} if copies else {}
 
     def queue(self, modality: str) -> Tensor:
         """The filled part of ``modality``'s queue (N <= queue_size, embed_dim), in storage order."""
@@ -507,32 +511,33 @@ class MomentumITC(Objective):
             if m not in model.encoders:
                 raise ConfigError(f"itc_momentum.pairs: no encoder for modality {m!r} "
                                   f"(have {', '.join(model.encoders)})")
-            self.momentum_towers[m] = frozen_copy(model.encoders[m])
-            self.momentum_heads[m] = frozen_copy(model.heads[m])
+            self.copies["towers"][m] = frozen_copy(model.encoders[m])
+            self.copies["heads"][m] = frozen_copy(model.heads[m])
             self.register_buffer(f"queue_{m}", torch.zeros(self.queue_size, model.embed_dim,
                                                            device=self.logit_scale.device))
         restored, self._pending = self._pending, {}
         if restored:
-            self.load_state_dict({**self.state_dict(), **restored})
+            self.copies.load_state_dict(restored["copies"])
+            for name, q in restored["queues"].items():
+                getattr(self, name).copy_(q)
         return bool(restored)
 
     @torch.no_grad()
     def ema_update(self, model: nn.Module) -> None:
         """momentum_param <- momentum * momentum_param + (1 - momentum) * online_param; buffers copied."""
         for m in self.modalities:
-            for mom, online in ((self.momentum_towers[m], model.encoders[m]), (self.momentum_heads[m], model.heads[m])):
-                for name, p in online.named_parameters():
-                    mom.get_buffer(name).mul_(self.momentum).add_(p.detach().float(), alpha=1 - self.momentum)
-                for name, b in online.named_buffers():
-                    mom.get_buffer(name).copy_(b)
+            for mom, online in ((self.copies["towers"][m], model.encoders[m]), (self.copies["heads"][m], model.heads[m])):
+                for p_m, p in zip(mom.parameters(), online.parameters(), strict=True):
+                    p_m.mul_(self.momentum).add_(p.detach().float(), alpha=1 - self.momentum)
+                for b_m, b in zip(mom.buffers(), online.buffers(), strict=True):
+                    b_m.copy_(b)
 
     @torch.no_grad()
     def _momentum_embeddings(self, batch: Batch) -> dict[str, Tensor]:
         out = {}
         for m in self.modalities:
-            # eval mode: no dropout in the targets; batch norm uses the online tower's running statistics
-            tower, head = self.momentum_towers[m].eval(), self.momentum_heads[m].eval()
-            out[m] = _momentum_embedding(tower, head, batch.fields[m])
+            # eval mode (frozen_copy): no dropout in the targets; batch norm uses the online running statistics
+            out[m] = _momentum_embedding(self.copies["towers"][m], self.copies["heads"][m], batch.fields[m])
         return out
 
     @torch.no_grad()
@@ -554,7 +559,7 @@ class MomentumITC(Objective):
     def forward(self, outputs: dict[str, EncoderOutput], batch: Batch, model: nn.Module) -> ObjectiveOutput:
         """Mean over pairs of the distilled contrastive loss; then the batch's momentum embeddings join the queue."""
         # a fresh copy equals the online towers; a restored one (resumed run) moves on as it would have
-        copied = not len(self.momentum_towers) and not self._build(model)
+        copied = not self.built and not self._build(model)
         if self.training and not copied:
             self.ema_update(model)
         emb_m = self._momentum_embeddings(batch)
@@ -580,5 +585,6 @@ class MomentumITC(Objective):
         return {"logit_scale"}
 
 
-# state made at the first forward (see MomentumITC._hold_lazy_state)
-_LAZY = ("momentum_towers.", "momentum_heads.", "queue_")
+def _save_copies(module: MomentumITC, state_dict: dict, prefix: str, local_metadata: dict) -> None:
+    """State-dict hook: the momentum copies' state under ``momentum.`` (they are not submodules)."""
+    state_dict.update({f"{prefix}momentum.{k}": v for k, v in module.copies.state_dict(keep_vars=False).items()})
