@@ -389,20 +389,24 @@ def _with_mask(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
 
 
 def momentum_itc_loss(a: Tensor, b: Tensor, a_m: Tensor, b_m: Tensor, queue_a: Tensor, queue_b: Tensor,
-                      scale: Tensor, alpha: float, valid: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
+                      scale: Tensor, alpha: float, valid: Tensor | None = None,
+                      queue_forbidden: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """ALBEF's contrastive loss with momentum distillation, both directions averaged.
 
     a, b (B, E): online embeddings (the in-batch columns, with gradient, as in ``clip``); a_m, b_m (B, E):
     the momentum towers' embeddings; queue_a, queue_b (Q, E): earlier momentum embeddings, extra columns.
     Row i of a->b is scored against [b; queue_b]; its target is (1 - alpha) * one-hot(i) + alpha *
     softmax(scale * a_m_i @ [b_m; queue_b]). valid (B,) bool: absent samples leave the rows and columns.
+    queue_forbidden (B, Q) bool: queue entries that leave row i's softmax and target (the same item
+    as sample i, so not a negative of it; queue_a[j] and queue_b[j] are one earlier sample).
     With alpha 0 and an empty queue this is ``clip_loss`` exactly.
     """
     valid = torch.ones(a.shape[0], dtype=torch.bool, device=a.device) if valid is None else valid.bool()
     scale = scale.float()
     losses, hits = [], []
+    forbidden = queue_forbidden if queue_forbidden is not None else valid.new_zeros(len(a), len(queue_a))
     for x, y, x_m, y_m, queue in ((a, b, a_m, b_m, queue_b), (b, a, b_m, a_m, queue_a)):
-        cols = torch.cat([valid, valid.new_ones(queue.shape[0])])
+        cols = torch.cat([valid[None].expand(len(x), -1), ~forbidden], 1)
         # a finite fill (not -inf): a row whose columns are all absent stays free of NaN (see clip)
         fill = torch.finfo(torch.float32).min
         logits = (scale * x.float() @ torch.cat([y.float(), queue.float()]).T).masked_fill(~cols, fill)
@@ -501,6 +505,15 @@ class MomentumITC(Objective):
         """The filled part of ``modality``'s queue (N <= queue_size, embed_dim), in storage order."""
         return getattr(self, f"queue_{modality}")[: int(self.fifo_filled)]
 
+    def queue_forbidden(self, fingerprints: dict[str, Tensor]) -> Tensor:
+        """(B, N) bool: queue entries with an input equal to sample i's (a duplicate caption or image is
+        the same item, not a negative: on data with few distinct captions most of the queue would be)."""
+        n = int(self.fifo_filled)
+        out = torch.zeros(next(iter(fingerprints.values())).shape[0], n, dtype=torch.bool, device=self.fifo_ptr.device)
+        for m, fp in fingerprints.items():
+            out |= same_item(fp[:, None].to(out.device), getattr(self, f"queue_ids_{m}")[:n, None])
+        return out
+
     @torch.no_grad()
     def _build(self, model: nn.Module) -> bool:
         """Make the momentum copies and queues; True when a held checkpoint state was loaded into them."""
@@ -515,6 +528,9 @@ class MomentumITC(Objective):
             self.copies["heads"][m] = frozen_copy(model.heads[m])
             self.register_buffer(f"queue_{m}", torch.zeros(self.queue_size, model.embed_dim,
                                                            device=self.logit_scale.device))
+            # each entry's input fingerprint (see input_fingerprints)
+            self.register_buffer(f"queue_ids_{m}", torch.zeros(self.queue_size, 2, dtype=torch.long,
+                                                               device=self.logit_scale.device))
         restored, self._pending = self._pending, {}
         if restored:
             self.copies.load_state_dict(restored["copies"])
@@ -541,18 +557,22 @@ class MomentumITC(Objective):
         return out
 
     @torch.no_grad()
-    def _enqueue(self, emb: dict[str, Tensor], valid: Tensor) -> None:
+    def _enqueue(self, emb: dict[str, Tensor], fingerprints: dict[str, Tensor], valid: Tensor) -> None:
         if not self.queue_size:
             return
         _, world = loss_world()
+        fingerprints = {m: f.to(self.fifo_ptr.device) for m, f in fingerprints.items()}
         if world > 1:
             emb = {m: _gather_plain(e, world) for m, e in emb.items()}
+            fingerprints = {m: _gather_plain(f, world) for m, f in fingerprints.items()}
             valid = gather_mask(valid, world)
-        rows = {m: e[valid.to(e.device)][-self.queue_size:] for m, e in emb.items()}
-        n = next(iter(rows.values())).shape[0]
+        keep = valid.to(self.fifo_ptr.device)
+        kept = int(keep.sum())
+        n = min(kept, self.queue_size)  # a batch larger than the queue leaves its newest rows
         slots = (self.fifo_ptr + torch.arange(n, device=self.fifo_ptr.device)) % self.queue_size
-        for m, r in rows.items():
-            getattr(self, f"queue_{m}")[slots] = r.to(self.fifo_ptr.device)
+        for m in emb:
+            getattr(self, f"queue_{m}")[slots] = emb[m].to(keep.device)[keep][kept - n:]
+            getattr(self, f"queue_ids_{m}")[slots] = fingerprints[m][keep][kept - n:]
         self.fifo_ptr.copy_((self.fifo_ptr + n) % self.queue_size)
         self.fifo_filled.clamp_(max=self.queue_size - n).add_(n)
 
@@ -563,6 +583,7 @@ class MomentumITC(Objective):
         if self.training and not copied:
             self.ema_update(model)
         emb_m = self._momentum_embeddings(batch)
+        fingerprints = {m: input_fingerprints(batch.fields[m]) for m in self.modalities}
         scales = bounded_log_scale(self.logit_scale.float(), math.log(self.max_logit_scale)).exp()
         losses, metrics = [], {}
         every = None
@@ -570,14 +591,15 @@ class MomentumITC(Objective):
             ea, eb = embedding_of(outputs, a, "itc_momentum"), embedding_of(outputs, b, "itc_momentum")
             valid = present(batch, a, ea) & present(batch, b, eb)
             every = valid if every is None else every & valid
+            forbidden = self.queue_forbidden({a: fingerprints[a], b: fingerprints[b]})
             loss, m = momentum_itc_loss(ea, eb, emb_m[a], emb_m[b], self.queue(a), self.queue(b), scales[i],
-                                        self.alpha, valid)
+                                        self.alpha, valid, forbidden)
             losses.append(loss)
             metrics.update({f"{a}_{b}/acc": m["acc"], f"{b}_{a}/acc": m["acc_ba"],
                             f"{a}_{b}/logit_scale": scales[i].detach()})
         metrics["queue_filled"] = self.fifo_filled[0].float()
         if self.training:
-            self._enqueue(emb_m, every)
+            self._enqueue(emb_m, fingerprints, every)
         return ObjectiveOutput(loss=torch.stack(losses).mean(), metrics=metrics)
 
     def no_weight_decay(self) -> set[str]:

@@ -16,7 +16,7 @@ from shardkit import tiny_config
 from mmpt.config import load_config
 from mmpt.data.batch import Batch
 from mmpt.objectives.contrastive import GatherMode, clip_loss
-from mmpt.objectives.matching import MomentumITC, momentum_itc_loss
+from mmpt.objectives.matching import MomentumITC, input_fingerprints, momentum_itc_loss
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
 from mmpt.train.checkpoint import InjectedFault
@@ -35,12 +35,14 @@ def test_loss_equals_a_naive_per_row_reference() -> None:
     b, q, e, alpha, scale = 5, 3, 8, 0.3, torch.tensor(7.0)
     a, bb, a_m, b_m, qa, qb = unit(b, e), unit(b, e), unit(b, e), unit(b, e), unit(q, e), unit(q, e)
     valid = torch.tensor([True, True, False, True, True])
-    got, _ = momentum_itc_loss(a, bb, a_m, b_m, qa, qb, scale, alpha, valid)
+    forbidden = torch.zeros(b, q, dtype=torch.bool)
+    forbidden[0, 1] = forbidden[3, 0] = forbidden[3, 2] = True
+    got, _ = momentum_itc_loss(a, bb, a_m, b_m, qa, qb, scale, alpha, valid, forbidden)
     total, rows = 0.0, [i for i in range(b) if valid[i]]
     for x, y, x_m, y_m, queue in ((a, bb, a_m, b_m, qb), (bb, a, b_m, a_m, qa)):
-        cols = [y[j] for j in rows] + list(queue)
-        cols_m = [y_m[j] for j in rows] + list(queue)
         for n, i in enumerate(rows):
+            kept = [queue[j] for j in range(q) if not forbidden[i, j]]
+            cols, cols_m = [y[j] for j in rows] + kept, [y_m[j] for j in rows] + kept
             logits = torch.stack([scale * x[i] @ c for c in cols])
             soft = torch.softmax(torch.stack([scale * x_m[i] @ c for c in cols_m]), 0)
             target = alpha * soft
@@ -122,18 +124,20 @@ def test_queue_is_fifo_and_persists_through_state_dict() -> None:
     first = {m: obj.queue(m).clone() for m in ("image", "text")}
     torch.manual_seed(3)
     e2 = {m: unit(3, 32) for m in ("image", "text")}
-    obj._enqueue(e2, torch.tensor([True, True, True]))
+    ids = {m: torch.arange(6).view(3, 2) for m in ("image", "text")}
+    obj._enqueue(e2, ids, torch.tensor([True, True, True]))
     # six in, five kept: the oldest (slot 0) was overwritten by the newest
     for m in ("image", "text"):
         expect = torch.cat([e2[m][2:3], first[m][1:3], e2[m][:2]])
         assert torch.equal(obj.queue(m), expect)
     assert int(obj.fifo_ptr) == 1 and int(obj.fifo_filled) == 5
-    obj._enqueue(e2, torch.tensor([False, True, False]))  # absent samples never enter
+    obj._enqueue(e2, ids, torch.tensor([False, True, False]))  # absent samples never enter
     assert torch.equal(obj.queue("text")[1], e2["text"][1]) and int(obj.fifo_ptr) == 2
 
     with torch.no_grad():  # copies unlike the online towers, so a copy made afresh would not pass
         for p in obj.copies.parameters():
             p.add_(1.0)
+    assert obj.queue_ids_text[1].tolist() == [2, 3] and obj.queue_ids_image[0].tolist() == [4, 5]
     state = copy.deepcopy(pre.state_dict())
     fresh = pretrainer(momentum=0.5)
     fresh.load_state_dict(state)  # strict: the lazily made state is held until the first forward
@@ -142,6 +146,21 @@ def test_queue_is_fifo_and_persists_through_state_dict() -> None:
     got = fresh.state_dict()
     assert any(k.startswith("objectives.itc.momentum.towers.image.") for k in state) and set(got) == set(state)
     assert all(torch.equal(got[k], state[k]) for k in state)
+
+
+def test_queue_entries_of_the_same_inputs_are_not_negatives() -> None:
+    pre = pretrainer(queue_size=8)
+    obj = pre.objectives["itc"]
+    pre.train()
+    batch = batch_of(pre)
+    pre(batch)
+    fingerprints = {m: input_fingerprints(batch.fields[m]) for m in ("image", "text")}
+    assert torch.equal(obj.queue_forbidden(fingerprints), torch.eye(3, dtype=torch.bool))
+    other = batch_of(pre)  # new images, the same captions: still the same items
+    fingerprints["image"] = input_fingerprints(other.fields["image"])
+    assert torch.equal(obj.queue_forbidden(fingerprints), torch.eye(3, dtype=torch.bool))
+    fingerprints["text"] = input_fingerprints(pre.model.data["text"].prepare(["x", "y", "z"], train=False))
+    assert not obj.queue_forbidden(fingerprints).any()
 
 
 def test_zero3_partitioned_towers_are_refused_in_one_line() -> None:
