@@ -81,3 +81,15 @@ def print_table(header: list[str], rows: list[list[Any]]) -> None:
         print("  ".join(c.rjust(w) for c, w in zip(r, widths, strict=True)))
         if j == 0:
             print("  ".join("-" * w for w in widths))
+
+
+def grouped_bars(ax: Any, keys: list[str], series: dict[str, list[float]], fontsize: int = 8) -> None:
+    """One group of bars per key, one bar per named series, on a 0-1 axis with a legend."""
+    import numpy as np
+
+    width = 0.8 / len(series)
+    for j, (name, values) in enumerate(series.items()):
+        ax.bar(np.arange(len(keys)) + j * width, values, width, label=name)
+    ax.set_xticks(np.arange(len(keys)) + width * (len(series) - 1) / 2, keys, fontsize=fontsize)
+    ax.set_ylim(0, 1)
+    ax.legend(fontsize=8)

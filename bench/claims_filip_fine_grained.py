@@ -32,6 +32,7 @@ from claims_common import (  # noqa: E402
     add_run_args,
     demo_eval,
     ensure_demo_data,
+    grouped_bars,
     print_table,
     train_recipe,
     write_json,
@@ -116,16 +117,11 @@ def plot(results: dict[str, dict[str, float]], out: Path) -> Path:
 
     keys = ["top1", *ATTRS]
     fig, ax = plt.subplots(figsize=(9, 3.6))
-    width = 0.8 / len(results)
-    for j, (name, m) in enumerate(results.items()):
-        ax.bar(np.arange(len(keys)) + j * width, [m[k] for k in keys], width, label=name)
+    grouped_bars(ax, keys, {name: [m[k] for k in keys] for name, m in results.items()}, fontsize=10)
     ax.axhline(0.5, color="gray", lw=0.8, ls="--")
     ax.axhline(1 / (1 + len(ATTRS)), color="gray", lw=0.8, ls=":")
-    ax.set_xticks(np.arange(len(keys)) + width * (len(results) - 1) / 2, keys)
-    ax.set_ylim(0, 1)
     ax.set_ylabel("accuracy (held-out)")
     ax.set_title("Fine-grained retrieval: true caption vs captions that change one attribute")
-    ax.legend(fontsize=8)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out

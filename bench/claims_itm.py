@@ -34,7 +34,14 @@ import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from claims_common import add_run_args, ensure_demo_data, print_table, train_recipe, write_json  # noqa: E402
+from claims_common import (  # noqa: E402
+    add_run_args,
+    ensure_demo_data,
+    grouped_bars,
+    print_table,
+    train_recipe,
+    write_json,
+)
 from claims_filip_fine_grained import ATTRS, fine_grained_set  # noqa: E402
 from common import RESULTS  # noqa: E402
 
@@ -101,19 +108,12 @@ def plot(results: dict[str, dict[str, float]], out: Path) -> Path:
     import matplotlib.pyplot as plt
 
     fig, (left, right) = plt.subplots(1, 2, figsize=(12, 3.8))
-    names = list(results)
-    width = 0.8 / len(names)
     r_keys = ["i2t_r1", "i2t_r1_rerank", "i2t_r1_fused", "t2i_r1", "t2i_r1_rerank", "t2i_r1_fused"]
     a_keys = ["pairwise_hard", "top1_hard", "balanced", "acc_random_neg"]
     for ax, keys, title in ((left, r_keys, "held-out retrieval R@1: contrastive vs itm re-ranked"),
                             (right, a_keys, "held-out ITM accuracy")):
-        for j, name in enumerate(names):
-            ax.bar(np.arange(len(keys)) + j * width, [results[name][k] for k in keys], width,
-                   label=f"{name} negatives")
-        ax.set_xticks(np.arange(len(keys)) + width * (len(names) - 1) / 2, keys, fontsize=8)
-        ax.set_ylim(0, 1)
+        grouped_bars(ax, keys, {f"{name} negatives": [m[k] for k in keys] for name, m in results.items()})
         ax.set_title(title, fontsize=9)
-        ax.legend(fontsize=8)
     right.axhline(0.5, color="gray", lw=0.8, ls="--")
     fig.tight_layout()
     fig.savefig(out, dpi=110)

@@ -11,8 +11,9 @@ import shutil
 import sys
 import warnings
 from collections import Counter
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from functools import partial
 from pathlib import Path
 
 import torch
@@ -115,6 +116,28 @@ def adapted_runs(shards: list[str], out: Path) -> None:
             (out / f"adapt{stage}.json").write_text(json.dumps(report))
 
 
+def zero0_then_zero3(out: Path, name: str, make_raw: Callable[[Path, int], dict],
+                     crash_at_step: int | None = None) -> Iterator[tuple[int, list[str] | None, dict | None]]:
+    """Train ``make_raw(run_dir, stage)`` into ``<name>_zero0`` and ``<name>_zero3`` (the ZeRO-3 run crashed at
+    ``crash_at_step`` and resumed, when given); yields (stage, names of the weights that moved, consolidated
+    state) on rank 0 and (stage, None, None) elsewhere. Per-step losses are in the runs' key logs."""
+    from mmpt.export import consolidate
+
+    for stage in (0, 3):
+        raw = make_raw(out / f"{name}_zero{stage}", stage)
+        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
+        if stage == 3 and crash_at_step:
+            crash_then_resume(raw, crash_at_step=crash_at_step)
+        else:
+            train(load_config(raw))
+        dist.barrier()
+        if dist.get_rank() != 0:
+            yield stage, None, None
+            continue
+        state = consolidate(out / f"{name}_zero{stage}")[0]
+        yield stage, sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t)), state
+
+
 def mlm_config(shards: list[str], out: Path, stage: int) -> dict:
     """The tiny config with a bidirectional text tower alone, trained by mlm with its decoder tied to the
     tower's token embedding and a 40% -> 15% masking schedule over the first 4 steps."""
@@ -128,23 +151,12 @@ def mlm_config(shards: list[str], out: Path, stage: int) -> dict:
 
 def mlm_tied_head(shards: list[str], out: Path) -> None:
     """mlm at ZeRO 0, and at ZeRO 3 (the tied embedding is an external parameter of the objective there)
-    crashed after step 3 and resumed: per-step losses come from the runs' key logs; rank 0 writes which
-    weights moved and the schedule's step counter of each final checkpoint."""
-    from mmpt.export import consolidate
-
+    crashed after step 3 and resumed: rank 0 writes which weights moved and the schedule's step counter of
+    each final checkpoint."""
     report = {}
-    for stage in (0, 3):
-        raw = mlm_config(shards, out / f"mlm_zero{stage}", stage)
-        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
-        if stage == 3:
-            crash_then_resume(raw, crash_at_step=3)
-        else:
-            train(load_config(raw))
-        dist.barrier()
-        if dist.get_rank() == 0:
-            state = consolidate(out / f"mlm_zero{stage}")[0]
-            report[stage] = {"moved": sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t)),
-                             "step": int(state["objectives.mlm.step"].reshape(-1)[0])}
+    for stage, moved, state in zero0_then_zero3(out, "mlm", partial(mlm_config, shards), crash_at_step=3):
+        if state is not None:
+            report[stage] = {"moved": moved, "step": int(state["objectives.mlm.step"].reshape(-1)[0])}
     if dist.get_rank() == 0:
         (out / "mlm_tied_head.json").write_text(json.dumps(report))
 
@@ -152,48 +164,34 @@ def mlm_tied_head(shards: list[str], out: Path) -> None:
 def masked_tokens_runs(shards: list[str], out: Path) -> None:
     """clip + masked_tokens (MAE) on the image tower, which also drops half its patches in clip's forward
     (FLIP), at ZeRO 0 and at ZeRO 3 crashed after step 3 and resumed: the tower runs twice per step (clip's
-    forward, the objective's masked one); per-step losses come from the runs' key logs; rank 0 writes which
-    weights moved."""
-    from mmpt.export import consolidate
-
-    report = {}
-    for stage in (0, 3):
-        raw = config(shards, out / f"mae_zero{stage}", stage)
+    forward, the objective's masked one); rank 0 writes which weights moved."""
+    def make_raw(run: Path, stage: int) -> dict:
+        raw = config(shards, run, stage)
         raw["model"]["encoders"]["image"]["train_token_drop"] = 0.5
         raw["objectives"]["mae"] = {"name": "masked_tokens", "modality": "image", "encoder_width": 32,
                                     "target_dim": 192, "decoder_width": 16, "decoder_depth": 1, "decoder_heads": 2}
-        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
-        if stage == 3:  # resumed masks and token drops must be the uninterrupted run's
-            crash_then_resume(raw, crash_at_step=3)
-        else:
-            train(load_config(raw))
-        dist.barrier()
-        if dist.get_rank() == 0:
-            state = consolidate(out / f"mae_zero{stage}")[0]
-            report[stage] = sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t))
+        return raw
+
+    # resumed masks and token drops must be the uninterrupted run's
+    report = {stage: moved for stage, moved, _ in zero0_then_zero3(out, "mae", make_raw, crash_at_step=3)}
     if dist.get_rank() == 0:
         (out / "masked_tokens.json").write_text(json.dumps(report))
 
 
 def itm_runs(shards: list[str], out: Path) -> None:
     """albef-tiny's objectives, clip + itm with hard negatives from the global batch (token features gathered
-    with gradient), at ZeRO 0 and 3; per-step losses come from the runs' key logs; rank 0 writes which
-    weights moved."""
-    from mmpt.export import consolidate
+    with gradient), at ZeRO 0 and 3; rank 0 writes which weights moved."""
     from mmpt.train.engine import init_distributed
 
     init_distributed()  # also launched on its own (SCENARIOS), before anything joined the group
-    report = {}
-    for stage in (0, 3):
-        raw = config(shards, out / f"itm_zero{stage}", stage)
+
+    def make_raw(run: Path, stage: int) -> dict:
+        raw = config(shards, run, stage)
         raw["objectives"]["itm"] = {"name": "itm", "pairs": [["image", "text"]], "widths": {"image": 32, "text": 32},
                                     "width": 16, "depth": 1, "heads": 2, "gather": "with_grad"}
-        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
-        train(load_config(raw))
-        dist.barrier()
-        if dist.get_rank() == 0:
-            state = consolidate(out / f"itm_zero{stage}")[0]
-            report[stage] = sorted(n for n, t in before.items() if not torch.equal(state[n].float(), t))
+        return raw
+
+    report = {stage: moved for stage, moved, _ in zero0_then_zero3(out, "itm", make_raw)}
     if dist.get_rank() == 0:
         (out / "itm.json").write_text(json.dumps(report))
 
