@@ -192,9 +192,8 @@ def _gather_tokens(tokens: Tensor, mask: Tensor, world: int) -> tuple[Tensor, Te
 
 
 def _gather_plain(x: Tensor, world: int) -> Tensor:
-    parts = [torch.empty_like(x) for _ in range(world)]
-    dist.all_gather(parts, x.contiguous())
-    return torch.cat(parts)
+    """Every rank's (B, ...) tensor, without gradient (negatives are sampled from it, queues filled)."""
+    return gather_features(x, GatherMode("no_grad", local_loss=True), 0, world)
 
 
 @objectives.register("itm")
