@@ -10,7 +10,7 @@ sample sharing its ``match_key`` value.
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import Any
 
@@ -68,6 +68,15 @@ def relevance_matrix(query_ids: Tensor, candidate_ids: Tensor) -> Tensor:
     return rel
 
 
+def pair_names(a: str, b: str, towers: Iterable[str]) -> tuple[str, str]:
+    """Metric names of modalities ``a`` and ``b``: their initials where those tell the model's ``towers``
+    apart (CLIP's ``i2t``), else their full names (point_cloud and protein both start with p)."""
+    initials = [t[:1] for t in towers]
+    if initials.count(a[:1]) == 1 and initials.count(b[:1]) == 1:
+        return a[:1], b[:1]
+    return a, b
+
+
 def match_ids(emb: Embedded, match_key: str | None, missing: int, vocab: dict[str, int]) -> Tensor:
     """One id per sample: its key (same sample), or ``json[match_key]`` (every sample sharing the value);
     ``vocab`` (shared by both sides) numbers the values; samples lacking one get ``missing`` (chosen per
@@ -116,7 +125,9 @@ class Retrieval(Task):
 
     captions_key: json field listing each sample's captions (else the sample's ``txt`` lines); used
     when no ``target`` is set. ks: the K of recall@K. modality: the tower embedding the samples
-    (the queries of ``i2t``). text_modality: the tower embedding the captions. target: a second
+    (the queries). text_modality: the tower embedding the captions; against captions the metrics are
+    ``<m>2<t>_rK`` and ``<t>2<m>_rK`` with the two modalities' initials where those tell the model's
+    towers apart (``i2t``/``t2i`` for image-text, ``a2t`` for audio), else their names. target: a second
     modality read from the same samples (e.g. ``audio`` against ``point_cloud``) instead of captions;
     metrics are then ``<modality>2<target>_rK`` and ``<target>2<modality>_rK``. match_key: with a
     target, a json field whose equal values make samples relevant to each other (several positives per
@@ -183,11 +194,12 @@ class Retrieval(Task):
         order = torch.tensor([unique.setdefault(t, len(unique)) for t in texts])
         text_emb = embed_texts(model, specs, list(unique), self.batch_size, device, modality=self.text_modality)
         text_emb = text_emb[order.to(text_emb.device)]
-        out, n_queries = self._both_ways(emb.embeddings, text_emb, text_ids, sample_ids, "i", "t")
+        names = pair_names(self.modality, self.text_modality, {*specs, self.modality, self.text_modality})
+        out, n_queries = self._both_ways(emb.embeddings, text_emb, text_ids, sample_ids, *names)
         if self.rerank is not None:
             texts_tok = _text_tokens(model, specs, list(unique), self.batch_size, device, self.text_modality)
             out.update(self._reranked(model, objectives, specs, device, progress, emb, self.modality, text_emb,
-                                      texts_tok, order, self.text_modality, text_ids, sample_ids, ("i", "t")))
+                                      texts_tok, order, self.text_modality, text_ids, sample_ids, names))
         out.update(n_images=len(emb), n_texts=len(texts), n_images_without_captions=len(emb) - n_queries,
                    skipped=emb.skipped)
         return out

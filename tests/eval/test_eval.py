@@ -674,3 +674,20 @@ def test_token_probe_scores_each_labelled_token(tmp_path: Path) -> None:
     assert res["misaligned"]["top1"] < 0.8  # the offset decides which token a label belongs to
     with pytest.raises(ConfigError, match="token_offset: must be >= 0"):
         build_tasks([task | {"token_offset": -1}])
+
+
+def test_caption_retrieval_names_metrics_by_the_modalities_compared(tmp_path: Path) -> None:
+    """An audio-like tower against captions is not 'i2t': initials where they tell the model's towers
+    apart, the modality names where they do not (point_cloud and protein both start with p)."""
+    samples = [{"key": f"s{i:03d}", "vec": np.eye(VEC_DIM)[i][None], "txt": f"caption {i}".encode()}
+               for i in range(VEC_DIM)]
+    pattern = write_members(tmp_path / "cap.tar", samples)
+    rows = {f"caption {i}": i for i in range(VEC_DIM)}
+    task = [{"name": "retrieval", "data": pattern, "modality": "vec", "batch_size": 3}]
+    res = run_tasks(VecModel(torch.eye(VEC_DIM)), {"vec": VecData(), "text": TableText(rows)}, task,
+                    device="cpu", progress=False)["retrieval"]
+    assert res["v2t_r1"] == 1.0 and res["t2v_r1"] == 1.0 and "v2t_r1_over_chance" in res
+    assert not any(k.startswith(("i2t", "t2i")) for k in res)
+    both = {"vec": VecData(), "velocity": VecData("velocity"), "text": TableText(rows)}
+    res = run_tasks(VecModel(torch.eye(VEC_DIM)), both, task, device="cpu", progress=False)["retrieval"]
+    assert res["vec2text_r1"] == 1.0 and res["text2vec_r1"] == 1.0 and "v2t_r1" not in res
