@@ -221,8 +221,8 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
     device has native bfloat16, see :func:`resolve_precision`); a folder keeps the precision it started with.
     """
     import mmpt
-    from mmpt.data.loader import eval_loader
-    from mmpt.data.shards import expand_urls
+    from mmpt.data.loader import eval_loader, format_skips
+    from mmpt.data.shards import DataError, expand_urls
 
     if dtype not in ("float16", "float32"):
         raise ConfigError(f"--dtype {dtype}: expected float16 or float32")
@@ -241,6 +241,8 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
               "settings": {"normalize": normalize, "dtype": dtype, "metadata": list(fields),
                            # fp32 folders keep the header older versions wrote, so they still resume
                            **({"precision": compute} if compute != "fp32" else {})}}
+    manifest, out_existed = out_dir / f"{prefix}_manifest.json", out_dir.exists()
+    manifest_existed = manifest.exists()
     indices = shard_indices(out_dir, prefix, header, urls)
     mine = [(i, u) for pos, (i, u) in enumerate(zip(indices, urls, strict=True)) if pos % world == rank]
     todo = [(i, u) for i, u in mine if not output_paths(out_dir, prefix, i)[0].exists()]
@@ -270,20 +272,27 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
                 rows += sum(ok)
                 absent += len(ok) - sum(ok)
             for url in batch.meta["_loader"]["shards_done"]:
-                cols = pending.pop(url, {"key": [], "_vecs": [], **{f: [] for f in fields}})
-                vecs = cols.pop("_vecs")
-                # one device-to-host copy per shard, not per batch
-                emb = (torch.cat(vecs).cpu().numpy().astype(dtype) if vecs
-                       else np.zeros((0, model.model.embed_dim), dtype=dtype))
-                writer.submit(index[url], url, cols, emb)
                 bar.update(1)
+                cols = pending.pop(url, None)
+                if cols is None or not cols["key"]:  # written below, only if the run embeds something
+                    continue
+                # one device-to-host copy per shard, not per batch
+                writer.submit(index[url], url, cols, torch.cat(cols.pop("_vecs")).cpu().numpy().astype(dtype))
                 if stop_after_shards is not None and writer.submitted >= stop_after_shards:
                     writer.close()
                     bar.close()
                     raise SystemExit(f"embed: stopped after {writer.submitted} shards (stop_after_shards)")
-        # shards that yielded no readable sample at all still get (empty) outputs, so resume is complete;
-        # the loader's skip counts (in the summary) say why they are empty
         writer.close()
+        if todo and not rows:  # writing nothing is an error (as in `mmpt data write`), and leaves no files
+            if not manifest_existed:
+                manifest.unlink(missing_ok=True)
+                if not out_existed and out_dir.is_dir() and not any(out_dir.iterdir()):
+                    out_dir.rmdir()
+            raise DataError(f"{data}: nothing to embed: " + (
+                f"none of {absent} samples has a '{modality}' member ({' '.join(spec.extensions)})" if absent
+                else f"no readable sample ({format_skips(loader.state.counts())})"))
+        # shards that yielded no row still get (empty) outputs, so resume is complete; the summary's
+        # counts (skips, samples without the modality) say why they are empty
         for i, u in todo:
             if not output_paths(out_dir, prefix, i)[0].exists():
                 _write_shard(out_dir, prefix, i, u, {"key": [], **{f: [] for f in fields}},
@@ -291,6 +300,6 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
                 writer.submitted += 1
     finally:
         writer.close()
-    bar.close()
+        bar.close()
     return EmbedSummary(str(out_dir), writer.submitted, len(mine) - len(todo), rows, loader.state.counts(), absent,
                         modality, time.perf_counter() - start)

@@ -235,3 +235,22 @@ def test_embed_reports_samples_without_the_modality(trained: tuple[Path, Path], 
     summary = embed(str(trained[1]), shard, "image", str(tmp_path / "emb"), batch_size=4, progress=False)
     assert summary.rows == 7 and summary.absent == 3
     assert "3 samples without image" in str(summary)
+
+
+def test_embed_on_shards_without_the_modality_is_an_error(trained: tuple[Path, Path], tmp_path: Path,
+                                                          capsys: pytest.CaptureFixture) -> None:
+    """Writing nothing is an error: one line naming the shards and the modality, exit 2, no files left."""
+    from shardkit import color_sample, write_tar
+
+    from mmpt.cli import main
+
+    samples = [color_sample(f"k{i:03d}", "blue") for i in range(6)]
+    for _, members in samples:
+        del members["jpg"]
+    shard = write_tar(tmp_path / "captions-only.tar", samples)
+    out = tmp_path / "emb"
+    assert main(["embed", str(trained[1]), "--data", shard, "--modality", "image", "--out", str(out)]) == 2
+    errors = [line for line in capsys.readouterr().err.splitlines() if "error" in line]  # past the progress bar
+    assert len(errors) == 1 and errors[0].startswith("mmpt: error: ") and shard in errors[0], errors
+    assert "'image'" in errors[0] and "6 samples" in errors[0], errors
+    assert not out.exists() or not any(out.rglob("*")), sorted(out.rglob("*"))
