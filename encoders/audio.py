@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmpt.data.budget import SampleRejected, SampleTooLarge
 from mmpt.encoders.base import DemoConcepts, ModalityData, PrefixTokenEncoder, StemOutput, check_token_drop
 from mmpt.layers import Transformer
 from mmpt.registry import ConfigError, encoders, modalities
@@ -28,6 +29,28 @@ from mmpt.registry import ConfigError, encoders, modalities
 CLAP_RATE, CLAP_SECONDS = 48_000, 10.0
 LOG_FLOOR = 1e-6  # added to mel power before the log: digital silence maps to log(1e-6)
 DEMO_RATE, DEMO_SECONDS = 16_000, 1.0
+# Sample rates a file may state: telephone audio (8 kHz) down to 1 kHz, studio rates (768 kHz) up. A header
+# claiming 1,000,000,007 Hz is a bad sample with its own skip reason, not something to resample.
+RATE_RANGE = (1_000, 768_000)
+# Resampling builds a polyphase kernel of size ~ new x orig from the reduced ratio new/orig: 16001 -> 16000
+# Hz is ~16000^2 (seconds and gigabytes a clip). Ratios whose reduced terms exceed this are replaced by the
+# nearest ratio within it: every common pair (44100/48000 = 147/160, 22050/16000 = 441/320) stays exact,
+# and the others move by less than 1e-5 of their length (16001/16000 -> 1/1: 62 us a second).
+MAX_RATIO_TERM = 1000
+
+
+def resample_ratio(orig: int, new: int, most: int = MAX_RATIO_TERM) -> tuple[int, int]:
+    """``(orig', new')``: the reduced ratio orig/new, or the closest one with both terms <= ``most``."""
+    from fractions import Fraction
+
+    exact = Fraction(orig, new)
+    if max(exact.numerator, exact.denominator) <= most:
+        return exact.numerator, exact.denominator
+    if exact < 1:
+        near = exact.limit_denominator(most)
+        return max(near.numerator, 1), near.denominator
+    near = (1 / exact).limit_denominator(most)
+    return near.denominator, max(near.numerator, 1)
 
 
 def _checked_wave(x: np.ndarray | Tensor, what: str) -> Tensor:
@@ -67,24 +90,47 @@ class AudioData(ModalityData):
         self.clip_samples = int(round(clip_seconds * sample_rate))
         self.max_seconds = float(max_audio_seconds)
 
+    def _checked_header(self, f: Any, ext: str) -> None:
+        """Refuse a stated sample rate outside ``RATE_RANGE`` or a length over ``max_audio_seconds``, from the
+        header alone: a header can claim anything, and reading what it claims is the cost."""
+        if not RATE_RANGE[0] <= f.samplerate <= RATE_RANGE[1]:
+            raise SampleRejected(f"{ext} audio: sample rate {f.samplerate} Hz outside {RATE_RANGE[0]}-{RATE_RANGE[1]} Hz",
+                                 reason="bad_sample_rate")
+        if f.frames > self.max_seconds * f.samplerate:
+            raise SampleTooLarge(f"{ext} audio of {f.frames / f.samplerate:.0f} s exceeds "
+                                 f"max_audio_seconds={self.max_seconds:g}")
+
+    def decoded_size(self, data: bytes, ext: str) -> int | None:
+        """float32 bytes of the stated frames x channels (what soundfile allocates) plus the mono wave at
+        ``sample_rate``; the rate is checked here too, before any budget arithmetic trusts it."""
+        import soundfile as sf
+
+        try:
+            f = sf.SoundFile(io.BytesIO(data))
+        except Exception:  # unreadable: decode raises the error that says why
+            return None
+        with f:
+            self._checked_header(f, ext)
+            return 4 * f.frames * (f.channels + self.sample_rate / f.samplerate)
+
     def decode(self, data: bytes, ext: str) -> Tensor:
-        """Bytes -> (T,) float32 mono at ``sample_rate``; refuses unreadable, empty, over-long or NaN audio."""
+        """Bytes -> (T,) float32 mono at ``sample_rate``; refuses unreadable, empty, over-long or NaN audio
+        and sample rates outside ``RATE_RANGE``."""
         import soundfile as sf
 
         with sf.SoundFile(io.BytesIO(data)) as f:
-            if f.frames > self.max_seconds * f.samplerate:  # before reading: a header can claim hours
-                raise ValueError(f"{ext} audio of {f.frames / f.samplerate:.0f} s exceeds "
-                                 f"max_audio_seconds={self.max_seconds:g}")
+            self._checked_header(f, ext)
             rate, samples = f.samplerate, f.read(dtype="float32", always_2d=True)
         return self.resampled(_checked_wave(samples.mean(1), f"{ext} member"), rate)  # soundfile: (T, C)
 
     def resampled(self, wave: Tensor, rate: int) -> Tensor:
-        """``wave`` at ``rate`` Hz -> at ``sample_rate``."""
+        """``wave`` at ``rate`` Hz -> at ``sample_rate``, through a ratio with small terms
+        (:func:`resample_ratio`), so the cost never explodes on near-equal rates."""
         if rate == self.sample_rate:
             return wave
         import torchaudio.functional as AF
 
-        return AF.resample(wave, rate, self.sample_rate)
+        return AF.resample(wave, *resample_ratio(rate, self.sample_rate))
 
     def transform(self, wave: Tensor, train: bool) -> Clip:
         """Crop to the clip length (random start in training, centred in eval) or keep and pad later."""

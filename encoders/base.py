@@ -18,6 +18,7 @@ from typing import Any, ClassVar, Protocol
 import torch
 from torch import Tensor, nn
 
+from mmpt.data.budget import MiB, value_size
 from mmpt.layers import masked_mean
 
 
@@ -236,10 +237,17 @@ class ModalityData:
     batch and should do the heavy lifting as batch tensor ops. ``collate`` receives ``None`` for
     samples lacking the modality and must produce rows for them anyway (the batch's presence mask
     says which rows are real).
+
+    ``max_sample_bytes`` is what one decoded sample may cost (``data.max_sample_bytes.<modality>``
+    overrides it per run); ``decoded_size`` reads what a member *will* decode to from its header and
+    ``sample_size`` what a decoded value holds. The core checks both around ``decode``
+    (:func:`mmpt.data.budget.decode_within_budget`) and skips a sample over it as ``too_large_<modality>``,
+    so a new modality is guarded by declaring its limit and, where its format has a header, reading it.
     """
 
     modality: ClassVar[str] = ""
     extensions: ClassVar[tuple[str, ...]] = ()
+    max_sample_bytes: int = 256 * MiB
 
     @classmethod
     def from_encoder_config(cls, **cfg: Any) -> ModalityData:
@@ -251,6 +259,15 @@ class ModalityData:
 
     def decode(self, data: bytes, ext: str) -> Any:
         raise NotImplementedError
+
+    def decoded_size(self, data: bytes, ext: str) -> int | None:
+        """Bytes ``decode`` will allocate for this member, read from its header without decoding; None
+        when the member's own size bounds it (default)."""
+        return None
+
+    def sample_size(self, value: Any) -> int:
+        """Bytes a decoded value holds (default: its tensors, arrays and text)."""
+        return value_size(value)
 
     def transform(self, value: Any, train: bool) -> Any:
         return value

@@ -14,6 +14,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmpt.data.budget import SampleTooLarge
 from mmpt.encoders.base import (
     Encoder,
     EncoderOutput,
@@ -29,8 +30,8 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
-class DecompressionBomb(ValueError):
-    """An image whose pixel count exceeds the configured limit."""
+class DecompressionBomb(SampleTooLarge):
+    """An image whose pixel count exceeds the configured limit (counted as ``too_large_image``)."""
 
 
 class PixelNorm(nn.Module):
@@ -218,6 +219,25 @@ class ImageData(ModalityData):
         self.size = image_size
         self.crop_scale = tuple(train_crop_scale)
         self.max_pixels = max_image_pixels
+        self.max_sample_bytes = 3 * max_image_pixels  # RGB uint8: the pixel limit is this side's byte budget
+
+    def decoded_size(self, data: bytes, ext: str) -> int | None:
+        """3 bytes per pixel of the size the header states (JPEG by libjpeg-turbo's header reader, other
+        formats by Pillow's, which reads no pixels); None for bytes neither can read (decode then names them)."""
+        try:
+            if data[:3] == b"\xff\xd8\xff":
+                import simplejpeg
+
+                h, w, _, _ = simplejpeg.decode_jpeg_header(data)
+            else:
+                from PIL import Image
+
+                with warnings.catch_warnings():
+                    warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget decides
+                    w, h = Image.open(io.BytesIO(data)).size
+        except Exception:  # unreadable header: decode raises the error that says why
+            return None
+        return 3 * w * h
 
     def decode(self, data: bytes, ext: str) -> np.ndarray:
         """Bytes -> (H, W, 3) uint8 RGB array; rejects images above ``max_image_pixels`` from the header, before

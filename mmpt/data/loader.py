@@ -30,6 +30,7 @@ import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from mmpt.data.batch import Batch
+from mmpt.data.budget import decode_within_budget, skip_reason
 from mmpt.data.shards import (
     CUT_REASON,
     SHARD_REASONS,
@@ -126,11 +127,6 @@ class _StreamFailure:
     as that one error rather than torch's wrapped worker traceback."""
 
     message: str
-
-
-def _skip_reason(exc: BaseException, modality: str) -> str:
-    name = type(exc).__name__
-    return "decompression_bomb" if "DecompressionBomb" in name else f"decode_error_{modality}"
 
 
 class WorkerStream:
@@ -269,11 +265,11 @@ class WorkerStream:
             if not raw[ext]:
                 return f"empty_{ext}"
             try:
-                sample[modality] = spec.transform(spec.decode(raw[ext], ext), self.spec.train)
+                sample[modality] = spec.transform(decode_within_budget(spec, raw[ext], ext), self.spec.train)
             except Exception as exc:  # any decoder failure is a bad sample, not a crashed run
                 if required:
-                    return _skip_reason(exc, modality)
-                self._count(_skip_reason(exc, modality))
+                    return skip_reason(exc, modality)
+                self._count(skip_reason(exc, modality))
                 sample[modality] = None
         for ext in self.spec.keep:
             if ext in raw:
@@ -334,6 +330,12 @@ class WorkerStream:
         for ext in self.spec.keep:
             meta[ext] = [s.get(f"__{ext}__") for s in samples]
         return Batch(fields=fields, present=present, keys=[s["__key__"] for s in samples], meta=meta)
+
+
+def drops_whole_sample(reason: str) -> bool:
+    """Whether a skip reason drops the whole sample (a cut, an empty member, a missing required modality)
+    rather than one modality's value, which an optional modality turns into an absent row."""
+    return reason == CUT_REASON or reason.startswith(("empty_", "missing_"))
 
 
 def _names(urls: list[str], most: int = 3) -> str:

@@ -20,7 +20,7 @@ from torch import Tensor
 from tqdm import tqdm
 
 from mmpt.data.batch import Batch
-from mmpt.data.loader import eval_loader
+from mmpt.data.loader import drops_whole_sample, eval_loader
 from mmpt.data.shards import DataError, expand_urls
 from mmpt.encoders.base import EncoderOutput, ModalityData
 from mmpt.eval.sharding import all_gather, canonical_order, current_ranks, in_lockstep
@@ -176,8 +176,7 @@ def rank_batches(spec: ModalityData, pattern: str, batch_size: int, keep: tuple[
             yield (batch, [(place[url], j, i) for i, url in enumerate(batch.meta["url"])]), by_shard or ranks.owns(j)
     # An undecodable input reaches the batch as an absent row (counted in _Rows.add) and in the loader's
     # counts; samples the loader dropped whole (empty members) are only in its counts.
-    rows.dropped += sum(n for reason, n in loader.state.total_skips().items()
-                        if not (reason.startswith("decode_error_") or reason == "decompression_bomb"))
+    rows.dropped += sum(n for reason, n in loader.state.total_skips().items() if drops_whole_sample(reason))
 
 
 def encoded_batches(model: MultimodalModel, specs: dict[str, ModalityData], pattern: str, batch_size: int,

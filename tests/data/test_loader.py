@@ -123,7 +123,7 @@ def test_bad_input_is_skipped_and_counted(tmp_path: Path) -> None:
     loader.spec.required = ("image", "text")
     keys = [k for b in loader for k in b.keys]
     skips = loader.state.total_skips()
-    assert skips == {"decode_error_image": 1, "missing_text": 1, "empty_jpg": 1, "decompression_bomb": 1,
+    assert skips == {"decode_error_image": 1, "missing_text": 1, "empty_jpg": 1, "too_large_image": 1,
                      "decode_error_text": 1, "cut_by_truncation": 1}
     assert loader.state.shard_events() == {"truncated_shard": [str(cut)]}
     assert sorted(k for k in keys if k.startswith("g")) == [f"g{i:03d}" for i in range(10)]

@@ -88,7 +88,59 @@ def test_bad_audio_is_skipped_and_counted(tmp_path: Path) -> None:
     loader.spec.required = ("audio", "text")
     keys = [k for b in loader for k in b.keys]
     assert sorted(keys) == ["g0", "g1", "g2", "g3"]
-    assert loader.state.total_skips() == {"decode_error_audio": 4, "empty_wav": 1}
+    assert loader.state.total_skips() == {"decode_error_audio": 3, "too_large_audio": 1, "empty_wav": 1}
+
+
+def _patched_wav(wave: np.ndarray, rate: int, claimed_rate: int) -> bytes:
+    """A valid WAV whose header claims another sample rate (bytes 24-27 of the RIFF header)."""
+    raw = bytearray(audio_bytes(wave, rate, "WAV", "PCM_16"))
+    raw[24:28] = claimed_rate.to_bytes(4, "little")
+    return bytes(raw)
+
+
+def test_near_equal_rates_resample_through_a_small_ratio(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Issue 18: 16001 -> 16000 Hz built a kernel from the exact ratio (16001/16000: ~26 s, ~4 GB for one
+    second). The ratio is now reduced to terms <= 1000 first; the tone stays where it was."""
+    import torchaudio.functional as AF
+
+    calls = []
+    real = AF.resample
+    monkeypatch.setattr(AF, "resample", lambda w, o, n, **kw: calls.append((o, n)) or real(w, o, n, **kw))
+    d = data(sample_rate=16_000)
+    wave = d.decode(audio_bytes(tone(1.0, 440, 16_001), 16_001, "WAV", "FLOAT"), "wav")
+    assert calls and all(max(o, n) <= 1000 for o, n in calls)
+    assert abs(wave.shape[0] - 16_000) <= 1
+    spectrum = np.abs(np.fft.rfft(wave.numpy(), n=160_000))  # 0.1 Hz bins
+    assert abs(spectrum.argmax() * 0.1 - 440) <= 0.1  # still the same tone (pitch moved by 6e-5 at most)
+    assert 0.49 < float(wave[100:-100].abs().max()) < 0.51
+    calls.clear()
+    d.decode(audio_bytes(tone(0.2, 440, 44_100), 44_100), "wav")  # a common ratio stays exact: 441/160
+    assert calls == [(441, 160)]
+
+
+def test_absurd_sample_rate_is_its_own_reason(tmp_path: Path) -> None:
+    d = data()
+    bad = _patched_wav(tone(0.3), RATE, 1_000_000_007)
+    with pytest.raises(Exception, match="sample rate 1000000007 Hz"):
+        d.decode(bad, "wav")
+    shard = write_tar(tmp_path / "rate.tar", [("ok", {"wav": audio_bytes(tone(0.3))}), ("rate", {"wav": bad})])
+    loader = eval_loader([shard], {"audio": d}, 4, workers=0)
+    loader.spec.required = ("audio",)
+    assert [k for b in loader for k in b.keys] == ["ok"]
+    assert loader.state.total_skips() == {"bad_sample_rate_audio": 1}
+
+
+def test_header_claiming_hours_is_refused_before_reading() -> None:
+    """A FLAC whose STREAMINFO claims 2^36 frames is refused from its header: nothing is read or allocated."""
+    from mmpt.data.budget import SampleTooLarge, decode_within_budget
+
+    flac = bytearray(audio_bytes(tone(0.3), RATE, "FLAC", "PCM_16"))
+    info = int.from_bytes(flac[18:26], "big") | ((1 << 36) - 1)  # total samples: the low 36 bits
+    flac[18:26] = info.to_bytes(8, "big")
+    d = data(max_audio_seconds=1e9)
+    assert d.decoded_size(bytes(flac), "flac") > 2**36
+    with pytest.raises(SampleTooLarge, match="from its header"):
+        decode_within_budget(d, bytes(flac), "flac")
 
 
 def test_raw_inputs_are_checked() -> None:
