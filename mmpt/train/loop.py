@@ -20,6 +20,7 @@ from mmpt.padding import trim_padding, trimmed_modalities
 from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
 from mmpt.train import checkpoint
 from mmpt.train.engine import DistInfo, build_engine, init_distributed
+from mmpt.train.loader_check import resume_loader_state
 from mmpt.train.lock import RunLock
 from mmpt.train.logger import RunLogger, StepRecords
 from mmpt.train.plot import headline, plot_run
@@ -85,7 +86,9 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
     start, loader_state = 0, None
     if ckpt is not None:
         client, rank_state = checkpoint.load(engine, ckpt)
-        start, loader_state = int(client["step"]), Loader.state_from_dict(rank_state["loader"])
+        shards = {u for urls, _ in probe.spec.sources for u in urls}
+        start = int(client["step"])
+        loader_state = resume_loader_state(ckpt, rank_state, engine, cfg, shards, d.rank, d.world)
     loader = probe if loader_state is None else train_loader(cfg, specs, d.rank, d.world, loader_state)[0]
     run_dir.mkdir(parents=True, exist_ok=True)  # every rank: per-rank files live here too
     logger = RunLogger(run_dir, enabled=d.is_main, start=start)  # drops records of steps about to re-run

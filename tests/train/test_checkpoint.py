@@ -4,7 +4,6 @@ a crash, and one run directory has one writer."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import shutil
 import subprocess
@@ -14,7 +13,8 @@ from pathlib import Path
 
 import pytest
 import torch
-from shardkit import fresh_env, tiny_config
+from runkit import copy_run, reseal, small
+from shardkit import fresh_env
 
 import mmpt
 from mmpt.cli import main as cli_main
@@ -27,12 +27,6 @@ from mmpt.train.loop import train
 REPO = Path(__file__).resolve().parents[2]
 
 
-def small(shards: list[str], out: Path, **kw) -> dict:
-    raw = tiny_config(shards, out, **{"steps": 4, "checkpoint_every": 2, "log_every": 1, **kw})
-    raw["data"]["workers"] = 1
-    return raw
-
-
 @pytest.fixture(scope="module")
 def runs(color_shards: list[str], tmp_path_factory: pytest.TempPathFactory) -> dict[int, Path]:
     """Finished 4-step runs (checkpoints at steps 2 and 4) at ZeRO 0 and 2."""
@@ -42,24 +36,6 @@ def runs(color_shards: list[str], tmp_path_factory: pytest.TempPathFactory) -> d
         out[stage] = root / f"z{stage}"
         train(load_config(small(color_shards, out[stage], zero_stage=stage)))
     return out
-
-
-def copy_run(src: Path, dst: Path) -> Path:
-    shutil.copytree(src, dst)
-    return dst
-
-
-def reseal(ckpt: Path) -> None:
-    """Recompute manifest.json (if the format has one) so only the unpickling guard stands in the way."""
-    manifest = ckpt / "manifest.json"
-    if not manifest.exists():
-        return
-    data = json.loads(manifest.read_text())
-    data["files"] = {name: e for name, e in data["files"].items() if (ckpt / name).exists()}
-    for name, entry in data["files"].items():
-        blob = (ckpt / name).read_bytes()
-        entry.update(size=len(blob), sha256=hashlib.sha256(blob).hexdigest())
-    manifest.write_text(json.dumps(data))
 
 
 class Payload:
