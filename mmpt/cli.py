@@ -224,6 +224,9 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted after the subcommand too, where argparse would not see it
     args = _parser().parse_args([a for a in argv if a != "--debug"])
+    from mmpt.train.launcher import watch_launcher
+
+    watch_launcher()  # under torchrun/deepspeed (train, embed, ...): stop when the launcher dies
     _route_messages()
     from mmpt.registry import ConfigError
 

@@ -19,6 +19,7 @@ from mmpt.config import Config
 from mmpt.init import build_module, share_fp32_master
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
+from mmpt.train.launcher import watch_launcher
 
 log = logging.getLogger("mmpt")
 
@@ -45,9 +46,12 @@ def free_port() -> int:
 
 
 def init_distributed(timeout_s: int | None = None) -> DistInfo:
-    """Join (or create) the process group: gloo on CPU, NCCL on CUDA; no launcher needed for one rank."""
+    """Join (or create) the process group: gloo on CPU, NCCL on CUDA; no launcher needed for one rank.
+    A rank a launcher started stops when the launcher dies (mmpt.train.launcher)."""
     import deepspeed
     import torch.distributed as dist
+
+    watch_launcher()
 
     if "RANK" not in os.environ:  # a single process without torchrun: set the rendezvous ourselves
         os.environ.update(RANK="0", WORLD_SIZE="1", LOCAL_RANK="0", MASTER_ADDR="127.0.0.1",
