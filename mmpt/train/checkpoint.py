@@ -11,6 +11,7 @@ Every checkpoint is verified against its manifest before use; ``find`` falls bac
 from __future__ import annotations
 
 import base64
+import errno
 import hashlib
 import json
 import os
@@ -87,7 +88,8 @@ def _barrier() -> None:
 
 def save(engine: Any, run_dir: str | Path, step: int, client: dict[str, Any], rank_state: dict[str, Any],
          keep_last: int, crash_in_save: bool = False, config: dict[str, Any] | None = None) -> Path:
-    """Save a checkpoint atomically on every rank (with its config and checksum manifest); returns its path."""
+    """Save a checkpoint atomically on every rank (with its config and checksum manifest); returns its path.
+    A full disk on any rank removes the partial folder and raises :class:`DiskFullError` on every rank."""
     root = ckpt_root(run_dir)
     tag = f"step_{step:08d}"
     tmp = root / f"{tag}.tmp"
@@ -96,18 +98,25 @@ def save(engine: Any, run_dir: str | Path, step: int, client: dict[str, Any], ra
         root.mkdir(parents=True, exist_ok=True)
         shutil.rmtree(tmp, ignore_errors=True)  # debris of an earlier failed save
     _barrier()
-    engine.save_checkpoint(str(root), tag=tmp.name, client_state=client, save_latest=False)
-    tmp.mkdir(parents=True, exist_ok=True)
-    with open(tmp / f"rank_{rank}.json", "w") as f:
-        json.dump({**rank_state, "rng": rng_state()}, f)
-    if rank == 0:
-        (tmp / META).write_text(json.dumps({"step": step, "world_size": world, "config": config}, default=str))
-    _barrier()
-    _hash_share(tmp, rank, world)  # each rank hashes every world-th file: the cost splits over ranks
-    _barrier()
+    failed = _full_disk(lambda: engine.save_checkpoint(str(root), tag=tmp.name, client_state=client,
+                                                       save_latest=False), tmp)
+    if failed:
+        _barrier()  # the closing barrier of DeepSpeed's save, which the exception skipped on this rank
+
+    def write_states() -> None:
+        tmp.mkdir(parents=True, exist_ok=True)
+        with open(tmp / f"rank_{rank}.json", "w") as f:
+            json.dump({**rank_state, "rng": rng_state()}, f)
+        if rank == 0:
+            (tmp / META).write_text(json.dumps({"step": step, "world_size": world, "config": config}, default=str))
+
+    _agree(failed or _full_disk(write_states, tmp), tmp)
+    # each rank hashes every world-th file: the cost splits over ranks
+    _agree(_full_disk(lambda: _hash_share(tmp, rank, world), tmp), tmp)
     if crash_in_save:
         raise InjectedFault(f"injected crash inside the save of {tag}")
-    if rank == 0:
+
+    def publish() -> None:
         _merge_manifest(tmp, world)
         final = root / tag
         if final.exists():
@@ -115,8 +124,58 @@ def save(engine: Any, run_dir: str | Path, step: int, client: dict[str, Any], ra
         os.replace(tmp, final)
         _write_atomic(root / "latest", tag)
         _prune(root, keep_last)
-    _barrier()
+
+    _agree(_full_disk(publish, tmp) if rank == 0 else None, tmp)
     return root / tag
+
+
+class DiskFullError(CheckpointError):
+    """The disk filled up during a save: the partial checkpoint was removed, the previous one is intact."""
+
+
+def _full_disk(write: Any, tmp: Path) -> str | None:
+    """Run ``write``; the file it was writing when the disk filled up (ENOSPC, or torch's zip writer failing
+    with \"unexpected pos\"), else None. Other errors propagate."""
+    try:
+        write()
+    except OSError as exc:
+        if exc.errno not in (errno.ENOSPC, errno.EDQUOT):
+            raise
+        return str(exc.filename or _newest_file(tmp))
+    except RuntimeError as exc:
+        if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+            raise
+        return str(_newest_file(tmp))  # torch does not name the file: the one written last is the torn one
+    return None
+
+
+def _newest_file(folder: Path) -> Path:
+    files = [p for p in folder.rglob("*") if p.is_file()] if folder.is_dir() else []
+    return max(files, key=lambda p: p.stat().st_mtime_ns, default=folder)
+
+
+def _agree(failed: str | None, tmp: Path) -> None:
+    """A barrier that also tells every rank whether a rank ran out of disk; if one did, rank 0 removes what
+    the save wrote and every rank raises the same DiskFullError."""
+    rank, world = _rank_world()
+    files = [failed]
+    if world > 1:
+        files = [None] * world
+        dist.all_gather_object(files, failed)
+    failed = next((f for f in files if f), None)
+    if failed is None:
+        return
+    root = tmp.parent
+    if rank == 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        final, latest = root / tmp.name.removesuffix(".tmp"), root / "latest"
+        if not (latest.exists() and latest.read_text().strip() == final.name):
+            shutil.rmtree(final, ignore_errors=True)  # renamed but never published as latest
+        latest.with_suffix(".tmp").unlink(missing_ok=True)
+    _barrier()
+    intact, _ = _candidates(root)
+    was = f"the step-{step_of(intact[0])} checkpoint is intact" if intact else "no checkpoint was written yet"
+    raise DiskFullError(f"no space left writing {failed}; {was} (free space, then resume with --resume latest)")
 
 
 def sha256_file(path: Path) -> str:
@@ -225,6 +284,12 @@ def _candidates(root: Path) -> tuple[list[Path], list[str]]:
     if named not in done:
         return done, [f"{latest} names {name}, which does not exist"]
     return [named, *(p for p in done if p.name < named.name)], []
+
+
+def step_of(ckpt: Path) -> int:
+    """The step a checkpoint folder holds, from its name (``step_00000060``; -1 for another name)."""
+    digits = ckpt.name.removeprefix("step_")
+    return int(digits) if digits.isdigit() else -1
 
 
 def saved_run(ckpt: Path) -> dict[str, Any] | None:

@@ -41,11 +41,13 @@ class RunSummary:
     checkpoint: str = ""
     eval: dict[str, Any] = field(default_factory=dict)
     engine: Any = field(default=None, repr=False, compare=False)
+    start: int = 0  # the step this process started from: it ran steps - start steps in `seconds`
 
     def __str__(self) -> str:
         from mmpt.data.loader import format_skips
 
-        text = (f"done: {self.steps} steps in {self.seconds:.0f} s, {self.samples_per_s:.0f} samples/s, "
+        ran = f"{self.steps - self.start} steps" + (f" ({self.start}->{self.steps})" if self.start else "")
+        text = (f"done: {ran} in {self.seconds:.0f} s, {self.samples_per_s:.0f} samples/s, "
                 f"final loss {self.final_loss:.4f}, {format_skips(self.skips)}, checkpoint {self.checkpoint}")
         return text + "".join(f"; {headline_metrics(task, m)}" for task, m in self.eval.items())
 
@@ -82,6 +84,8 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
     changed = on_rank0(lambda: check_resume_config(ckpt, cfg, d.world)) if ckpt else None
     probe, per_epoch = train_loader(cfg, specs, d.rank, d.world)  # validates data before building the model
     steps = total_steps(cfg, per_epoch, d.world)
+    if ckpt is not None and checkpoint.step_of(ckpt) >= steps:
+        return _nothing_to_do(cfg, ckpt, steps, d.is_main)
     engine, ds_config = build_engine(cfg, d, steps)
     start, loader_state = 0, None
     if ckpt is not None:
@@ -131,13 +135,24 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
     keys_log.close()
     elapsed = time.perf_counter() - meter.start
     summary = RunSummary(str(run_dir), steps, elapsed, meter.total_samples / max(elapsed, 1e-9),
-                         last.get("loss", math.nan), _global_skips(loader), str(last_ckpt or ""), evals, engine)
+                         last.get("loss", math.nan), _global_skips(loader), str(last_ckpt or ""), evals, engine,
+                         start)
     if d.is_main:
         plot_run(run_dir)
         logger.log(steps, {"summary": str(summary)}, kind="summary")
         print(summary, flush=True)
     logger.close()
     return summary
+
+
+def _nothing_to_do(cfg: Config, ckpt: Path, steps: int, is_main: bool) -> RunSummary:
+    """A resume whose checkpoint is at or past the configured steps: say so, train and write nothing."""
+    at, run_dir = checkpoint.step_of(ckpt), cfg.train.out_dir
+    if is_main:
+        goal = f"train.steps={steps}" if cfg.train.epochs is None else f"the {steps} steps of train.epochs"
+        where = f"already finished at step {at} of {steps}" if at == steps else f"is at step {at}, past {goal}"
+        print(f"mmpt: run {run_dir} {where}; nothing to do", flush=True)
+    return RunSummary(str(run_dir), at, 0.0, 0.0, math.nan, checkpoint=str(ckpt), start=at)
 
 
 def plain_step(engine: Any, batch: Batch) -> dict[str, Any]:

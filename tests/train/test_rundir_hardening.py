@@ -73,3 +73,88 @@ def test_honest_loader_position_with_skips_resumes(finished: Path, color_shards:
                  shards=[{"truncated_shard": [color_shards[1]]}])
     summary = train(load_config(small(color_shards, run, steps=5)), resume="latest")
     assert summary.steps == 5 and summary.skips["decode_error_image"] == 7
+
+
+def test_resume_of_a_finished_run_says_there_is_nothing_to_do(finished: Path, color_shards: list[str],
+                                                              tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(finished, tmp_path / "run")
+    logs = {p: p.read_bytes() for p in (run / "metrics.jsonl", run / "keys_rank0.jsonl")}
+    summary = train(load_config(small(color_shards, run)), resume="latest")
+    out = capsys.readouterr().out
+    assert f"mmpt: run {run} already finished at step 4 of 4; nothing to do" in out
+    assert "done:" not in out and "nan" not in out
+    assert summary.steps == 4 and summary.start == 4
+    assert all(p.read_bytes() == blob for p, blob in logs.items()), "a run with nothing to do rewrote its logs"
+    assert not (run / "configs" / "config-00000004.yaml").exists()
+    train(load_config(small(color_shards, run, steps=3)), resume="latest")
+    assert f"mmpt: run {run} is at step 4, past train.steps=3; nothing to do" in capsys.readouterr().out
+
+
+def test_resumed_run_reports_the_steps_this_process_ran(finished: Path, color_shards: list[str], tmp_path: Path,
+                                                       capsys: pytest.CaptureFixture) -> None:
+    run = copy_run(finished, tmp_path / "run")
+    summary = train(load_config(small(color_shards, run, steps=6)), resume="latest")
+    out = capsys.readouterr().out
+    assert summary.steps == 6 and summary.start == 4
+    assert "done: 2 steps (4->6) in " in out and "done: 6 steps" not in out
+    rate = float(out.split("done: 2 steps (4->6) in ")[1].split(" s, ")[1].split(" samples/s")[0])
+    assert rate == pytest.approx(2 * 8 / summary.seconds, rel=0.05)  # this process's samples over its own time
+    metrics = [json.loads(x) for x in open(run / "metrics.jsonl")]
+    assert "done: 2 steps (4->6)" in metrics[-1]["summary"]
+
+
+def _fill_disk_at(monkeypatch: pytest.MonkeyPatch, where: str, tag: str) -> None:
+    """Make the save of checkpoint ``tag`` hit a full disk: in DeepSpeed's torch.save (as torch's zip writer
+    or as ENOSPC), or in our own write of ``latest`` after the folder was renamed."""
+    if where == "latest":
+        from mmpt.train import checkpoint
+
+        real = checkpoint._write_atomic
+
+        def write_atomic(path: Path, text: str) -> None:
+            if path.name == "latest" and text == tag:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path.with_suffix(".tmp")))
+            real(path, text)
+
+        monkeypatch.setattr(checkpoint, "_write_atomic", write_atomic)
+        return
+    real_save = torch.save
+
+    def save(obj: object, f: object, *args: object, **kwargs: object) -> None:
+        if f"{tag}.tmp" not in str(f):
+            return real_save(obj, f, *args, **kwargs)
+        Path(f).write_bytes(b"PK\x03\x04 torn")  # what a full disk leaves: a partial file
+        if where == "torch_writer":
+            raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
+        raise OSError(errno.ENOSPC, "No space left on device", str(f))
+
+    monkeypatch.setattr(torch, "save", save)
+
+
+@pytest.mark.parametrize("where", ["torch_writer", "enospc", "latest"])
+def test_disk_full_during_a_save_keeps_the_previous_checkpoint(color_shards: list[str], tmp_path: Path,
+                                                              capsys: pytest.CaptureFixture,
+                                                              monkeypatch: pytest.MonkeyPatch, where: str) -> None:
+    run, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(small(color_shards, run)))
+    with monkeypatch.context() as patch:
+        _fill_disk_at(patch, where, "step_00000004")
+        assert cli_main(["train", str(recipe)]) != 0
+    err = capsys.readouterr().err.strip().splitlines()[-1]
+    assert err.startswith("mmpt: error: no space left writing ")
+    assert ("latest.tmp" if where == "latest" else "step_00000004.tmp") in err
+    assert "; the step-2 checkpoint is intact" in err
+    root = run / "checkpoints"
+    assert sorted(p.name for p in root.iterdir()) == ["latest", "step_00000002"]
+    assert (root / "latest").read_text() == "step_00000002"
+    assert cli_main(["train", str(recipe), "--resume", "latest"]) == 0
+    assert "steps 2->4" in capsys.readouterr().out
+    assert (root / "latest").read_text() == "step_00000004"
+
+
+def test_disk_full_at_the_first_save_says_no_checkpoint_was_written(
+        color_shards: list[str], tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    _fill_disk_at(monkeypatch, "enospc", "step_00000002")
+    with pytest.raises(ConfigError, match=r"no space left writing .*step_00000002.tmp.*; no checkpoint was written yet"):
+        train(load_config(small(color_shards, tmp_path / "run")))
+    assert not any((tmp_path / "run" / "checkpoints").iterdir())

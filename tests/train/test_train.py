@@ -59,7 +59,7 @@ def test_crash_inside_save_keeps_previous_checkpoint(reference_run: Path, color_
     ref, got = step_log(reference_run), step_log(out)
     assert all(got[k] == ref[k] for k in ref)
     metrics = [json.loads(line) for line in open(out / "metrics.jsonl")]
-    assert metrics[-1]["kind"] == "summary" and "done: 8 steps" in metrics[-1]["summary"]
+    assert metrics[-1]["kind"] == "summary" and "done: 5 steps (3->8)" in metrics[-1]["summary"]
     logged = [m for m in metrics if m["kind"] == "train"]
     assert {"loss", "loss/clip", "lr", "samples_per_s", "data_wait", "clip/image_text/logit_scale"} <= set(logged[-1])
 
