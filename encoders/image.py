@@ -235,7 +235,9 @@ class ImageData(ModalityData):
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # the budget decides
                     w, h = Image.open(io.BytesIO(data)).size
-        except Exception:  # unreadable header: decode raises the error that says why
+        except Exception as exc:  # unreadable header: decode raises the error that says why
+            if type(exc).__name__ == "DecompressionBombError":  # Pillow's own refusal, past 2x its limit
+                raise DecompressionBomb(f"{ext} image: {exc}") from None
             return None
         return 3 * w * h
 
@@ -282,7 +284,10 @@ class ImageData(ModalityData):
 
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            try:
+                img = Image.open(io.BytesIO(data))
+            except Image.DecompressionBombError as exc:
+                raise DecompressionBomb(str(exc)) from None
             w, h = img.size
             self._check_pixels(w, h)
             k = self.reduction(w, h)

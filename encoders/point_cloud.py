@@ -18,6 +18,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
+from mmpt.data.budget import MiB
 from mmpt.encoders.base import (
     DemoConcepts,
     ModalityData,
@@ -36,6 +37,30 @@ NORMALIZE = ("sphere", "center", "none")
 
 class BadPointCloud(ValueError):
     """A point-cloud member that cannot be used (wrong rank or channels, non-finite values, too few points)."""
+
+
+def _npy_bytes(f: Any) -> int:
+    """Bytes the array whose ``.npy`` header starts at ``f`` states (shape x itemsize); reads the header only."""
+    fmt = np.lib.format
+    version = fmt.read_magic(f)
+    read = fmt.read_array_header_1_0 if version == (1, 0) else fmt.read_array_header_2_0
+    shape, _, dtype = read(f)
+    return math.prod(shape) * dtype.itemsize
+
+
+def stated_npy_bytes(data: bytes) -> int:
+    """Bytes ``np.load`` allocates for an ``npy`` member, or for every array of an ``npz`` member (a zip),
+    from the npy headers alone: an npz member is inflated only as far as its header."""
+    import zipfile
+
+    if not data.startswith(b"PK"):
+        return _npy_bytes(io.BytesIO(data))
+    total = 0
+    with zipfile.ZipFile(io.BytesIO(data)) as z:
+        for info in z.infolist():
+            with z.open(info) as f:
+                total += _npy_bytes(f)
+    return total
 
 
 # ---------------------------------------------------------------------------------------------- grouping
@@ -253,6 +278,15 @@ class PointCloudData(ModalityData):
         if not 0 <= train_color_drop <= 1:
             raise ConfigError(f"point_cloud: train_color_drop must be in [0, 1], got {train_color_drop}")
         self.color_drop = train_color_drop if "rgb" in channels else 0.0
+
+    max_sample_bytes = 128 * MiB  # 4 M points x 8 float64 channels; ULIP's clouds are 8,192 points
+
+    def decoded_size(self, data: bytes, ext: str) -> int | None:
+        """What the member's arrays state in their npy headers (None if the headers do not read: decode says why)."""
+        try:
+            return stated_npy_bytes(data)
+        except Exception:
+            return None
 
     def decode(self, data: bytes, ext: str) -> np.ndarray:
         """Bytes -> (N, C) float32 cloud, normalised; never unpickles (object arrays raise).

@@ -14,6 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from mmpt.data.budget import MiB
 from mmpt.encoders.base import DemoConcepts, Encoder, EncoderOutput, ModalityData
 from mmpt.layers import Attention, Transformer, masked_mean
 from mmpt.registry import ConfigError, encoders, modalities
@@ -193,6 +194,7 @@ class ProteinData(ModalityData):
 
     modality = "protein"
     extensions = ("seq", "fasta", "fa")
+    max_sample_bytes = 16 * MiB  # titin, the longest protein, is ~35,000 residues; a member is one record
 
     def __init__(self, context_length: int = 1024):
         self.tokenizer = ProteinTokenizer(context_length)

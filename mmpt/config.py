@@ -46,7 +46,11 @@ class DataConfig:
     shuffling (0: off). samples_per_epoch: defines the epoch length; None counts the members of
     local shards at start. required: modalities a sample must have (others are optional and masked).
     max_image_pixels: larger images are rejected as decompression bombs. prefetch: batches each
-    worker prepares ahead.
+    worker prepares ahead. max_sample_bytes: per-modality byte budget of one decoded sample
+    (``{audio: 536870912}``; on the command line ``--set data.max_sample_bytes.audio=536870912``), over
+    the data side's default (image: 3 x max_image_pixels, audio 256 MiB, point_cloud 128 MiB, text and
+    protein 16 MiB); a sample over it, by its size, its header's claim or after decoding, is skipped and
+    counted as ``too_large_<modality>``.
     max_consecutive_skips: stop with an error naming the shards and reasons after this many skipped
     samples in a row (or two passes over a worker's shards with nothing usable): one shard of bad
     samples among good ones passes, data that is all bad cannot spin forever.
@@ -61,6 +65,7 @@ class DataConfig:
     required: list[str] = field(default_factory=list)
     max_image_pixels: int = 64_000_000
     prefetch: int = 2
+    max_sample_bytes: dict[str, int] = field(default_factory=dict)
     max_consecutive_skips: int = 10_000
 
 
@@ -456,6 +461,12 @@ def validate(cfg: Config) -> None:
     for m in cfg.data.required:
         if m not in cfg.model.encoders:
             raise ConfigError(f"data.required: '{m}' has no encoder{closest(m, list(cfg.model.encoders))}; encoders: {', '.join(cfg.model.encoders)}")
+    for m, limit in cfg.data.max_sample_bytes.items():
+        if m not in cfg.model.encoders:
+            raise ConfigError(f"data.max_sample_bytes.{m}: no encoder for '{m}'{closest(m, list(cfg.model.encoders))}; "
+                              f"encoders: {', '.join(cfg.model.encoders)}")
+        if not isinstance(limit, int) or limit < 1:
+            raise ConfigError(f"data.max_sample_bytes.{m}: expected a byte count >= 1, got {limit!r}")
     if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch < 1:
         raise ConfigError(f"data.samples_per_epoch: must be >= 1 (or unset to count), got {cfg.data.samples_per_epoch}")
     from mmpt.train.deepspeed_keys import check_deepspeed_keys

@@ -93,6 +93,8 @@ def build_data_specs(cfg: Config) -> dict[str, ModalityData]:
         kwargs = {"max_image_pixels": cfg.data.max_image_pixels}
         kwargs.update((k, v) for k, v in enc.items() if k != "name")
         specs[modality] = data_cls.from_encoder_config(**kwargs)
+        if modality in cfg.data.max_sample_bytes:
+            specs[modality].max_sample_bytes = cfg.data.max_sample_bytes[modality]
     return specs
 
 

