@@ -225,8 +225,10 @@ def main(argv: list[str] | None = None) -> int:
     debug = "--debug" in argv  # accepted after the subcommand too, where argparse would not see it
     args = _parser().parse_args([a for a in argv if a != "--debug"])
     from mmpt.train.launcher import watch_launcher
+    from mmpt.train.startup import quiet_third_party
 
     watch_launcher()  # under torchrun/deepspeed (train, embed, ...): stop when the launcher dies
+    quiet_third_party(debug)  # before anything imports deepspeed: it warns while being imported
     _route_messages()
     from mmpt.registry import ConfigError
 
@@ -340,25 +342,47 @@ def _import(args: argparse.Namespace) -> None:
     print(f"imported {args.weights} into {out}")
 
 
-def _eval(args: argparse.Namespace) -> None:
-    import mmpt
-    from mmpt.config import apply_overrides, expand_env, load_yaml
-    from mmpt.eval import format_table, refuse_untrusted_sources, run_tasks, select_tasks, write_results
-    from mmpt.registry import ConfigError
-
-    model, transforms, _ = mmpt.load(args.model, allow_nonfinite=args.allow_nonfinite)
+def _read_tasks_file(path: str) -> list:
+    """The task list of ``--tasks-file`` (a list, or a recipe's ``eval:``), refused in one line."""
     import yaml
 
-    if args.tasks_file:  # the user's own file: trusted like a recipe (pipe: allowed)
-        try:
-            tasks = yaml.safe_load(expand_env(Path(args.tasks_file).read_text()))
-        except (OSError, yaml.YAMLError) as exc:
-            raise ConfigError(f"--tasks-file {args.tasks_file}: {str(exc).splitlines()[0]}") from exc
-        where = args.tasks_file
-        tasks = tasks.get("eval", []) if isinstance(tasks, dict) else tasks
-        if not isinstance(tasks, list):
-            raise ConfigError(f"--tasks-file {args.tasks_file}: expected a list of tasks or a mapping with 'eval'")
-    elif args.use_embedded_tasks:
+    from mmpt.registry import ConfigError
+
+    try:
+        text = Path(path).read_text()
+    except OSError as exc:  # before the import below: a mistyped name fails at once
+        raise ConfigError(f"--tasks-file {path}: {exc.strerror or exc}") from None
+    from mmpt.config import expand_env
+
+    try:
+        tasks = yaml.safe_load(expand_env(text))
+    except yaml.YAMLError as exc:
+        raise ConfigError(f"--tasks-file {path}: {str(exc).splitlines()[0]}") from None
+    tasks = tasks.get("eval", []) if isinstance(tasks, dict) else tasks
+    if not isinstance(tasks, list):
+        raise ConfigError(f"--tasks-file {path}: expected a list of tasks or a mapping with 'eval'")
+    return tasks
+
+
+def _eval(args: argparse.Namespace) -> None:
+    from mmpt.registry import ConfigError
+
+    # What the user typed is checked before the model load (seconds of imports) starts.
+    if not Path(args.model).exists():
+        raise ConfigError(f"{args.model}: no such file (expected an exported .safetensors file or a run directory)")
+    if not args.tasks_file and not args.use_embedded_tasks:
+        raise ConfigError(f"{args.model}: no tasks: give --tasks-file FILE (your task list), or "
+                          "--use-embedded-tasks to run the eval tasks stored with the model")
+    tasks = _read_tasks_file(args.tasks_file) if args.tasks_file else None  # the user's own: pipe: allowed
+    where = args.tasks_file
+    import yaml
+
+    import mmpt
+    from mmpt.config import apply_overrides, load_yaml
+    from mmpt.eval import format_table, refuse_untrusted_sources, run_tasks, select_tasks, write_results
+
+    model, transforms, _ = mmpt.load(args.model, allow_nonfinite=args.allow_nonfinite)
+    if tasks is None:
         from mmpt.export import read_header
 
         where = f"{args.model} (embedded eval tasks)"
@@ -368,9 +392,6 @@ def _eval(args: argparse.Namespace) -> None:
             tasks = yaml.safe_load(read_header(args.model)[0]["config"]).get("eval", [])
         if not isinstance(tasks, list):
             raise ConfigError(f"{where}: eval: expected a list of tasks, got {type(tasks).__name__}")
-    else:
-        raise ConfigError(f"{args.model}: no tasks: give --tasks-file FILE (your task list), or "
-                          "--use-embedded-tasks to run the eval tasks stored with the model")
     # Select first, then override and validate only what runs: unselected tasks may name paths that
     # exist only where the model was trained.
     tasks = [apply_overrides(dict(t), args.overrides) for t in select_tasks(tasks, args.task, where)]

@@ -96,3 +96,42 @@ def test_unexpected_errors_are_one_line_with_a_debug_hint(monkeypatch: pytest.Mo
     assert err == "mmpt: error: RuntimeError: something broke second line (run with --debug for the traceback)\n"
     with pytest.raises(RuntimeError):
         main(["info", "--debug"])
+
+
+def test_eval_with_a_missing_tasks_file_fails_in_one_line_before_heavy_imports(tmp_path: Path) -> None:
+    """Arguments are checked before torch, DeepSpeed or the model load start (seconds): the process that
+    refuses a mistyped --tasks-file never imported them."""
+    model = tmp_path / "model.safetensors"
+    model.write_bytes(b"never read")
+    code = ("import sys\nfrom mmpt.cli import main\nrc = main(sys.argv[1:])\n"
+            "print([m for m in ('torch', 'deepspeed', 'mmpt.export', 'timm', 'transformers') if m in sys.modules])\n"
+            "sys.exit(rc)")
+    out = subprocess.run([sys.executable, "-c", code, "eval", str(model), "--tasks-file", "missing.yaml"],
+                         capture_output=True, text=True, timeout=120, cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr == "mmpt: error: --tasks-file missing.yaml: No such file or directory\n"
+    assert out.stdout.strip() == "[]"
+
+
+CHATTER = ("Setting accelerator to CPU", "No CUDA runtime is found", "shm_comm_op", "[WARNING]")
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(300)
+def test_train_export_embed_print_no_third_party_chatter(color_shards: list[str], tmp_path: Path) -> None:
+    """DeepSpeed's and torch's start-up lines (accelerator, CUDA_HOME, the shared-memory op build) show only
+    with --debug."""
+    import yaml
+    from shardkit import fresh_env, tiny_config
+
+    raw = tiny_config(color_shards, tmp_path / "run", steps=2, checkpoint_every=2, log_sample_keys=False)
+    raw["data"]["workers"] = 0
+    (tmp_path / "tiny.yaml").write_text(yaml.safe_dump(raw))
+    commands = (["train", "tiny.yaml"], ["export", "run", "--out", "m.safetensors"],
+                ["embed", "m.safetensors", "--data", color_shards[0], "--modality", "image", "--out", "emb"])
+    for argv in commands:
+        out = subprocess.run([sys.executable, "-m", "mmpt", *argv], capture_output=True, text=True, timeout=240,
+                             cwd=tmp_path, env=fresh_env())
+        assert out.returncode == 0, out.stderr[-2000:]
+        shown = [line for line in (out.stdout + out.stderr).splitlines() if any(c in line for c in CHATTER)]
+        assert not shown, f"mmpt {argv[0]}: {shown}"

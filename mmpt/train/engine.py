@@ -20,6 +20,7 @@ from mmpt.init import build_module, share_fp32_master
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
 from mmpt.train.launcher import watch_launcher
+from mmpt.train.startup import skip_shm_comm_op
 
 log = logging.getLogger("mmpt")
 
@@ -60,6 +61,7 @@ def init_distributed(timeout_s: int | None = None) -> DistInfo:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
+    skip_shm_comm_op()  # a C++ build on first use, for inference only (mmpt.train.startup)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s or int(os.environ.get("MMPT_DIST_TIMEOUT", 1800)))
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
