@@ -29,6 +29,7 @@ from mmpt.config import Config, dump_config, load_config
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
 from mmpt.train import checkpoint
+from mmpt.train.messages import one_line
 
 FORMAT = "mmpt-pretrainer/1"
 TOKENIZER_META = "tokenizer_files."  # + encoder (modality) name -> JSON {file name: base64 bytes}
@@ -65,14 +66,11 @@ def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path
     path = Path(path)
     ckpt = checkpoint.find(str(path), path)  # a run directory with none raises; "latest" is never passed
     check_pickles(ckpt)
-    saved = checkpoint.saved_run(ckpt) or {}
-    cfg_file = _run_dir_of(ckpt) / "config.yaml"
-    if saved.get("config"):
-        cfg = load_config(saved["config"])
-    elif cfg_file.exists():
-        cfg = load_config(str(cfg_file))
-    else:
-        raise ConfigError(f"{ckpt}: no config stored with the checkpoint and no {cfg_file}: cannot rebuild its model")
+    raw, source = checkpoint_config(ckpt)
+    try:
+        cfg = load_config(raw)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
     with restricted_unpickling():
         if any(ckpt.glob("*optim_states.pt")) and cfg.train.zero_stage > 0:
             from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
@@ -83,6 +81,21 @@ def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path
     return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, cfg, ckpt
 
 
+def checkpoint_config(ckpt: Path) -> tuple[dict[str, Any], Path]:
+    """The raw config a checkpoint was written with (its checkpoint.json, else its run's config.yaml, read as
+    data: no anchors, no environment expansion) and the file it came from."""
+    saved = checkpoint.saved_run(ckpt) or {}
+    if saved.get("config"):
+        return saved["config"], ckpt / checkpoint.META
+    cfg_file = _run_dir_of(ckpt) / "config.yaml"
+    if not cfg_file.exists():
+        raise ConfigError(f"{ckpt}: no config stored with the checkpoint and no {cfg_file}: cannot rebuild its model")
+    raw = data_yaml(cfg_file.read_text(), str(cfg_file))
+    if not isinstance(raw, dict):
+        raise ConfigError(f"{cfg_file}: expected a mapping of config sections, got {type(raw).__name__}")
+    return raw, cfg_file
+
+
 def export(path: str | Path, out: str | Path, keep_adapters: bool = False) -> Path:
     """Write ``out`` (.safetensors) from a run directory or checkpoint folder; returns its path. LoRA adapters
     are merged into their base weights (the file loads as a plain model) unless ``keep_adapters``."""
@@ -90,7 +103,7 @@ def export(path: str | Path, out: str | Path, keep_adapters: bool = False) -> Pa
 
     state, cfg, ckpt = consolidate(path)
     state, cfg = export_state(state, cfg, keep_adapters)
-    return write_export(state, cfg, out, source=str(ckpt), step=int(ckpt.name.removeprefix("step_") or 0))
+    return write_export(state, cfg, out, source=str(ckpt), step=max(checkpoint.step_of(ckpt), 0))
 
 
 def write_export(state: dict[str, torch.Tensor], cfg: Config, out: str | Path, *, source: str = "",
@@ -184,16 +197,39 @@ def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, 
 def export_config(path: str | Path, meta: dict[str, str]) -> Config:
     """The validated config embedded in an export, with weight-fetching keys reset and embedded
     tokenizers materialised; any defect is a one-line ConfigError naming the file."""
-    import yaml
-
     if meta.get("format") != FORMAT:
         raise ConfigError(f"{path}: not an mmpt export (metadata format {meta.get('format')!r}, expected {FORMAT})")
     if "config" not in meta:
         raise ConfigError(f"{path}: export metadata has no 'config'")
+    raw = data_yaml(meta["config"], f"{path}: embedded config")
+    return data_config(raw, path, {k.removeprefix(TOKENIZER_META): v for k, v in meta.items()
+                                   if k.startswith(TOKENIZER_META)})
+
+
+def data_yaml(text: str, where: str) -> Any:
+    """YAML from a file that is data (an export's metadata, a run's config.yaml), refusing anchors and aliases:
+    a few lines of nested aliases ("billion laughs") expand to billions of nodes in whoever walks the result."""
+    import yaml
+
+    class NoAliases(yaml.SafeLoader):
+        def compose_node(self, parent: Any, index: Any) -> Any:
+            event = self.peek_event()
+            if isinstance(event, yaml.AliasEvent) or getattr(event, "anchor", None):
+                line = event.start_mark.line + 1
+                raise ConfigError(f"{where}: line {line}: YAML anchor or alias {event.anchor!r}; expected plain "
+                                  "YAML without anchors or aliases (mmpt never writes them)")
+            return super().compose_node(parent, index)
+
     try:
-        raw = yaml.safe_load(meta["config"])
+        return yaml.load(text, Loader=NoAliases)  # noqa: S506 - a SafeLoader subclass
     except yaml.YAMLError as exc:
-        raise ConfigError(f"{path}: embedded config is not valid YAML ({str(exc).splitlines()[0]})") from exc
+        raise ConfigError(f"{where} is not valid YAML ({one_line(str(exc).splitlines()[0])})") from exc
+
+
+def data_config(raw: Any, path: str | Path, tokenizers: dict[str, str] | None = None) -> Config:
+    """A config read from data (an export, a run directory's checkpoint), validated, with the keys that would
+    fetch weights reset, remote sources and commands refused, ``init_from`` dropped and embedded tokenizer
+    files (``tokenizers``: encoder name -> metadata blob) materialised; errors name ``path``."""
     if not isinstance(raw, dict) or not isinstance(raw.get("model"), dict) \
             or not isinstance(raw["model"].get("encoders"), dict):
         raise ConfigError(f"{path}: embedded config is not a mapping with model.encoders (got {type(raw).__name__})")
@@ -201,19 +237,41 @@ def export_config(path: str | Path, meta: dict[str, str]) -> Config:
         if not isinstance(enc, dict):
             continue  # validation below names it
         enc.update(_weight_sources(enc.get("name")))  # also where the default loads (text/hf's pretrained)
-        for key, value in enc.items():
-            if isinstance(value, str) and (value.startswith(REMOTE_PREFIXES) or "://" in value):
-                raise ConfigError(f"{path}: model.encoders.{name}.{key}: {value[:60]!r} names a remote source or "
-                                  "a command; a model file's config may not fetch or run anything")
-        blob = meta.get(TOKENIZER_META + name)
+        for key, value in _strings(enc, f"model.encoders.{name}"):
+            if value.startswith(REMOTE_PREFIXES) or "://" in value:
+                raise ConfigError(f"{path}: {key}: {value[:60]!r} names a remote source or a command; a model "
+                                  "file's config may not fetch or run anything")
+        blob = (tokenizers or {}).get(name)
         if blob is not None:
-            enc["tokenizer"] = "hf:" + _tokenizer_folder(blob, f"{path}: model.encoders.{name}.tokenizer")
+            where = f"{path}: model.encoders.{name}.tokenizer"
+            enc["tokenizer"] = "hf:" + _check_tokenizer(_tokenizer_folder(blob, where), where)
     raw["model"].pop("init_from", None)  # the file holds every weight: it reads no other file
     raw["model"].pop("init_towers", None)
     try:
         return load_config(raw)
     except ConfigError as exc:
         raise ConfigError(f"{path}: embedded config: {exc}") from exc
+
+
+def _strings(tree: Any, key: str) -> list[tuple[str, str]]:
+    """Every string value under ``tree`` with its key path (nested kwargs reach constructors too)."""
+    if isinstance(tree, str):
+        return [(key, tree)]
+    items = tree.items() if isinstance(tree, dict) else enumerate(tree) if isinstance(tree, list) else []
+    return [pair for k, v in items for pair in _strings(v, f"{key}.{k}")]
+
+
+def _check_tokenizer(folder: str, where: str) -> str:
+    """``folder`` if the Hugging Face tokenizer files in it load offline without remote code, else one line
+    naming the export (transformers' own text spans many lines)."""
+    from transformers import AutoTokenizer
+
+    try:
+        AutoTokenizer.from_pretrained(folder, local_files_only=True, trust_remote_code=False)
+    except Exception as exc:  # any failure of a tokenizer that came with the file is the file's defect
+        raise ConfigError(f"{where}: the embedded Hugging Face tokenizer does not load ({one_line(exc)}); expected "
+                          "tokenizer files that AutoTokenizer reads offline without remote code") from exc
+    return folder
 
 
 def check_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], path: str | Path) -> None:
@@ -293,11 +351,10 @@ def load(path: str | Path, device: str | torch.device = "cpu", *,
     data side (``transforms["image"].prepare([pil_image])``); tokenizer: the text tokenizer or None.
     """
     path = Path(path)
-    if path.is_dir():
-        from mmpt.init_from import without_init
-
-        state, cfg, _ = consolidate(path)
-        model = build_pretrainer(without_init(cfg))
+    if path.is_dir():  # a run directory is data, like an export: the same rules for its stored config
+        state, _, ckpt = consolidate(path)
+        raw, source = checkpoint_config(ckpt)
+        model = _build_checked(data_config(raw, source), {k: tuple(v.shape) for k, v in state.items()}, source)
     else:
         from safetensors.torch import load_file
 

@@ -191,3 +191,73 @@ def test_encode_image_tensor_still_works(exported: Path) -> None:
     pixels = torch.randint(0, 255, (2, 3, 32, 32), dtype=torch.uint8)
     torch.testing.assert_close(model.encode("image", pixels), model.encode("image", pixels.float() / 255),
                                atol=1e-5, rtol=0)
+
+
+# A run directory is data too: mmpt.load(RUN_DIR) applies an export's rules to the run's stored config.
+
+@pytest.fixture(scope="module")
+def timm_run(color_shards: list[str], tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """A one-step run of a tiny CLIP whose image tower is timm's (a tower with weight-fetching keys)."""
+    from shardkit import tiny_config
+
+    from mmpt.config import load_config
+    from mmpt.train.loop import train
+
+    run = tmp_path_factory.mktemp("timm_run") / "run"
+    raw = tiny_config(color_shards, run, steps=1, log_sample_keys=False)
+    raw["model"]["encoders"]["image"] = {"name": "image/timm", "model_name": "vit_tiny_patch16_224",
+                                         "image_size": 32, "model_kwargs": {"depth": 1}}
+    train(load_config(raw))
+    return run
+
+
+def crafted_run(run: Path, dst: Path, **encoders: dict) -> Path:
+    """A copy of ``run`` whose checkpoint.json config has encoder keys replaced (manifest resealed)."""
+    import json
+
+    from runkit import copy_run, reseal
+
+    run = copy_run(run, dst)
+    ckpt = run / "checkpoints" / "step_00000001"
+    meta = json.loads((ckpt / "checkpoint.json").read_text())
+    for name, keys in encoders.items():
+        meta["config"]["model"]["encoders"][name].update(keys)
+    (ckpt / "checkpoint.json").write_text(json.dumps(meta))
+    reseal(ckpt)
+    return run
+
+
+class _Payload:
+    marker = ""
+
+    def __reduce__(self):
+        return (open, (self.marker, "w"))
+
+
+def test_run_directory_weight_sources_are_reset(timm_run: Path, tmp_path: Path,
+                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    import pickle
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # a download attempt fails at once instead of waiting on a network
+    _Payload.marker = str(tmp_path / "pwned")
+    (tmp_path / "evil.pth").write_bytes(pickle.dumps(_Payload()))
+    run = crafted_run(timm_run, tmp_path / "run", image={"pretrained": True, "checkpoint_path": str(tmp_path / "evil.pth")})
+    expected, _, _ = mmpt.load(str(timm_run))
+    model, _, _ = mmpt.load(str(run))
+    assert not (tmp_path / "pwned").exists()
+    for k, v in expected.state_dict().items():
+        assert torch.equal(model.state_dict()[k], v), k
+
+
+@pytest.mark.parametrize("model_name", ["hf-hub:someone/vit", "pipe:curl x", "https://example.com/m.bin"])
+def test_run_directory_remote_names_refused(timm_run: Path, tmp_path: Path, model_name: str) -> None:
+    run = crafted_run(timm_run, tmp_path / "run", image={"model_name": model_name})
+    where = run / "checkpoints" / "step_00000001" / "checkpoint.json"
+    with pytest.raises(ConfigError, match=rf"{where}: model.encoders.image.model_name: .* names a remote source"):
+        mmpt.load(str(run))
+
+
+def test_run_directory_huge_config_refused_before_allocating(timm_run: Path, tmp_path: Path) -> None:
+    run = crafted_run(timm_run, tmp_path / "run", text={"width": 2**20, "heads": 2, "depth": 2})
+    with pytest.raises(ConfigError, match=r"checkpoint.json: the embedded config does not match the file's tensors"):
+        mmpt.load(str(run))

@@ -298,9 +298,12 @@ def saved_run(ckpt: Path) -> dict[str, Any] | None:
     if not path.exists():
         return None
     try:
-        return json.loads(path.read_text())
+        saved = json.loads(path.read_text())
     except ValueError as exc:
         raise CheckpointError(f"{path}: not valid JSON ({exc})") from None
+    if not isinstance(saved, dict) or not isinstance(saved.get("config") or {}, dict):
+        raise CheckpointError(f"{path}: expected a mapping with step, world_size and a config mapping")
+    return saved
 
 
 def load(engine: Any, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
