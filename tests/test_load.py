@@ -261,3 +261,44 @@ def test_run_directory_huge_config_refused_before_allocating(timm_run: Path, tmp
     run = crafted_run(timm_run, tmp_path / "run", text={"width": 2**20, "heads": 2, "depth": 2})
     with pytest.raises(ConfigError, match=r"checkpoint.json: the embedded config does not match the file's tensors"):
         mmpt.load(str(run))
+
+
+def test_hostile_embedded_tokenizer_is_one_line_naming_the_export(exported: Path, tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    import base64
+    import json
+
+    monkeypatch.setenv("MMPT_CACHE", str(tmp_path / "cache"))
+    files = {"tokenizer_config.json": {"tokenizer_class": "EvilTokenizer",
+                                       "auto_map": {"AutoTokenizer": ["evil.EvilTokenizer", None]}},
+             "config.json": {"model_type": "bert"}}
+    blob = json.dumps({f: base64.b64encode(json.dumps(v).encode()).decode() for f, v in files.items()})
+    bad = rewrite(exported, tmp_path / "tok.safetensors", {"tokenizer_files.text": blob})
+    with pytest.raises(ConfigError) as info:
+        mmpt.load(str(bad))
+    text = str(info.value)
+    assert text.startswith(f"{bad}: model.encoders.text.tokenizer: the embedded Hugging Face tokenizer does not load")
+    assert text.endswith("expected tokenizer files that AutoTokenizer reads offline without remote code")
+    assert "\n" not in text and len(text) < len(str(bad)) + 400
+
+
+def test_yaml_alias_bomb_is_refused_cheaply_naming_the_export(exported: Path, tmp_path: Path) -> None:
+    """Billion laughs inside a timm tower's model_kwargs (a dict passed on to timm): nine levels of nine
+    aliases, 9**9 leaves if anything walks it."""
+    import time
+
+    import yaml
+
+    cfg = config_of(exported)
+    cfg["model"]["encoders"]["image"] = {"name": "image/timm", "model_name": "vit_tiny_patch16_224",
+                                         "image_size": 32, "model_kwargs": {"depth": 1, "lol": "BOMB"}}
+    levels = ["l0: &l0 [lol, lol, lol, lol, lol, lol, lol, lol, lol]"]
+    levels += [f"l{i}: &l{i} [" + ", ".join([f"*l{i - 1}"] * 9) + "]" for i in range(1, 9)]
+    text = yaml.safe_dump(cfg)
+    indent = " " * (text.index("lol: BOMB") - text.rindex("\n", 0, text.index("lol: BOMB")) - 1)
+    text = text.replace("lol: BOMB", "\n".join(levels[:1] + [indent + x for x in levels[1:]]) + f"\n{indent}lol: *l8")
+    bad = rewrite(exported, tmp_path / "bomb.safetensors", {"config": text})
+    t0 = time.perf_counter()
+    with pytest.raises(ConfigError, match=rf"{bad}: embedded config: line \d+: YAML anchor or alias 'l0'") as info:
+        mmpt.load(str(bad))
+    assert time.perf_counter() - t0 < 1.0 and "\n" not in str(info.value)

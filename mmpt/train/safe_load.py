@@ -21,6 +21,7 @@ from typing import Any
 import torch
 
 from mmpt.registry import ConfigError
+from mmpt.train.messages import one_line
 
 _lock = threading.RLock()
 _original_load = torch.load
@@ -30,8 +31,8 @@ class UnsafeCheckpointError(ConfigError):
     """A checkpoint file references something outside the allow-list: it is refused, nothing runs."""
 
     def __init__(self, path: Any, what: str):
-        super().__init__(f"{path}: refusing to unpickle {what} (checkpoint files may hold only tensors and "
-                         "DeepSpeed's known state classes; this file is damaged or crafted)")
+        super().__init__(f"{path}: refusing to unpickle {what}; expected a torch.save file holding only tensors and "
+                         "DeepSpeed's known state classes (this file is damaged or crafted)")
 
 
 def allowed_globals() -> list[Any]:
@@ -50,8 +51,22 @@ def safe_torch_load(path: str | Path, *args: Any, **kwargs: Any) -> Any:
         try:
             return _original_load(path, *args, weights_only=True, **kwargs)
         except pickle.UnpicklingError as exc:
-            found = re.search(r"GLOBAL (\S+)", str(exc))
-            raise UnsafeCheckpointError(path, found.group(1) if found else str(exc).strip()[-200:]) from None
+            raise UnsafeCheckpointError(path, _refused(path, str(exc))) from None
+
+
+def _refused(path: Any, message: str) -> str:
+    """What the weights-only unpickler refused, from torch's multi-line message: the global it names, else its
+    reason (``Unsupported operand 149``) and whether the file is a bare pickle rather than torch.save's zip."""
+    found = re.search(r"GLOBAL (\S+)", message)
+    if found:
+        return found.group(1)
+    after = message.split("WeightsUnpickler error:", 1)[-1]
+    reason = one_line(next((x for x in after.splitlines() if x.strip()), "unreadable"), 80)
+    if isinstance(path, (str, Path)) and Path(path).is_file():
+        with open(path, "rb") as f:
+            if f.read(4) != b"PK\x03\x04":
+                return f"a raw pickle (not a torch.save archive: {reason})"
+    return f"a pickle the weights-only loader rejects ({reason})"
 
 
 @contextlib.contextmanager

@@ -75,6 +75,27 @@ def test_crafted_pickle_never_runs(runs: dict[int, Path], color_shards: list[str
     assert not marker.exists(), "the payload ran"
 
 
+def test_raw_pickle_is_refused_in_one_clear_line(runs: dict[int, Path], tmp_path: Path) -> None:
+    """A bare pickle where torch.save's archive belongs: refused naming the file and what was expected, with
+    no text cut mid-word (torch's multi-line weights-only message was cut to its last 200 characters)."""
+    import pickle
+
+    run = copy_run(runs[0], tmp_path / "run")
+    ckpt = run / "checkpoints" / "step_00000004"
+    path = ckpt / "mp_rank_00_model_states.pt"
+    Payload.marker = str(tmp_path / "pwned")
+    blob = torch.load(path, map_location="cpu", weights_only=False)  # our own, trusted test file
+    path.write_bytes(pickle.dumps({**blob, "payload": Payload()}))
+    reseal(ckpt)
+    with pytest.raises(ConfigError) as info:
+        mmpt.load(str(run))
+    text = str(info.value)
+    assert text.startswith(f"{path}: refusing to unpickle a raw pickle (not a torch.save archive")
+    assert "expected a torch.save file holding only tensors" in text
+    assert "\n" not in text and "ckler" not in text and len(text) < len(str(path)) + 300
+    assert not (tmp_path / "pwned").exists()
+
+
 @pytest.mark.parametrize("stage", [0, 2])
 def test_real_checkpoints_load_under_the_restricted_unpickler(runs: dict[int, Path], stage: int) -> None:
     state, cfg, ckpt = consolidate(runs[stage])
