@@ -1,23 +1,27 @@
 """Every command and Python example in README.md runs and exits 0 (fast variants: fewer steps/samples).
 
-Commands run in README order in one sandbox folder, as a user would type them: ``mmpt`` as
-``python -m mmpt``, ``torchrun`` as ``python -m torch.distributed.run``. Fast variants only append
-settings (``--set train.steps=2``, fewer demo samples); they never drop what the README says.
-A ``yaml`` block whose first line is ``# <file>`` is written to that file first.
+Commands run in README order in a fresh copy of the clone (its tracked files and nothing else: every
+file a command reads was made by an earlier one), as a user would type them: ``mmpt`` as
+``python -m mmpt``, ``torchrun`` as ``python -m torch.distributed.run``, ``python`` as this interpreter.
+Fast variants only append settings (``--set train.steps=2``, fewer demo samples); they never drop what
+the README says. ``yaml`` blocks are examples a user adapts: their task lists must build, not run.
 """
 
 from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from shardkit import COLORS, fresh_env, jpeg
+import yaml
+from shardkit import fresh_env
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+ROOT = Path(__file__).resolve().parents[1]
+README = ROOT / "README.md"
 # Appended to each command of that kind (later --set wins over the README's own values).
 FAST = {
     "train": ["--set", "train.steps=2", "--set", "data.batch_size=8", "--set", "train.checkpoint_every=1",
@@ -56,8 +60,12 @@ def runnable(line: str) -> list[str]:
         argv = [sys.executable, "-m", "mmpt", *argv[1:]]
     elif argv[0] == "torchrun":
         argv = [sys.executable, "-m", "torch.distributed.run", *argv[1:]]
-    elif argv[:3] != [sys.executable, "-m", "mmpt"] and argv[:2] != ["python", "-m"]:
+    elif argv[:2] == ["python", "-m"]:
+        argv = [sys.executable, *argv[1:]]
+    else:
         raise AssertionError(f"README command {line!r}: not an mmpt/torchrun/python -m command")
+    if "mmpt" not in argv:
+        return argv
     rest = argv[argv.index("mmpt") + 1:]
     for key in ("data demo", "train", "demo", "embed"):
         if " ".join(rest[:len(key.split())]) == key:
@@ -69,23 +77,29 @@ def runnable(line: str) -> list[str]:
 
 @pytest.fixture(scope="module")
 def sandbox(tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """A folder with the user's own files the README refers to: my_images/ (captioned) and my_val/ (by class)."""
-    root = tmp_path_factory.mktemp("readme")
-    images = root / "my_images"
-    images.mkdir()
-    for i, name in enumerate(["cat", *COLORS]):
-        color = COLORS.get(name, (200, 120, 40))
-        (images / f"{name}.jpg").write_bytes(jpeg(color))
-        (images / f"{name}.txt").write_text(f"a {name} square number {i}")
-    for name in ("red", "blue"):
-        (root / "my_val" / name).mkdir(parents=True)
-        for i in range(3):
-            (root / "my_val" / name / f"{i}.jpg").write_bytes(jpeg(COLORS[name]))
-    for block in blocks("yaml"):
-        first, _, body = block.partition("\n")
-        if first.startswith("# "):
-            (root / first[2:].strip()).write_text(body)
+    """A fresh clone: a copy of the repository's tracked files (as they are in the working tree), no more."""
+    root = tmp_path_factory.mktemp("readme") / "clone"
+    tracked = subprocess.run(["git", "ls-files", "-z"], cwd=ROOT, capture_output=True, check=True).stdout
+    for name in tracked.decode().split("\0"):
+        src = ROOT / name
+        if name and src.is_file():  # a tracked file deleted in the working tree is not in a clone of it
+            (root / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copy2(src, root / name)
     return root
+
+
+def test_readme_task_lists_name_real_tasks_and_keys() -> None:
+    """The task-list example names the user's own folders, so it is checked, not run: every entry is a
+    registered task and every key one of that task's."""
+    import dataclasses
+
+    from mmpt.registry import tasks
+
+    lists = [yaml.safe_load(body) for body in blocks("yaml") if body.startswith("# my_tasks")]
+    assert lists, "README: the 'Evaluate your own data' task list is gone"
+    for entry in (e for task_list in lists for e in task_list):
+        keys = {f.name for f in dataclasses.fields(tasks.get(entry["name"]))} | {"name", "id"}
+        assert set(entry) <= keys, (entry, set(entry) - keys)
 
 
 def test_readme_lists_the_two_commands_and_ci_calls_one() -> None:
@@ -99,7 +113,9 @@ def test_readme_lists_the_two_commands_and_ci_calls_one() -> None:
 @pytest.mark.slow
 @pytest.mark.timeout(900)
 def test_readme_commands_and_python_run(sandbox: Path) -> None:
-    env = fresh_env(OMP_NUM_THREADS="1", MMPT_DIST_TIMEOUT="120")
+    # PYTHONSAFEPATH: ``python -m``/``-c`` import the installed mmpt, as the ``mmpt`` script does, not the
+    # copy's mmpt/ folder (the same files in CI; while the tree is being edited, untracked ones are not copied)
+    env = fresh_env(OMP_NUM_THREADS="1", MMPT_DIST_TIMEOUT="120", PYTHONSAFEPATH="1")
     assert len(commands()) >= 8, commands()
     for kind, block in blocks():  # in README order: a python block may write what a later command reads
         if kind == "bash":
