@@ -128,3 +128,12 @@ def test_readme_commands_and_python_run(sandbox: Path) -> None:
         done = subprocess.run([sys.executable, "-c", block], cwd=sandbox, env=env, capture_output=True, text=True,
                               timeout=300)
         assert done.returncode == 0, f"README python block failed:\n{block}\n{done.stderr[-3000:]}"
+
+
+def test_readme_opening_names_every_shipped_objective() -> None:
+    """The opening paragraph says what exists now: every registered objective, none promised as 'next'."""
+    from mmpt.registry import objectives
+
+    opening = README.read_text().split("\n## ", 1)[0]
+    missing = [name for name in objectives.names() if f"`{name}`" not in opening]
+    assert not missing and not re.search(r"\bnext\b", opening), (missing, opening)
