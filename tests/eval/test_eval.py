@@ -691,3 +691,6 @@ def test_caption_retrieval_names_metrics_by_the_modalities_compared(tmp_path: Pa
     both = {"vec": VecData(), "velocity": VecData("velocity"), "text": TableText(rows)}
     res = run_tasks(VecModel(torch.eye(VEC_DIM)), both, task, device="cpu", progress=False)["retrieval"]
     assert res["vec2text_r1"] == 1.0 and res["text2vec_r1"] == 1.0 and "v2t_r1" not in res
+    from mmpt.train.plot import headline  # the training summary and loss.png pick these curves
+
+    assert [k for k in res if headline(k)] == ["vec2text_r1", "text2vec_r1"]
