@@ -94,7 +94,7 @@ def test_cli_eval_on_junk_file_prints_one_line(tmp_path: Path, capsys: pytest.Ca
 
     junk = tmp_path / "notes.txt"
     junk.write_text("hello")
-    assert main(["eval", str(junk)]) == 2
+    assert main(["eval", str(junk), "--use-embedded-tasks"]) == 2  # the task check comes before the model
     err = capsys.readouterr().err.strip()
     assert err.startswith("mmpt: error: ") and "not a safetensors file" in err and "\n" not in err
 

@@ -158,3 +158,29 @@ def test_disk_full_at_the_first_save_says_no_checkpoint_was_written(
     with pytest.raises(ConfigError, match=r"no space left writing .*step_00000002.tmp.*; no checkpoint was written yet"):
         train(load_config(small(color_shards, tmp_path / "run")))
     assert not any((tmp_path / "run" / "checkpoints").iterdir())
+
+
+@pytest.mark.multirank
+def test_two_ranks_refuse_together(color_shards: list[str], tmp_path: Path) -> None:
+    """A problem found on rank 1 only (a crafted loader position, a full disk) stops both ranks with the same
+    line within seconds (not the collective timeout), and the run resumes from the intact checkpoint."""
+    import os
+    import subprocess
+    import sys
+
+    from mmpt.train.engine import free_port
+
+    script = Path(__file__).with_name("_rundir_ranks.py")
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "MMPT_DIST_TIMEOUT": "60"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+           str(script), str(Path(color_shards[0]).parent), str(tmp_path)]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    lines = sorted(x for x in proc.stdout.splitlines() if x.startswith("rank "))
+    bad = tmp_path / "bad" / "checkpoints" / "step_00000004" / "rank_1.json"
+    refused = [x.split(": ", 1)[1] for x in lines if "refused" in x]
+    assert len(refused) == 2 and refused[0] == refused[1]
+    assert refused[0].startswith(f"refused: {bad}: loader.consumed[0]: 1000000000 raw samples")
+    full = [x.split("disk full: ")[1] for x in lines if "disk full" in x]
+    assert len(full) == 2 and full[0] == full[1] and "the step-2 checkpoint is intact" in full[0]
+    assert [x for x in lines if "resumed" in x] == ["rank 0: resumed 2->4", "rank 1: resumed 2->4"]
