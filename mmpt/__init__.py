@@ -11,8 +11,9 @@ __version__ = "0.1.0"
 def load(path: str, device: str = "cpu", *, allow_nonfinite: bool = False) -> tuple[Any, dict[str, Any], Any]:
     """``model, transforms, tokenizer = mmpt.load(path)`` from an export or a run directory.
 
-    An export is untrusted data: its config is checked against its tensors before anything is
-    allocated, and weights holding NaN/inf are refused unless ``allow_nonfinite``.
+    An export or run directory is untrusted data: its config is checked against its tensors before anything
+    is allocated, keys that would fetch weights are reset, and weights holding NaN/inf are refused unless
+    ``allow_nonfinite``.
     """
     from mmpt.export import load as _load
 

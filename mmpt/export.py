@@ -4,10 +4,10 @@
 ``zero_to_fp32``; stage 0 from the module state) into fp32 tensors of the whole Pretrainer (towers,
 heads, logit scales, objective parameters) and embeds the resolved config as metadata, plus the files
 of any ``hf:`` tokenizer, so the export is self-contained. ``load`` rebuilds from that file (or
-straight from a run directory) without unpickling anything, and treats the file as untrusted data:
-the config is checked against the tensor shapes in the header before any weight is allocated, keys
-that would fetch weights (``pretrained``, ``checkpoint_path``) are reset, and non-finite weights are
-refused unless allowed.
+straight from a run directory) without unpickling anything, and treats either as untrusted data with
+the same rules (:func:`data_config`): the config is checked against the tensor shapes before any weight
+is allocated, keys that would fetch weights (``pretrained``, ``checkpoint_path``) are reset, remote
+sources, commands and YAML aliases are refused, and non-finite weights are refused unless allowed.
 """
 
 from __future__ import annotations
