@@ -115,7 +115,7 @@ def main() -> None:
         for c, per in table.items():
             print(f"{c:40s}" + "".join(f"{per[t]['median_s']:>11.2f}s" for t in trees))
         Path(a.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(a.out).write_text(json.dumps({"trees": trees, "repeats": a.repeats, "medians_of": a.repeats,
+        Path(a.out).write_text(json.dumps({"trees": trees, "repeats": a.repeats,
                                            "load_avg": os.getloadavg(), "cpus": os.cpu_count(),
                                            "date": time.strftime("%Y-%m-%d %H:%M:%S"), "results": table}, indent=1))
         print(f"wrote {a.out}")
