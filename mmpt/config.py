@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
 import yaml
 
 from mmpt.registry import ConfigError, _type_name, _type_ok, closest
@@ -416,6 +415,8 @@ def _one_of(path: str, value: Any, choices: tuple[str, ...]) -> None:
 
 def validate(cfg: Config) -> None:
     """Check what dataclass types cannot: registered names, encoder/objective kwargs, ranges."""
+    import torch  # here, not at the top: `mmpt eval` reads task files before paying for torch
+
     from mmpt.registry import check_kwargs, encoders, objectives
 
     if not cfg.model.encoders:
