@@ -25,6 +25,8 @@ def test_demo_trains_with_a_fixed_printed_thread_count(tmp_path: Path, monkeypat
 
     import mmpt.train.loop
 
+    for var in ("MMPT_DEMO_DATA", "MMPT_RUN_DIR"):  # run_demo points recipes at its folders: restored after
+        monkeypatch.setenv(var, "")
     monkeypatch.setattr(demo, "demo_data", lambda *a, **k: None)  # no data needed to reach training
     monkeypatch.setattr(mmpt.train.loop, "train", train)
     before = torch.get_num_threads()
