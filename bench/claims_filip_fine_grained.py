@@ -39,7 +39,7 @@ from claims_common import (  # noqa: E402
 )
 from common import RESULTS  # noqa: E402
 
-from mmpt.data.demo import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES  # noqa: E402
+from mmpt.data.demo_shards import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES  # noqa: E402
 from mmpt.objectives.filip import token_similarity  # noqa: E402
 
 NAME = "claims_filip_fine_grained"
@@ -132,7 +132,7 @@ def main() -> int:
     add_run_args(p, steps=200, work="runs/claims/filip")
     p.add_argument("--batch", type=int, default=64, help="batch size of both runs")
     a = p.parse_args()
-    from mmpt.export import load
+    from mmpt.commands.export import load
 
     data, work = Path(a.data), Path(a.work)
     ensure_demo_data(data, a.threads)

@@ -125,7 +125,7 @@ def main() -> int:
     add_run_args(p, steps=300, work="runs/claims/itm")
     p.add_argument("--rerank-k", type=int, default=16, help="contrastive candidates per query the itm head re-scores")
     a = p.parse_args()
-    from mmpt.export import load
+    from mmpt.commands.export import load
 
     data, work = Path(a.data), Path(a.work)
     ensure_demo_data(data, a.threads)

@@ -100,7 +100,7 @@ def main() -> int:
     p.add_argument("--rates", type=float, nargs="+", default=[0.15, 0.4], help="masking rates to compare")
     p.add_argument("--batch", type=int, default=128, help="batch size of every run")
     a = p.parse_args()
-    from mmpt.export import load
+    from mmpt.commands.export import load
 
     data, work = Path(a.data), Path(a.work)
     ensure_protein_demo(data, a.threads)

@@ -94,7 +94,7 @@ def main() -> int:
     p.add_argument("--target-at", type=float, default=0.5,
                    help="without --target: the constant run's loss at this fraction of its steps")
     a = p.parse_args()
-    from mmpt.export import load
+    from mmpt.commands.export import load
 
     data, work = Path(a.data), Path(a.work)
     ensure_protein_demo(data, a.threads)

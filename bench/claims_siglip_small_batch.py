@@ -65,7 +65,7 @@ def main() -> int:
     add_run_args(p, steps=200, work="runs/claims/siglip")
     p.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64], help="batch sizes to compare")
     a = p.parse_args()
-    from mmpt.export import load
+    from mmpt.commands.export import load
 
     data, work = Path(a.data), Path(a.work)
     ensure_demo_data(data, a.threads)

@@ -53,7 +53,7 @@ def synthetic_batch(module, batch: int):
     """``batch`` random images and captions, collated by the model's own data sides."""
     import torch
 
-    from mmpt.data.batch import Batch
+    from mmpt.contracts import Batch
 
     g = torch.Generator().manual_seed(0)
     size = TOWERS["image"]["image_size"]
@@ -75,8 +75,8 @@ def child(step: str, batch: int, chunk: int, out_dir: str) -> dict:
     """Build the engine and the batch, then run one step; the peaks before and after it."""
     from mmpt.config import load_config
     from mmpt.pretrainer import count_parameters, set_seed
-    from mmpt.train.engine import build_engine, init_distributed
-    from mmpt.train.loop import step_strategy
+    from mmpt.training.engine import build_engine, init_distributed
+    from mmpt.training.loop import step_strategy
 
     cfg = load_config(config(step, batch, chunk, out_dir))
     set_seed(cfg.seed)

@@ -64,7 +64,7 @@ def step_seconds(point_cfg: dict, text_cfg: dict, embed_dim: int, batch: int, de
     import torch
 
     from mmpt.config import load_config
-    from mmpt.data.batch import Batch
+    from mmpt.contracts import Batch
     from mmpt.encoders.point_cloud import group_points
     from mmpt.pretrainer import build_pretrainer
 

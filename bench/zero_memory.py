@@ -2,13 +2,13 @@
 optimizer offload), built the way ``mmpt train`` builds it.
 
 Each setting is one ``torchrun --nproc_per_node 2`` launch (gloo, CPU, fp32, AdamW): every rank builds
-the engine with ``mmpt.train.engine.build_engine`` (at stage 3 each tower is partitioned as soon as it is
-built: mmpt.init), runs ``--steps`` training steps on a synthetic batch of ``--batch`` images and captions
+the engine with ``mmpt.training.engine.build_engine`` (at stage 3 each tower is partitioned as soon as it is
+built: mmpt.parts.build), runs ``--steps`` training steps on a synthetic batch of ``--batch`` images and captions
 per rank, and reports its peak resident set (``ru_maxrss``, which only grows, so every setting is a fresh
 process) after building, after ``deepspeed.initialize`` and after the steps (and after each forward,
 backward and step), plus what it holds after the last step: its share of the model's parameters, the
 optimizer's fp32 master copy (DeepSpeed keeps one at stage 2 even in fp32; at stage 3 mmpt makes it the
-parameter partition itself: mmpt.init.share_fp32_master), the AdamW state and the gradient buffers (stage
+parameter partition itself: mmpt.parts.build.share_fp32_master), the AdamW state and the gradient buffers (stage
 2 frees its partitioned gradients after the step).
 
 The ranks run with ``MALLOC_MMAP_THRESHOLD_=131072`` (``--mmap-threshold``): glibc then returns every
@@ -55,7 +55,7 @@ SETTINGS = {
     "zero3_naive": {"zero_stage": 3},
 }
 
-# what mmpt.train.engine.STAGE3_MEMORY replaces (DeepSpeed 0.19's defaults), for zero3_naive
+# what mmpt.training.engine.STAGE3_MEMORY replaces (DeepSpeed 0.19's defaults), for zero3_naive
 DEEPSPEED_DEFAULTS = {"reduce_bucket_size": 500_000_000, "stage3_prefetch_bucket_size": 50_000_000,
                       "stage3_max_live_parameters": 1_000_000_000, "stage3_max_reuse_distance": 1_000_000_000,
                       "sub_group_size": 1_000_000_000}
@@ -74,7 +74,7 @@ def synthetic_batch(module, batch: int, rank: int):
     """``batch`` random images and captions of this rank, collated by the model's own data sides."""
     import torch
 
-    from mmpt.data.batch import Batch
+    from mmpt.contracts import Batch
 
     g = torch.Generator().manual_seed(rank)
     size = TOWERS["image"]["image_size"]
@@ -122,8 +122,8 @@ def child(setting: str, steps: int, batch: int, work: Path) -> None:
     """One rank of one setting: build, initialise, train ``steps`` steps; write its report."""
     from mmpt.config import load_config
     from mmpt.pretrainer import count_parameters, set_seed
-    from mmpt.train import engine as engine_module
-    from mmpt.train.engine import build_engine, init_distributed
+    from mmpt.training import engine as engine_module
+    from mmpt.training.engine import build_engine, init_distributed
 
     d = init_distributed()
     cfg = load_config(config(setting, steps, batch, str(work / "run")))
@@ -156,7 +156,7 @@ def child(setting: str, steps: int, batch: int, work: Path) -> None:
 
 def run_setting(setting: str, a: argparse.Namespace, work: Path) -> dict:
     """One setting on two ranks in fresh processes; both ranks' reports."""
-    from mmpt.train.engine import free_port
+    from mmpt.training.engine import free_port
 
     work.mkdir(parents=True)
     cmd = [main_python(), "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",

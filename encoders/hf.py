@@ -14,8 +14,8 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mmpt.encoders.base import Encoder, EncoderOutput
-from mmpt.layers import last_token, masked_mean
+from mmpt.contracts import Encoder, EncoderOutput
+from mmpt.nn.layers import last_token, masked_mean
 from mmpt.registry import ConfigError, encoders
 
 PKGDATA = "pkgdata:"

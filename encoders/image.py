@@ -14,16 +14,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmpt.data.budget import SampleTooLarge
-from mmpt.encoders.base import (
-    Encoder,
-    EncoderOutput,
-    ModalityData,
-    PrefixTokenEncoder,
-    StemOutput,
-    check_token_drop,
-)
-from mmpt.layers import Transformer
+from mmpt.contracts import Encoder, EncoderOutput, ModalityData, SampleTooLarge, StemOutput
+from mmpt.encoders.base import PrefixTokenEncoder, check_token_drop
+from mmpt.nn.layers import Transformer
 from mmpt.registry import encoders, modalities
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

@@ -16,9 +16,9 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from mmpt.encoders.base import Encoder, EncoderOutput
+from mmpt.contracts import Encoder, EncoderOutput
 from mmpt.encoders.image import OPENAI_MEAN, OPENAI_STD, PixelNorm
-from mmpt.layers import last_token
+from mmpt.nn.layers import last_token
 from mmpt.registry import ConfigError, closest, encoders
 
 # Keys of an OpenCLIP model config that these towers understand; anything else (CoCa's multimodal_cfg,
@@ -38,7 +38,7 @@ TINY_RESNET = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1
 def _check_local(cfg: dict[str, Any], where: str) -> None:
     """Refuse any string in a model config that names a remote source (timm fetches hf-hub: configs even
     unpretrained): a config may come from a model file, which must not reach the network."""
-    from mmpt.export import REMOTE_PREFIXES
+    from mmpt.commands.export import REMOTE_PREFIXES
 
     for value in re.findall(r'"((?:[^"\\]|\\.)*)"', json.dumps(cfg)):
         if value.startswith(REMOTE_PREFIXES) or "://" in value:

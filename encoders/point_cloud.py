@@ -18,16 +18,9 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmpt.data.budget import MiB
-from mmpt.encoders.base import (
-    DemoConcepts,
-    ModalityData,
-    PrefixTokenEncoder,
-    StemOutput,
-    check_token_drop,
-    stack_present,
-)
-from mmpt.layers import Transformer, init_weights
+from mmpt.contracts import DemoConcepts, MiB, ModalityData, StemOutput
+from mmpt.encoders.base import PrefixTokenEncoder, check_token_drop, stack_present
+from mmpt.nn.layers import Transformer, init_weights
 from mmpt.registry import ConfigError, encoders, modalities
 
 # Channel layouts a cloud may carry after xyz; normals rotate with the cloud, rgb does not.
@@ -414,7 +407,7 @@ def _npz(**arrays: np.ndarray) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------- demo solids
-# One solid per demo shape (mmpt.data.demo.SHAPES order): circle, square, triangle, diamond, star, cross,
+# One solid per demo shape (mmpt.data.demo_shards.SHAPES order): circle, square, triangle, diamond, star, cross,
 # ring, hexagon -> sphere, cube, cone, octahedron, star prism, 3D cross, torus, hexagonal prism. Each
 # samples its surface from uniform numbers u (N, 3) in [0, 1), vectorised over every cloud of that shape.
 
@@ -505,7 +498,7 @@ SOLIDS = (_sphere, _cube, _cone, _octahedron, _star, _cross, _torus, _hexagon)
 def render_solids(concepts: DemoConcepts, num_points: int, channels: str, rng: np.random.Generator) -> list[np.ndarray]:
     """(num_points, C) float16 clouds of the concepts' solids in the ``channels`` layout: scaled by size,
     randomly rotated about the up axis, rgb from the colour, normals as the direction from the centre."""
-    from mmpt.data.demo import COLORS, SIZES
+    from mmpt.data.demo_shards import COLORS, SIZES
 
     n = len(concepts)
     shape, color, size = (np.asarray(a, np.int64) for a in (concepts.shape, concepts.color, concepts.size))

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.data.budget import MiB
-from mmpt.encoders.base import DemoConcepts, Encoder, EncoderOutput, ModalityData
-from mmpt.layers import Attention, Transformer, masked_mean
+from mmpt.contracts import DemoConcepts, Encoder, EncoderOutput, MiB, ModalityData
+from mmpt.nn.layers import Attention, Transformer, masked_mean
 from mmpt.registry import ConfigError, encoders, modalities
 
 # ESM-2's alphabet in ESM's id order (esm.data.Alphabet.from_architecture("ESM-1b")).
@@ -115,7 +114,7 @@ def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
 
 
 class RotaryAttention(nn.Module):
-    """Bidirectional SDPA self-attention with rotary q/k, built on an :class:`mmpt.layers.Attention`'s own
+    """Bidirectional SDPA self-attention with rotary q/k, built on an :class:`mmpt.nn.layers.Attention`'s own
     projections (same parameter names and init as the shared trunk, so LoRA and checkpoints see no change)."""
 
     def __init__(self, attn: Attention, base: float = 10000.0):

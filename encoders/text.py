@@ -15,10 +15,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.data.budget import MiB
-from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData
-from mmpt.layers import KVCache, Transformer, last_token, masked_mean
-from mmpt.padding import by_length
+from mmpt.contracts import Encoder, EncoderOutput, MiB, ModalityData
+from mmpt.nn.layers import KVCache, Transformer, last_token, masked_mean
+from mmpt.nn.padding import by_length
 from mmpt.registry import ConfigError, encoders, modalities
 
 # A token covers at most ~20 characters in BPE and WordPiece vocabularies: the first `context_length`
@@ -178,7 +177,7 @@ class TextTransformer(Encoder):
     tiny_configs = ({"context_length": 16, "width": 32, "depth": 2, "heads": 2},)
     # Real tokens never see trailing padding (causal, or padded keys masked; pooling by the mask), so
     # training cuts each batch after its longest caption and the trunk runs rows grouped by length
-    # (mmpt.padding).
+    # (mmpt.nn.padding).
     trims_padding = True
 
     def __init__(self, context_length: int = 77, width: int = 512, depth: int = 12, heads: int = 8,

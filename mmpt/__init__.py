@@ -15,7 +15,7 @@ def load(path: str, device: str = "cpu", *, allow_nonfinite: bool = False) -> tu
     is allocated, keys that would fetch weights are reset, and weights holding NaN/inf are refused unless
     ``allow_nonfinite``.
     """
-    from mmpt.export import load as _load
+    from mmpt.commands.export import load as _load
 
     return _load(path, device, allow_nonfinite=allow_nonfinite)
 

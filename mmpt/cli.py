@@ -138,7 +138,7 @@ def _parser() -> argparse.ArgumentParser:
 
     d = sub.add_parser("data", help="demo data, shard writing and inspection")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    from mmpt.data.demo import add_modalities_argument
+    from mmpt.data.demo_shards import add_modalities_argument
 
     dd = dsub.add_parser("demo", help="generate the embedded synthetic shapes/colours set")
     dd.add_argument("--out", required=True)
@@ -192,7 +192,7 @@ class _LazyEpilogFormatter(argparse.RawDescriptionHelpFormatter):
 
 def _recipe_keys_help() -> str:
     from mmpt.config import Config, DataConfig, ModelConfig, OptimConfig, Source, TrainConfig
-    from mmpt.keys import format_keys
+    from mmpt.config.keys import format_keys
 
     blocks = [format_keys("recipe keys (top level):", Config)]
     for section, cls in (("model", ModelConfig), ("data", DataConfig), ("data.sources[]", Source),
@@ -205,7 +205,7 @@ def _recipe_keys_help() -> str:
 
 
 def _part_keys_help() -> str:
-    from mmpt.keys import format_keys
+    from mmpt.config.keys import format_keys
     from mmpt.registry import encoders, objectives
 
     return "\n\n".join(format_keys(f"{reg.kind} '{name}' keys:", reg.get(name))
@@ -213,7 +213,7 @@ def _part_keys_help() -> str:
 
 
 def _task_keys_help() -> str:
-    from mmpt.keys import format_keys
+    from mmpt.config.keys import format_keys
     from mmpt.registry import tasks
 
     return "\n\n".join(format_keys(f"task '{name}' keys:", tasks.get(name)) for name in tasks.names())
@@ -224,8 +224,8 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     debug = "--debug" in argv  # accepted after the subcommand too, where argparse would not see it
     args = _parser().parse_args([a for a in argv if a != "--debug"])
-    from mmpt.train.launcher import watch_launcher
-    from mmpt.train.startup import quiet_third_party
+    from mmpt.training.launcher import watch_launcher
+    from mmpt.training.startup import quiet_third_party
 
     watch_launcher()  # under torchrun/deepspeed (train, embed, ...): stop when the launcher dies
     quiet_third_party(debug)  # before anything imports deepspeed: it warns while being imported
@@ -279,19 +279,19 @@ def _route_messages() -> None:
 def _dispatch(args: argparse.Namespace) -> int:
     if args.command == "train":
         from mmpt.config import load_config
-        from mmpt.train.loop import train
+        from mmpt.training.loop import train
 
         train(load_config(args.recipe, args.overrides), resume=args.resume)
     elif args.command == "eval":
         _eval(args)
     elif args.command == "embed":
-        from mmpt.embed import embed
+        from mmpt.commands.embed import embed
 
         print(embed(args.model, args.data, args.modality, args.out, batch_size=args.batch_size,
                     workers=args.workers, normalize=not args.no_normalize, dtype=args.dtype,
                     metadata=args.metadata, allow_nonfinite=args.allow_nonfinite, precision=args.precision))
     elif args.command == "caption":
-        from mmpt.caption import caption
+        from mmpt.commands.caption import caption
 
         print(caption(args.model, args.data, args.modality, args.out, objective=args.objective,
                       batch_size=args.batch_size, workers=args.workers, allow_nonfinite=args.allow_nonfinite,
@@ -305,7 +305,7 @@ def _dispatch(args: argparse.Namespace) -> int:
     elif args.command == "data":
         _data(args)
     elif args.command == "demo":
-        from mmpt.demo import run_demo
+        from mmpt.commands.demo import run_demo
 
         run_demo(args.out, smoke=args.smoke, overrides=args.overrides, recipe=args.recipe)
     elif args.command == "info":
@@ -324,7 +324,7 @@ def _export(args: argparse.Namespace) -> None:
 
         print(f"exported {export_hf_clip(args.run_dir, args.out)} (CLIPModel.from_pretrained loads it)")
     else:
-        from mmpt.export import export
+        from mmpt.commands.export import export
 
         print(f"exported {export(args.run_dir, args.out, keep_adapters=args.keep_adapters)}")
 
@@ -383,7 +383,7 @@ def _eval(args: argparse.Namespace) -> None:
 
     model, transforms, _ = mmpt.load(args.model, allow_nonfinite=args.allow_nonfinite)
     if tasks is None:
-        from mmpt.export import read_header
+        from mmpt.commands.export import read_header
 
         where = f"{args.model} (embedded eval tasks)"
         if Path(args.model).is_dir():
@@ -407,7 +407,7 @@ def _eval(args: argparse.Namespace) -> None:
 
 def _data(args: argparse.Namespace) -> None:
     if args.data_command == "demo":
-        from mmpt.data.demo import generate_demo
+        from mmpt.data.demo_shards import generate_demo
 
         info = generate_demo(args.out, train_samples=args.train_samples, eval_samples=args.eval_samples,
                              image_size=args.image_size, seed=args.seed, modalities=args.modalities)

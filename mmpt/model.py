@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData
+from mmpt.contracts import Encoder, EncoderOutput, ModalityData
 from mmpt.registry import ConfigError
 
 

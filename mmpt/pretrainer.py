@@ -13,10 +13,8 @@ import torch
 from torch import Tensor, nn
 
 from mmpt.config import Config
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput, ModalityData
+from mmpt.contracts import Batch, EncoderOutput, ModalityData, Objective
 from mmpt.model import MultimodalModel
-from mmpt.objectives.base import Objective
 from mmpt.registry import encoders as encoder_registry
 from mmpt.registry import modalities as modality_registry
 from mmpt.registry import objectives as objective_registry
@@ -100,14 +98,14 @@ def build_data_specs(cfg: Config) -> dict[str, ModalityData]:
 
 def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = None) -> Pretrainer:
     """Build the whole trainable module from a validated config; ``on_part`` is called on each encoder
-    and objective as soon as it is built (ZeRO-3 partitions it there, see :mod:`mmpt.init`)."""
+    and objective as soon as it is built (ZeRO-3 partitions it there, see :mod:`mmpt.parts.build`)."""
     def built(part: nn.Module) -> nn.Module:
         if on_part is not None:
             on_part(part)
         return part
 
-    from mmpt.adapt import adapt_heads, adapt_tower
-    from mmpt.init_from import InitFrom
+    from mmpt.parts.adapt import adapt_heads, adapt_tower
+    from mmpt.parts.init_from import InitFrom
 
     init = InitFrom.from_config(cfg.model)  # weights go in before adapters rename keys and ZeRO-3 partitions
     towers = {}

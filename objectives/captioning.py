@@ -3,7 +3,7 @@
 
 Both train with teacher forcing: position t predicts token t + 1 of the batch's text ids, padding and
 samples lacking either modality ignored. Both also decode: :meth:`CaptionObjective.start_decoding`
-encodes the source once and returns a :class:`mmpt.generate.Decoder` that greedy, beam or sampled
+encodes the source once and returns a :class:`mmpt.nn.generate.Decoder` that greedy, beam or sampled
 generation steps with a KV cache (``mmpt caption``, the ``caption`` eval task).
 """
 
@@ -16,10 +16,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
-from mmpt.layers import Block, CrossBlock, KVCache, init_weights
-from mmpt.objectives.base import Objective, ObjectiveOutput
+from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
+from mmpt.nn.layers import Block, CrossBlock, KVCache, init_weights
 from mmpt.objectives.contrastive import (
     GatherMode,
     bounded_log_scale,
@@ -123,7 +121,7 @@ class CaptionObjective(Objective):
     @torch.no_grad()
     def start_decoding(self, model: nn.Module, fields: dict[str, Tensor]) -> SourceDecoder:
         """Encode the source (collated ``fields`` of ``self.source``) once; returns the decoder generation
-        steps (:mod:`mmpt.generate`). ``model``: the :class:`~mmpt.model.MultimodalModel`."""
+        steps (:mod:`mmpt.nn.generate`). ``model``: the :class:`~mmpt.model.MultimodalModel`."""
         if self.source not in model.encoders:
             raise ConfigError(f"{self.registry_name}.source: the model has no {self.source!r} tower")
         tokenizer = getattr(model.data.get(self.text), "tokenizer", None)
@@ -138,7 +136,7 @@ class CaptionObjective(Objective):
 
 
 class SourceDecoder:
-    """One batch's decoding state for :mod:`mmpt.generate`: the source tokens, encoded once, and the step."""
+    """One batch's decoding state for :mod:`mmpt.nn.generate`: the source tokens, encoded once, and the step."""
 
     def __init__(self, objective: CaptionObjective, model: nn.Module, memory: Tensor, memory_mask: Tensor | None,
                  tokenizer: Any):

@@ -16,9 +16,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
-from mmpt.objectives.base import Objective, ObjectiveOutput
+from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
 from mmpt.registry import ConfigError, closest, objectives
 
 GATHER_MODES = ("local", "no_grad", "with_grad")

@@ -14,9 +14,7 @@ import math
 import torch
 from torch import Tensor, nn
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
-from mmpt.objectives.base import Objective, ObjectiveOutput
+from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
 from mmpt.objectives.contrastive import (
     GatherMode,
     bounded_log_scale,

@@ -27,10 +27,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput, PrefixTokenEncoder, keep_count, random_keep
-from mmpt.layers import Transformer, init_weights
-from mmpt.objectives.base import Objective, ObjectiveOutput
+from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
+from mmpt.encoders.base import PrefixTokenEncoder, keep_count, random_keep
+from mmpt.nn.layers import Transformer, init_weights
 from mmpt.registry import ConfigError, closest, objectives
 
 SCHEDULES = ("constant", "linear", "cosine")

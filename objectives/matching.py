@@ -24,10 +24,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
-from mmpt.layers import Block, CrossBlock, init_weights
-from mmpt.objectives.base import Objective, ObjectiveOutput
+from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
+from mmpt.nn.layers import Block, CrossBlock, init_weights
 from mmpt.objectives.contrastive import (
     GatherMode,
     bounded_log_scale,

@@ -15,9 +15,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
-from mmpt.objectives.base import Objective, ObjectiveOutput
+from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
 from mmpt.objectives.contrastive import (
     bounded_log_scale,
     check_pairs,

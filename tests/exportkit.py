@@ -12,9 +12,9 @@ from shardkit import tiny_config
 
 def train_and_export(shards: list[str], root: Path, **encoder_overrides: Any) -> Path:
     """Train a tiny CLIP for one step under ``root`` and export it; returns the .safetensors path."""
+    from mmpt.commands.export import export
     from mmpt.config import load_config
-    from mmpt.export import export
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     raw = tiny_config(shards, root / "run", steps=1, log_sample_keys=False)
     for modality, kwargs in encoder_overrides.items():

@@ -11,9 +11,9 @@ import torch
 from shardkit import tiny_config
 
 from mmpt.cli import main
+from mmpt.commands.export import write_export
 from mmpt.config import load_config
 from mmpt.eval.captioning import attribute_scores, named_value, reference_scores, words
-from mmpt.export import write_export
 from mmpt.pretrainer import build_pretrainer
 
 

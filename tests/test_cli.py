@@ -104,7 +104,7 @@ def test_eval_with_a_missing_tasks_file_fails_in_one_line_before_heavy_imports(t
     model = tmp_path / "model.safetensors"
     model.write_bytes(b"never read")
     code = ("import sys\nfrom mmpt.cli import main\nrc = main(sys.argv[1:])\n"
-            "print([m for m in ('torch', 'deepspeed', 'mmpt.export', 'timm', 'transformers') if m in sys.modules])\n"
+            "print([m for m in ('torch', 'deepspeed', 'mmpt.commands.export', 'timm', 'transformers') if m in sys.modules])\n"
             "sys.exit(rc)")
     out = subprocess.run([sys.executable, "-c", code, "eval", str(model), "--tasks-file", "missing.yaml"],
                          capture_output=True, text=True, timeout=120, cwd=tmp_path)

@@ -56,7 +56,7 @@ def test_shipped_recipe_and_unknown_recipe() -> None:
 
 
 def test_data_errors_fail_before_training(tiny_cfg: dict, tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     tiny_cfg["data"]["sources"] = [str(tmp_path / "missing-{000..003}.tar")]
     with pytest.raises(ConfigError, match=r"missing-000\.tar"):
@@ -68,7 +68,7 @@ def test_data_errors_fail_before_training(tiny_cfg: dict, tmp_path: Path, capsys
 
 
 def test_impossible_batch_fails_before_training(tiny_cfg: dict) -> None:
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     tiny_cfg["data"]["batch_size"] = 400
     with pytest.raises(ConfigError, match=r"data\.batch_size: 400 x 1 ranks x 1 accumulation = 400 .* only 150"):
@@ -90,7 +90,7 @@ def test_cli_reports_config_errors_in_one_line(tiny_cfg: dict, tmp_path: Path, c
     ({"stem": "conv2"}, r"model\.encoders\.image: stem must be 'patch' or 'conv', got 'conv2'"),
 ])
 def test_encoder_argument_errors_name_the_section_before_training(tiny_cfg: dict, change: dict, message: str) -> None:
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     tiny_cfg["model"]["encoders"]["image"].update(change)
     with pytest.raises(ConfigError, match=message):
@@ -150,7 +150,7 @@ def test_debug_flag_shows_the_traceback() -> None:
 def test_every_recipe_and_part_key_is_documented() -> None:
     """`mmpt train --help` / `mmpt info --keys --tasks` read descriptions from the classes' docstrings."""
     from mmpt.config import Config, DataConfig, ModelConfig, OptimConfig, Source, TrainConfig
-    from mmpt.keys import UNDOCUMENTED, describe
+    from mmpt.config.keys import UNDOCUMENTED, describe
     from mmpt.registry import encoders, objectives, tasks
 
     parts = [Config, ModelConfig, DataConfig, OptimConfig, TrainConfig, Source]

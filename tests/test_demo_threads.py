@@ -8,7 +8,7 @@ from typing import Any
 import pytest
 import torch
 
-from mmpt import demo
+from mmpt.commands import demo
 
 
 class Stop(Exception):
@@ -23,12 +23,12 @@ def test_demo_trains_with_a_fixed_printed_thread_count(tmp_path: Path, monkeypat
         seen.append(torch.get_num_threads())
         raise Stop
 
-    import mmpt.train.loop
+    import mmpt.training.loop
 
     for var in ("MMPT_DEMO_DATA", "MMPT_RUN_DIR"):  # run_demo points recipes at its folders: restored after
         monkeypatch.setenv(var, "")
     monkeypatch.setattr(demo, "demo_data", lambda *a, **k: None)  # no data needed to reach training
-    monkeypatch.setattr(mmpt.train.loop, "train", train)
+    monkeypatch.setattr(mmpt.training.loop, "train", train)
     before = torch.get_num_threads()
     for threads in (1, 3):  # whatever the machine or the caller chose, training sees the same count
         torch.set_num_threads(threads)

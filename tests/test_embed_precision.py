@@ -11,7 +11,7 @@ import pytest
 import torch
 from exportkit import train_and_export
 
-from mmpt.embed import embed, resolve_precision
+from mmpt.commands.embed import embed, resolve_precision
 from mmpt.registry import ConfigError
 
 

@@ -12,11 +12,11 @@ import torch
 from shardkit import COLORS, tiny_config
 
 import mmpt
+from mmpt.commands.embed import embed
+from mmpt.commands.export import export
 from mmpt.config import load_config
 from mmpt.data.loader import eval_loader
-from mmpt.embed import embed
-from mmpt.export import export
-from mmpt.train.loop import train
+from mmpt.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -215,7 +215,7 @@ def test_cli_embed_metadata_columns_and_errors(trained: tuple[Path, Path], color
 
 
 def test_weights_digest_covers_every_tensor_kind() -> None:
-    from mmpt.embed import weights_digest
+    from mmpt.commands.embed import weights_digest
 
     model = torch.nn.Sequential(torch.nn.Linear(3, 4), torch.nn.BatchNorm1d(4)).to(torch.bfloat16)  # 0-dim buffer
     before = weights_digest(model)

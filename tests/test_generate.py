@@ -1,4 +1,4 @@
-"""Generation (mmpt/generate.py) and the KV cache (mmpt/layers.py): cached decoding equals recomputing the
+"""Generation (mmpt/nn/generate.py) and the KV cache (mmpt/nn/layers.py): cached decoding equals recomputing the
 prefix, beam 1 equals greedy, EOS and max_len are respected, batch rows are independent."""
 
 from __future__ import annotations
@@ -7,8 +7,8 @@ import pytest
 import torch
 from torch import Tensor
 
-from mmpt.generate import GenerationConfig, generate
-from mmpt.layers import KVCache, Transformer
+from mmpt.nn.generate import GenerationConfig, generate
+from mmpt.nn.layers import KVCache, Transformer
 from mmpt.objectives.captioning import CaptionDecoder
 from mmpt.registry import ConfigError
 
@@ -159,7 +159,7 @@ def test_batched_rows_are_independent() -> None:
 
 
 def test_sampling_filters_and_is_seeded() -> None:
-    from mmpt.generate import filter_logits
+    from mmpt.nn.generate import filter_logits
 
     logits = torch.tensor([[4.0, 3.0, 2.0, 1.0, 0.0]])
     assert torch.isinf(filter_logits(logits, top_k=2)).tolist() == [[False, False, True, True, True]]

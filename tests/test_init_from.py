@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 import torch
 
+from mmpt.commands.export import write_export
 from mmpt.config import load_config
-from mmpt.export import write_export
 from mmpt.pretrainer import build_pretrainer, set_seed
 from mmpt.registry import ConfigError
 

@@ -14,7 +14,7 @@ import torch
 from exportkit import config_of, rewrite, train_and_export, with_config
 
 import mmpt
-from mmpt.export import describe
+from mmpt.commands.export import describe
 from mmpt.registry import ConfigError
 
 
@@ -60,7 +60,7 @@ def test_nonfinite_weights_refused_unless_allowed(exported: Path, tmp_path: Path
 
 
 def test_weight_fetching_keys_are_reset(exported: Path, tmp_path: Path) -> None:
-    from mmpt.export import export_config, read_header
+    from mmpt.commands.export import export_config, read_header
 
     cfg = config_of(exported)
     cfg["model"]["encoders"]["image"] = {"name": "image/timm", "model_name": "resnet18", "pretrained": True,
@@ -201,7 +201,7 @@ def timm_run(color_shards: list[str], tmp_path_factory: pytest.TempPathFactory) 
     from shardkit import tiny_config
 
     from mmpt.config import load_config
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     run = tmp_path_factory.mktemp("timm_run") / "run"
     raw = tiny_config(color_shards, run, steps=1, log_sample_keys=False)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from torch import nn
 
-from mmpt.encoders.base import Encoder, EncoderOutput, ModalityData, stack_present
+from mmpt.contracts import Encoder, EncoderOutput, ModalityData
+from mmpt.encoders.base import stack_present
 from mmpt.registry import encoders, modalities
 
 

@@ -19,49 +19,13 @@ from __future__ import annotations
 
 from typing import Any
 
-MiB = 1 << 20
-
-
-class SampleRejected(ValueError):
-    """A sample a data side refuses for a named reason; counted as ``<reason>_<modality>``."""
-
-    reason: str = "rejected"
-
-    def __init__(self, message: str, reason: str | None = None):
-        super().__init__(message)
-        if reason is not None:
-            self.reason = reason
-
-
-class SampleTooLarge(SampleRejected):
-    """A sample over its modality's byte budget (before or after decoding)."""
-
-    reason = "too_large"
+from mmpt.contracts import MiB, SampleRejected, SampleTooLarge
 
 
 def skip_reason(exc: BaseException, modality: str) -> str:
     """The reason a failed decode is counted under: ``<reason>_<modality>`` for a refusal that names its
     reason, ``decode_error_<modality>`` for anything else a decoder raised."""
     return f"{exc.reason if isinstance(exc, SampleRejected) else 'decode_error'}_{modality}"
-
-
-def value_size(value: Any) -> int:
-    """Bytes held by a decoded value: tensors and arrays by their buffers, text by its length, containers
-    and dataclasses by their parts (anything else counts 0)."""
-    if value is None:
-        return 0
-    if isinstance(value, (str, bytes, bytearray)):
-        return len(value)
-    nbytes = getattr(value, "nbytes", None)  # numpy arrays, torch tensors (torch >= 2.1)
-    if isinstance(nbytes, int):
-        return nbytes
-    if isinstance(value, dict):
-        return sum(value_size(v) for v in value.values())
-    if isinstance(value, (list, tuple)):
-        return sum(value_size(v) for v in value)
-    if hasattr(value, "__dataclass_fields__"):
-        return sum(value_size(getattr(value, f)) for f in value.__dataclass_fields__)
-    return 0
 
 
 def decode_within_budget(spec: Any, data: bytes, ext: str, budget: int | None = None) -> Any:

@@ -29,7 +29,7 @@ from typing import Any
 import torch
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
-from mmpt.data.batch import Batch
+from mmpt.contracts import Batch, ModalityData
 from mmpt.data.budget import decode_within_budget, skip_reason
 from mmpt.data.shards import (
     CUT_REASON,
@@ -40,7 +40,6 @@ from mmpt.data.shards import (
     expand_urls,
     iter_samples,
 )
-from mmpt.encoders.base import ModalityData
 
 
 @dataclass

@@ -18,7 +18,7 @@ from typing import Any
 
 import torch
 
-from mmpt.encoders.base import ModalityData
+from mmpt.contracts import ModalityData
 from mmpt.eval.common import Embedded, Task, embed_data, embed_texts
 from mmpt.eval.sharding import split_over_ranks
 from mmpt.model import MultimodalModel

@@ -134,8 +134,8 @@ class CaptionEval(Task):
     def run(self, model: nn.Module, specs: dict[str, Any], device: torch.device | str,
             progress: bool = True) -> dict[str, Any]:
         """Captions and their scores (``model``: the Pretrainer)."""
-        from mmpt.caption import caption_batches, find_captioner
-        from mmpt.generate import GenerationConfig
+        from mmpt.commands.caption import caption_batches, find_captioner
+        from mmpt.nn.generate import GenerationConfig
 
         captioner = find_captioner(model.objectives, self.modality, self.objective)
         max_len = self.max_len or captioner.max_positions(model.model) - 1

@@ -19,10 +19,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from mmpt.data.batch import Batch
+from mmpt.contracts import Batch, EncoderOutput, ModalityData
 from mmpt.data.loader import drops_whole_sample, eval_loader
 from mmpt.data.shards import DataError, expand_urls
-from mmpt.encoders.base import EncoderOutput, ModalityData
 from mmpt.eval.sharding import all_gather, canonical_order, current_ranks, in_lockstep
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError

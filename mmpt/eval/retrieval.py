@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmpt.contracts import ModalityData
 from mmpt.data.shards import DataError
-from mmpt.encoders.base import ModalityData
 from mmpt.eval.common import Embedded, Task, embed_data, embed_texts, embed_tokens, require_modality
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError, tasks

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmpt.encoders.base import ModalityData
+from mmpt.contracts import ModalityData
 from mmpt.eval.common import Task, TokenFeatures, check_source, embed_tokens
 from mmpt.eval.linear_probe import check_fit_args, probe_metrics
 from mmpt.model import MultimodalModel

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from mmpt.encoders.base import ModalityData
+from mmpt.contracts import ModalityData
 from mmpt.eval.common import (
     Task,
     accuracy_metrics,

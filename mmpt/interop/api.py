@@ -153,7 +153,7 @@ def create_model_and_transforms(path: str | Path, device: str | torch.device = "
                                 allow_nonfinite: bool = False) -> tuple[CLIPModel, Preprocess | None, Preprocess | None]:
     """``model, preprocess_train, preprocess_val`` of an mmpt export or run directory, OpenCLIP-style (the
     model is in eval mode; call ``.train()`` to fine-tune)."""
-    from mmpt.export import load
+    from mmpt.commands.export import load
 
     pretrainer, transforms, tokenizer = load(path, device, allow_nonfinite=allow_nonfinite)
     model = CLIPModel(pretrainer, Tokenizer(tokenizer) if tokenizer is not None else None).to(device).eval()
@@ -165,7 +165,7 @@ def create_model_and_transforms(path: str | Path, device: str | torch.device = "
 
 def get_tokenizer(path: str | Path) -> Tokenizer:
     """OpenCLIP-style callable tokenizer of an mmpt export (read from its header) or run directory."""
-    from mmpt.export import export_config, load, read_header
+    from mmpt.commands.export import export_config, load, read_header
     from mmpt.pretrainer import build_data_specs
 
     if Path(path).is_dir():

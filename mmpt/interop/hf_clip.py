@@ -157,7 +157,7 @@ def _tokenizer(folder: Path) -> str:
 
 def import_hf_clip(folder: str | Path, out: str | Path) -> Path:
     """Write an mmpt export (``out``) from a Hugging Face ``CLIPModel`` folder."""
-    from mmpt.export import write_export
+    from mmpt.commands.export import write_export
 
     folder = Path(folder)
     config, hf_state = read_folder(folder)
@@ -233,7 +233,7 @@ def export_hf_clip(src: str | Path, out: str | Path) -> Path:
 def save_tokenizer(tokenizer: Any, out: Path) -> None:
     """Put the text tower's tokenizer into an HF folder: an ``hf:`` tokenizer's files are copied; OpenCLIP's BPE
     becomes a ``CLIPTokenizer`` (the same vocabulary and merges, HF's names for the two special tokens)."""
-    from mmpt.export import TOKENIZER_FILES
+    from mmpt.commands.export import TOKENIZER_FILES
 
     folder = getattr(getattr(tokenizer, "_tok", None), "name_or_path", None)
     if folder and Path(folder).is_dir():

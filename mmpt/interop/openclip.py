@@ -5,7 +5,7 @@
 objective holds the logit scale; ``export_openclip`` writes the inverse, a file that
 ``open_clip.create_model(NAME, pretrained=FILE)`` loads. Names are mapped explicitly, one rule per tower, and
 any key left over on either side stops the conversion with one message listing them: never a partial load.
-Checkpoints are data: safetensors, or ``torch.load`` with ``weights_only=True`` (``mmpt.train.safe_load``).
+Checkpoints are data: safetensors, or ``torch.load`` with ``weights_only=True`` (``mmpt.training.safe_load``).
 """
 
 from __future__ import annotations
@@ -30,7 +30,7 @@ SCALARS = (".logit_scale", ".logit_bias")  # OpenCLIP's top-level scalars, held 
 def read_state_dict(path: str | Path) -> dict[str, Tensor]:
     """An OpenCLIP checkpoint's state dict: safetensors, or a .pt/.bin read weights-only (a training checkpoint's
     ``state_dict`` entry and DDP's ``module.`` prefix are unwrapped, as OpenCLIP's own loader does)."""
-    from mmpt.train.safe_load import safe_torch_load
+    from mmpt.training.safe_load import safe_torch_load
 
     path = Path(path)
     if not path.is_file():
@@ -157,8 +157,8 @@ def import_openclip(model: str, weights: str | Path, out: str | Path, *, model_c
                     tokenizer: str | None = None) -> Path:
     """Write an mmpt export (``out``) from an OpenCLIP checkpoint of architecture ``model``; ``model_config``
     (a JSON file or folder) is registered with OpenCLIP first, as ``open_clip.add_model_config`` does."""
+    from mmpt.commands.export import write_export
     from mmpt.encoders.open_clip import resolve_model_config
-    from mmpt.export import write_export
 
     if model_config:
         import open_clip
@@ -224,7 +224,7 @@ def save_state(state: dict[str, Tensor], out: str | Path) -> Path:
 def load_merged(src: str | Path) -> torch.nn.Module:
     """The model of an mmpt export, or of a run directory exported first (LoRA adapters merged into their base
     weights, as ``mmpt export`` does), in eval mode."""
-    from mmpt.export import export, load
+    from mmpt.commands.export import export, load
 
     if not Path(src).is_dir():
         return load(src)[0]

@@ -15,9 +15,10 @@ import pytest
 import torch
 from PIL import Image
 
-from mmpt.data import demo
-from mmpt.data.demo import COLORS, SHAPES, DemoInfo, generate_demo
-from mmpt.encoders.base import DemoConcepts, ModalityData, stack_present
+from mmpt.contracts import DemoConcepts, ModalityData
+from mmpt.data import demo_shards as demo
+from mmpt.data.demo_shards import COLORS, SHAPES, DemoInfo, generate_demo
+from mmpt.encoders.base import stack_present
 from mmpt.registry import ConfigError
 
 SMALL = {"train_samples": 300, "eval_samples": 50, "shard_size": 128}
@@ -278,7 +279,7 @@ def test_modality_without_renderer_or_unknown_is_one_clear_error(tmp_path: Path,
 
 def test_demo_data_for_a_recipe_adds_its_modalities_and_reuses_a_set_that_has_them(
         tmp_path: Path, toy_modalities: None, monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmpt.demo import demo_data
+    from mmpt.commands.demo import demo_data
 
     calls: list[tuple[str, ...]] = []
     real = demo.generate_demo

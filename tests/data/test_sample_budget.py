@@ -10,7 +10,8 @@ import pytest
 from shardkit import write_tar
 
 from mmpt.config import load_config
-from mmpt.data.budget import MiB, SampleTooLarge, decode_within_budget
+from mmpt.contracts import MiB, SampleTooLarge
+from mmpt.data.budget import decode_within_budget
 from mmpt.data.loader import eval_loader
 from mmpt.registry import ConfigError, modalities
 
@@ -18,7 +19,7 @@ from mmpt.registry import ConfigError, modalities
 @pytest.fixture(scope="module")
 def demo_sample(tmp_path_factory: pytest.TempPathFactory) -> dict:
     """The members of one demo sample carrying every registered modality."""
-    from mmpt.data.demo import generate_demo
+    from mmpt.data.demo_shards import generate_demo
     from mmpt.data.shards import expand_urls, iter_samples
 
     info = generate_demo(tmp_path_factory.mktemp("budget"), train_samples=0, eval_samples=2, shard_size=2,

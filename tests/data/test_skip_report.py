@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from mmpt.data.loader import format_skips, skip_counts
-from mmpt.train.loop import RunSummary
+from mmpt.training.loop import RunSummary
 
 
 def test_skip_counts_sum_samples_and_count_distinct_shards() -> None:

@@ -17,7 +17,7 @@ from shardkit import (
 
 from mmpt.config import load_config
 from mmpt.data.shards import DataError
-from mmpt.train.loop import train
+from mmpt.training.loop import train
 
 
 @pytest.mark.timeout(120)

@@ -13,8 +13,8 @@ import soundfile as sf
 import torch
 from shardkit import tiny_config, write_tar
 
+from mmpt.contracts import DemoConcepts
 from mmpt.data.loader import eval_loader
-from mmpt.encoders.base import DemoConcepts
 from mmpt.registry import ConfigError, encoders, modalities
 
 RATE = 8000
@@ -132,7 +132,8 @@ def test_absurd_sample_rate_is_its_own_reason(tmp_path: Path) -> None:
 
 def test_header_claiming_hours_is_refused_before_reading() -> None:
     """A FLAC whose STREAMINFO claims 2^36 frames is refused from its header: nothing is read or allocated."""
-    from mmpt.data.budget import SampleTooLarge, decode_within_budget
+    from mmpt.contracts import SampleTooLarge
+    from mmpt.data.budget import decode_within_budget
 
     flac = bytearray(audio_bytes(tone(0.3), RATE, "FLAC", "PCM_16"))
     info = int.from_bytes(flac[18:26], "big") | ((1 << 36) - 1)  # total samples: the low 36 bits
@@ -277,7 +278,7 @@ def test_render_demo_follows_the_concepts(tmp_path: Path) -> None:
 
 def test_train_steps_on_demo_audio(tmp_path: Path) -> None:
     from mmpt.config import load_config
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     d = modalities.get("audio")(sample_rate=16000, clip_seconds=1.0)
     c = concepts(32)
@@ -298,8 +299,8 @@ def test_train_steps_on_demo_audio(tmp_path: Path) -> None:
 def test_export_loads_without_the_init_from_file(tmp_path: Path) -> None:
     from safetensors.torch import save_file
 
+    from mmpt.commands.export import load, write_export
     from mmpt.config import load_config
-    from mmpt.export import load, write_export
     from mmpt.pretrainer import build_pretrainer
 
     vit = encoders.build("image/vit", image_size=32, patch_size=8, width=32, depth=2, heads=2, stem="patch")

@@ -21,8 +21,8 @@ sys.path.insert(0, str(Path(__file__).parents[1] / "train"))
 from _zero_init_cases import ENCODER_CASES, cases  # noqa: E402
 
 from mmpt.config import load_config  # noqa: E402
+from mmpt.contracts import EncoderOutput
 from mmpt.data.loader import eval_loader  # noqa: E402
-from mmpt.encoders.base import EncoderOutput  # noqa: E402
 from mmpt.pretrainer import build_pretrainer, set_seed  # noqa: E402
 from mmpt.registry import encoders, modalities  # noqa: E402
 
@@ -32,7 +32,7 @@ ATOL = 1e-5
 @pytest.fixture(scope="module")
 def demo_shards(tmp_path_factory: pytest.TempPathFactory) -> str:
     """Eight demo samples carrying every registered modality (none absent)."""
-    from mmpt.data.demo import generate_demo
+    from mmpt.data.demo_shards import generate_demo
 
     info = generate_demo(tmp_path_factory.mktemp("contract"), train_samples=0, eval_samples=8, shard_size=8,
                          modalities=modalities.names(), absent_fraction=0.0, progress=False)
@@ -79,7 +79,7 @@ def grads_of(tower: nn.Module, fields: dict[str, Tensor], seed: int) -> tuple[Te
 
 @pytest.mark.parametrize("name", encoders.names())
 def test_encoder_contract(name: str, demo_shards: str, tmp_path: Path) -> None:
-    from mmpt.export import load, write_export
+    from mmpt.commands.export import load, write_export
 
     raw = case_config(name)
     modality = encoders.get(name).modality

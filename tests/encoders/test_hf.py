@@ -142,8 +142,8 @@ def test_an_export_of_an_hf_tower_does_not_read_the_folder_weights_again(tiny_cf
     import transformers
 
     import mmpt
+    from mmpt.commands.export import write_export
     from mmpt.config import load_config
-    from mmpt.export import write_export
     from mmpt.pretrainer import build_pretrainer
 
     folder = esm_folder(tmp_path / "esm")

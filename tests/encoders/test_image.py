@@ -11,7 +11,7 @@ from PIL import Image
 from torch import nn
 
 from mmpt.encoders.image import OPENAI_MEAN, OPENAI_STD, DecompressionBomb
-from mmpt.layers import Attention
+from mmpt.nn.layers import Attention
 from mmpt.registry import encoders, modalities
 
 

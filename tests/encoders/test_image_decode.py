@@ -160,7 +160,8 @@ def test_header_past_pillows_own_limit_is_too_large_not_a_decode_error() -> None
     import struct
     import zlib
 
-    from mmpt.data.budget import SampleTooLarge, decode_within_budget, skip_reason
+    from mmpt.contracts import SampleTooLarge
+    from mmpt.data.budget import decode_within_budget, skip_reason
 
     def chunk(kind: bytes, body: bytes) -> bytes:
         return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))

@@ -14,8 +14,8 @@ import pytest
 import torch
 from shardkit import write_tar
 
+from mmpt.contracts import DemoConcepts
 from mmpt.data.loader import Loader, StreamSpec
-from mmpt.encoders.base import DemoConcepts
 from mmpt.encoders.protein import ProteinTokenizer, apply_rope, render_sequences, rope_angles
 from mmpt.registry import ConfigError, encoders, modalities
 

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from torch import Tensor, nn
 
-from mmpt.encoders.base import ModalityData
+from mmpt.contracts import ModalityData
 from mmpt.eval import build_tasks, format_table, run_tasks, write_results
 from mmpt.eval.common import accuracy_metrics
 from mmpt.eval.linear_probe import fit_logistic_regression
@@ -543,7 +543,7 @@ class VecModel(nn.Module):
         self.embed_dim, self.text_table = VEC_DIM, text_table
 
     def encode_fields(self, modality: str, fields: dict[str, Tensor]) -> Any:
-        from mmpt.encoders.base import EncoderOutput
+        from mmpt.contracts import EncoderOutput
 
         if "row" in fields:
             return SimpleNamespace(embedding=self.text_table[fields["row"]])
@@ -691,6 +691,6 @@ def test_caption_retrieval_names_metrics_by_the_modalities_compared(tmp_path: Pa
     both = {"vec": VecData(), "velocity": VecData("velocity"), "text": TableText(rows)}
     res = run_tasks(VecModel(torch.eye(VEC_DIM)), both, task, device="cpu", progress=False)["retrieval"]
     assert res["vec2text_r1"] == 1.0 and res["text2vec_r1"] == 1.0 and "v2t_r1" not in res
-    from mmpt.train.plot import headline  # the training summary and loss.png pick these curves
+    from mmpt.training.plot import headline  # the training summary and loss.png pick these curves
 
     assert [k for k in res if headline(k)] == ["vec2text_r1", "text2vec_r1"]

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpt.train.engine import free_port
+from mmpt.training.engine import free_port
 
 HARNESS = Path(__file__).parents[1] / "train" / "_train_ranks.py"
 
@@ -36,7 +36,7 @@ def two_ranks(color_shards: list[str], tmp_path_factory: pytest.TempPathFactory)
 def one_rank(run: Path, tmp_path: Path):
     """The exported model of a two-rank run, loaded in this single process."""
     import mmpt
-    from mmpt.export import export
+    from mmpt.commands.export import export
 
     pretrainer, transforms, _ = mmpt.load(str(export(run, tmp_path / "model.safetensors")))
     return pretrainer.model, transforms

@@ -140,8 +140,8 @@ def native(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """An mmpt model with mmpt's own towers (ViT, causal text transformer, linear heads), random init."""
     from shardkit import tiny_config
 
+    from mmpt.commands.export import write_export
     from mmpt.config import load_config
-    from mmpt.export import write_export
     from mmpt.pretrainer import build_pretrainer, set_seed
 
     cfg = load_config(tiny_config(["unused.tar"], Path("unused")))

@@ -72,10 +72,10 @@ def test_mmpt_model_exports_to_openclip_with_parity(tmp_path: Path) -> None:
     """A model that starts in mmpt (its own init, one step of changed weights) -> OpenCLIP -> mmpt."""
     import open_clip
 
+    from mmpt.commands.export import write_export
     from mmpt.config import load_config
     from mmpt.encoders.image import OPENAI_MEAN
     from mmpt.encoders.open_clip import TINY_VIT
-    from mmpt.export import write_export
     from mmpt.interop.openclip import mmpt_recipe
     from mmpt.pretrainer import build_pretrainer
 
@@ -208,7 +208,7 @@ def test_towers_train_in_mmpt_and_a_run_exports_to_openclip(color_shards: list[s
     from mmpt.config import load_config
     from mmpt.encoders.open_clip import TINY_VIT
     from mmpt.interop.openclip import mmpt_recipe
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     register_tiny()
     raw = tiny_config(color_shards, tmp_path / "run", steps=2, log_sample_keys=False)

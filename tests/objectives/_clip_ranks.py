@@ -57,8 +57,7 @@ def siglip_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]
     """siglip_loss per exchange and mask, OpenCLIP's SigLipLoss where unmasked, and the SigLIP module."""
     from open_clip.loss import SigLipLoss
 
-    from mmpt.data.batch import Batch
-    from mmpt.encoders.base import EncoderOutput
+    from mmpt.contracts import Batch, EncoderOutput
     from mmpt.objectives.siglip import SigLIP, siglip_loss
 
     rows = slice(rank * LOCAL_BATCH, (rank + 1) * LOCAL_BATCH)
@@ -135,8 +134,7 @@ def itm_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
     images in embedding space, so hard negatives come from the other rank; row 0 has the same caption on
     both ranks. Rank 0's loss is multiplied by 0: any gradient on its tokens came from rank 1's loss."""
     import mmpt.objectives.matching as matching
-    from mmpt.data.batch import Batch
-    from mmpt.encoders.base import EncoderOutput
+    from mmpt.contracts import Batch, EncoderOutput
 
     g = torch.Generator().manual_seed(99)
     n = WORLD * LOCAL_BATCH
@@ -186,8 +184,7 @@ def itm_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]]:
 def main(outdir: Path) -> None:
     from open_clip.loss import ClipLoss
 
-    from mmpt.data.batch import Batch
-    from mmpt.encoders.base import EncoderOutput
+    from mmpt.contracts import Batch, EncoderOutput
     from mmpt.objectives.contrastive import CLIP, GatherMode, clip_loss
 
     dist.init_process_group("gloo", timeout=timedelta(seconds=60))

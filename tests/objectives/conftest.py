@@ -11,7 +11,7 @@ import pytest
 import torch
 from shardkit import fresh_env
 
-from mmpt.train.engine import free_port
+from mmpt.training.engine import free_port
 
 HERE = Path(__file__).resolve().parent
 

@@ -17,8 +17,8 @@ from PIL import Image
 from shardkit import tiny_config
 
 from mmpt.config import load_config
-from mmpt.data.batch import Batch
-from mmpt.generate import GenerationConfig, generate
+from mmpt.contracts import Batch
+from mmpt.nn.generate import GenerationConfig, generate
 from mmpt.objectives.captioning import caption_loss, coca_loss
 from mmpt.objectives.contrastive import GatherMode
 from mmpt.pretrainer import Pretrainer, build_pretrainer

@@ -11,8 +11,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import ClipLoss
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
+from mmpt.contracts import Batch, EncoderOutput
 from mmpt.objectives.contrastive import CLIP, GatherMode, clip_loss
 from mmpt.registry import ConfigError, objectives
 
@@ -295,7 +294,7 @@ def _engine_scale_path(shards: list[str], out: Path, stage: int, steps: int, mon
     import deepspeed
     from shardkit import tiny_config
 
-    import mmpt.train.engine as engine_mod
+    import mmpt.training.engine as engine_mod
     from mmpt.config import load_config
     from mmpt.data.loader import train_loader
     from mmpt.pretrainer import build_data_specs, build_pretrainer, set_seed

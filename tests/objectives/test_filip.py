@@ -13,8 +13,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
+from mmpt.contracts import Batch, EncoderOutput
 from mmpt.model import MultimodalModel
 from mmpt.objectives.contrastive import GatherMode
 from mmpt.objectives.filip import FILIP, filip_loss, subsample_tokens, token_similarity

@@ -120,7 +120,7 @@ def tiny_mlm(**kw: object) -> tuple[MultimodalModel, MLM]:
 
 
 def text_batch(n: int = 6):
-    from mmpt.data.batch import Batch
+    from mmpt.contracts import Batch
 
     ids, mask = build_tokenizer("openclip-bpe", 16).encode([f"a {c} square on the left" for c in
                                                            ("red", "green", "blue", "small", "big", "tiny")][:n])

@@ -9,8 +9,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
+from mmpt.contracts import Batch, EncoderOutput
 from mmpt.objectives.matching import (
     ITM,
     identity_keys,

@@ -14,13 +14,13 @@ import torch.nn.functional as F
 from shardkit import tiny_config
 
 from mmpt.config import load_config
-from mmpt.data.batch import Batch
+from mmpt.contracts import Batch
 from mmpt.objectives.contrastive import GatherMode, clip_loss
 from mmpt.objectives.matching import MomentumITC, input_fingerprints, momentum_itc_loss
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
-from mmpt.train.checkpoint import InjectedFault
-from mmpt.train.loop import train
+from mmpt.training.checkpoint import InjectedFault
+from mmpt.training.loop import train
 
 MOMENTUM = {"name": "itc_momentum", "pairs": [["image", "text"]], "momentum": 0.9, "alpha": 0.4,
             "queue_size": 5, "init_logit_scale": 10.0}

@@ -15,8 +15,7 @@ import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput
+from mmpt.contracts import Batch, EncoderOutput
 from mmpt.objectives.contrastive import GatherMode, clip_loss
 from mmpt.objectives.siglip import SigLIP, siglip_loss
 from mmpt.registry import ConfigError, objectives

@@ -20,8 +20,8 @@ from runkit import reseal, small  # noqa: E402
 
 from mmpt.config import load_config  # noqa: E402
 from mmpt.registry import ConfigError  # noqa: E402
-from mmpt.train.engine import init_distributed  # noqa: E402
-from mmpt.train.loop import train  # noqa: E402
+from mmpt.training.engine import init_distributed  # noqa: E402
+from mmpt.training.loop import train  # noqa: E402
 
 
 def main() -> None:

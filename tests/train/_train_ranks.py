@@ -28,8 +28,8 @@ from mmpt.config import load_config  # noqa: E402
 from mmpt.data.loader import eval_loader  # noqa: E402
 from mmpt.pretrainer import build_data_specs  # noqa: E402
 from mmpt.registry import ConfigError, encoders  # noqa: E402
-from mmpt.train.checkpoint import InjectedFault  # noqa: E402
-from mmpt.train.loop import train  # noqa: E402
+from mmpt.training.checkpoint import InjectedFault  # noqa: E402
+from mmpt.training.loop import train  # noqa: E402
 
 
 def config(shards: list[str], out: Path, stage: int, **train_kw) -> dict:
@@ -121,7 +121,7 @@ def zero0_then_zero3(out: Path, name: str, make_raw: Callable[[Path, int], dict]
     """Train ``make_raw(run_dir, stage)`` into ``<name>_zero0`` and ``<name>_zero3`` (the ZeRO-3 run crashed at
     ``crash_at_step`` and resumed, when given); yields (stage, names of the weights that moved, consolidated
     state) on rank 0 and (stage, None, None) elsewhere. Per-step losses are in the runs' key logs."""
-    from mmpt.export import consolidate
+    from mmpt.commands.export import consolidate
 
     for stage in (0, 3):
         raw = make_raw(out / f"{name}_zero{stage}", stage)
@@ -181,7 +181,7 @@ def masked_tokens_runs(shards: list[str], out: Path) -> None:
 def itm_runs(shards: list[str], out: Path) -> None:
     """albef-tiny's objectives, clip + itm with hard negatives from the global batch (token features gathered
     with gradient), at ZeRO 0 and 3; rank 0 writes which weights moved."""
-    from mmpt.train.engine import init_distributed
+    from mmpt.training.engine import init_distributed
 
     init_distributed()  # also launched on its own (SCENARIOS), before anything joined the group
 
@@ -201,10 +201,10 @@ def coca_runs(shards: list[str], out: Path) -> None:
     per-step losses come from the runs' key logs. At ZeRO 3 every rank also captions a fixed batch with the
     live engine (KV-cached greedy decoding through the partitioned towers and decoder); rank 0 writes those
     tokens, the tokens of the consolidated weights in a plain model, and which weights moved."""
-    from mmpt.export import consolidate
-    from mmpt.generate import GenerationConfig, generate
+    from mmpt.commands.export import consolidate
+    from mmpt.nn.generate import GenerationConfig, generate
     from mmpt.pretrainer import build_pretrainer
-    from mmpt.train.engine import init_distributed
+    from mmpt.training.engine import init_distributed
 
     init_distributed()  # a launch of its own (SCENARIOS) has not joined the group yet
 
@@ -264,7 +264,7 @@ def gradcache_gradients(shards: list[str], out: Path) -> None:
     test_gradcache's tolerance and a checksum of the reduced gradients (equal on every rank)."""
     from test_gradcache import boundary_grads, first_batches, gradcache_config, gradient_gaps
 
-    from mmpt.train.engine import init_distributed
+    from mmpt.training.engine import init_distributed
 
     d = init_distributed()  # the first scenario of the launch: nothing has joined the group yet
     rank, world = d.rank, d.world
@@ -317,7 +317,7 @@ def sharded_eval(shards: list[str], out: Path) -> None:
     from mmpt.eval import run_tasks
     from mmpt.eval.common import embed_data
     from mmpt.eval.sharding import EvalRanks, in_lockstep, split_over_ranks
-    from mmpt.train.engine import init_distributed
+    from mmpt.training.engine import init_distributed
 
     d = init_distributed()
     for stage in (0, 3):
@@ -353,7 +353,7 @@ def multinode(shards: list[str], out: Path) -> None:
     that crashes at step 3 and resumes from step 2's checkpoint in the shared run directory."""
     import os
 
-    from mmpt.train.engine import init_distributed
+    from mmpt.training.engine import init_distributed
 
     d = init_distributed()
     env = {k: os.environ.get(k) for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "GROUP_RANK", "CROSS_RANK")}

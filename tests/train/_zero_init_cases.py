@@ -48,7 +48,7 @@ def initial_weights(raw: dict, stage: int, seed_offset: int = 0) -> dict[str, to
     """The consolidated weights of a fresh engine at ``stage`` (every rank must call this)."""
     import deepspeed
 
-    from mmpt.train.engine import build_engine, init_distributed
+    from mmpt.training.engine import build_engine, init_distributed
 
     raw = copy.deepcopy(raw)
     raw["train"].update(zero_stage=stage, stage3_param_persistence_threshold=0)

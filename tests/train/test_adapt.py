@@ -12,8 +12,8 @@ import torch
 from shardkit import tiny_config
 from torch import nn
 
-from mmpt.adapt import add_lora, has_adapters, merge_adapters
 from mmpt.config import TowerAdapt, load_config
+from mmpt.parts.adapt import add_lora, has_adapters, merge_adapters
 from mmpt.pretrainer import build_pretrainer, set_seed
 from mmpt.registry import ConfigError, encoders
 
@@ -36,7 +36,7 @@ def test_frozen_tower_is_bit_identical_and_has_no_optimizer_state(color_shards: 
                                                                    stage: int) -> None:
     import deepspeed
 
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     raw = adapted(tiny_config(color_shards, tmp_path / "run", steps=3, checkpoint_every=3, zero_stage=stage,
                               stage3_param_persistence_threshold=0),
@@ -168,8 +168,8 @@ def test_lora_on_mmpt_and_hf_linear_layers_trains_and_merges(tiny_cfg: dict) -> 
 
 def test_export_merges_adapters_unless_kept(color_shards: list[str], tmp_path: Path) -> None:
     import mmpt
-    from mmpt.export import export
-    from mmpt.train.loop import train
+    from mmpt.commands.export import export
+    from mmpt.training.loop import train
 
     raw = adapted(tiny_config(color_shards, tmp_path / "run", steps=3, checkpoint_every=3),
                   image={"mode": "lora", "rank": 2}, text={"mode": "frozen"})
@@ -189,7 +189,7 @@ def test_export_merges_adapters_unless_kept(color_shards: list[str], tmp_path: P
 
 
 def test_last_blocks_finds_a_hugging_face_layer_stack() -> None:
-    from mmpt.adapt import adapt_tower
+    from mmpt.parts.adapt import adapt_tower
 
     tower = encoders.build("text/hf", path="t", tokenizer="openclip-bpe", config={
         "model_type": "bert", "hidden_size": 32, "num_hidden_layers": 3, "num_attention_heads": 2,

@@ -18,11 +18,11 @@ from shardkit import fresh_env
 
 import mmpt
 from mmpt.cli import main as cli_main
+from mmpt.commands.export import consolidate, export
 from mmpt.config import load_config
-from mmpt.export import consolidate, export
 from mmpt.registry import ConfigError
-from mmpt.train.checkpoint import InjectedFault
-from mmpt.train.loop import train
+from mmpt.training.checkpoint import InjectedFault
+from mmpt.training.loop import train
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -254,8 +254,8 @@ def test_logs_survive_kill_9_and_the_next_run_takes_over(color_shards: list[str]
         sys.path.insert(0, {str(REPO / "tests")!r})
         from shardkit import tiny_config
         from mmpt.config import load_config
-        from mmpt.train import checkpoint
-        from mmpt.train.loop import train
+        from mmpt.training import checkpoint
+        from mmpt.training.loop import train
 
         class KillNow(Exception):  # the injected fault becomes a SIGKILL inside the running loop
             def __init__(self, *args):
@@ -282,7 +282,7 @@ def test_logs_survive_kill_9_and_the_next_run_takes_over(color_shards: list[str]
 
 HOLDER = """
 import sys, time
-from mmpt.train.lock import RunLock
+from mmpt.training.lock import RunLock
 lock = RunLock(sys.argv[1])
 lock.acquire()
 print("locked", flush=True)

@@ -13,7 +13,7 @@ from shardkit import tiny_config
 from torch import nn
 
 from mmpt.config import load_config
-from mmpt.data.batch import Batch
+from mmpt.contracts import Batch
 from mmpt.registry import ConfigError
 
 # Tolerance, relative to the gradient's norm: per parameter tensor 1e-2, all parameters together 1e-4.
@@ -56,8 +56,8 @@ def boundary_grads(raw: dict, batches: list[Batch], steps: int = 2,
     from deepspeed.utils import safe_get_full_grad
 
     from mmpt.pretrainer import set_seed
-    from mmpt.train.engine import build_engine, init_distributed
-    from mmpt.train.loop import step_strategy
+    from mmpt.training.engine import build_engine, init_distributed
+    from mmpt.training.loop import step_strategy
 
     cfg, d = load_config(raw), init_distributed()
     set_seed(cfg.seed + d.rank)  # as train() does: same weights for both strategies
@@ -131,8 +131,8 @@ def test_gradcache_stops_caching_what_the_loss_does_not_read(color_shards: list[
     """The cache keeps only the floating fields the loss takes a gradient from (found on the first
     chunk; CLIP: the embeddings, not the B x T x D tokens), from the first step on."""
     from mmpt.pretrainer import set_seed
-    from mmpt.train.engine import build_engine, init_distributed
-    from mmpt.train.gradcache import GradCacheStep
+    from mmpt.training.engine import build_engine, init_distributed
+    from mmpt.training.gradcache import GradCacheStep
 
     raw = gradcache_config(color_shards, tmp_path / "gc", "gradcache", objective)
     (batch,) = first_batches(raw, 1)
@@ -151,7 +151,7 @@ def test_gradcache_stops_caching_what_the_loss_does_not_read(color_shards: list[
 def dropout_heads(monkeypatch: pytest.MonkeyPatch) -> Any:
     """Engines built from here on get dropout (p 0.3) in front of each projection head: the forward
     draws random numbers, as augmentation on device, drop-path or masking would."""
-    import mmpt.train.engine
+    import mmpt.training.engine
     from mmpt.pretrainer import build_pretrainer
 
     def with_dropout(cfg: Any, on_part: Any = None) -> Any:
@@ -160,7 +160,7 @@ def dropout_heads(monkeypatch: pytest.MonkeyPatch) -> Any:
             module.model.heads[m] = nn.Sequential(nn.Dropout(0.3), head)
         return module
 
-    monkeypatch.setattr(mmpt.train.engine, "build_pretrainer", with_dropout)
+    monkeypatch.setattr(mmpt.training.engine, "build_pretrainer", with_dropout)
     return with_dropout
 
 
@@ -170,9 +170,9 @@ def test_reforward_replays_each_chunks_random_draws(color_shards: list[str], tmp
     """With dropout in the heads (and FILIP drawing its token subsample in the loss), the gradient is
     that of the embeddings the no-grad pass drew chunk by chunk and of the loss's one draw, and the RNG
     afterwards is where one forward of each chunk and one loss leave it."""
-    from mmpt.encoders.base import TensorRecord
+    from mmpt.contracts import TensorRecord
     from mmpt.pretrainer import set_seed
-    from mmpt.train.gradcache import chunk_of
+    from mmpt.training.gradcache import chunk_of
 
     raw = gradcache_config(color_shards, tmp_path / "gc", "gradcache", objective, objective_kw)
     (batch,) = first_batches(raw, 1)
@@ -196,8 +196,8 @@ def resume_gaps(shards: list[str], tmp_path: Path, **train_kw: Any) -> list[str]
     """Run 5 steps; crash after step 3 and resume from step 2: the steps whose keys or losses differ."""
     from test_train import step_log
 
-    from mmpt.train.checkpoint import InjectedFault
-    from mmpt.train.loop import train
+    from mmpt.training.checkpoint import InjectedFault
+    from mmpt.training.loop import train
 
     def run(out: Path, **kw: Any) -> dict:
         return tiny_config(shards, out, steps=5, checkpoint_every=2, **train_kw, **kw)
@@ -249,7 +249,7 @@ def test_gradcache_config_warnings(color_shards: list[str], tmp_path: Path, trai
 
 def test_gradcache_deepspeed_accumulation(color_shards: list[str], tmp_path: Path) -> None:
     """Each chunk is a DeepSpeed micro-batch; the samples per optimizer step stay batch * accum * world."""
-    from mmpt.train.engine import deepspeed_config
+    from mmpt.training.engine import deepspeed_config
 
     cfg = load_config(tiny_config(color_shards, tmp_path, step="gradcache", gradcache_chunk=2, grad_accum=3))
     ds = deepspeed_config(cfg, world=2)
@@ -259,8 +259,8 @@ def test_gradcache_deepspeed_accumulation(color_shards: list[str], tmp_path: Pat
 def test_gradcache_warns_about_batch_norm_towers(color_shards: list[str], tmp_path: Path) -> None:
     """BatchNorm in training mode normalises over each chunk, not the whole batch: the gradients are
     no longer one plain step's, and a user choosing GradCache for exactness must hear it."""
-    from mmpt.train.engine import build_engine, init_distributed
-    from mmpt.train.loop import step_strategy
+    from mmpt.training.engine import build_engine, init_distributed
+    from mmpt.training.loop import step_strategy
 
     raw = gradcache_config(color_shards, tmp_path, step="gradcache")
     raw["model"]["encoders"]["image"] = {"name": "image/timm", "model_name": "test_resnet", "image_size": 32}
@@ -276,7 +276,7 @@ def test_gradcache_warns_about_batch_norm_towers(color_shards: list[str], tmp_pa
 
 
 def test_gradcache_refuses_objectives_that_encode_themselves() -> None:
-    from mmpt.train.gradcache import refuse_encoding_objectives
+    from mmpt.training.gradcache import refuse_encoding_objectives
 
     class Encodes(torch.nn.Module):
         uses_model = True

@@ -15,7 +15,7 @@ import pytest
 import yaml
 from shardkit import fresh_env, tiny_config
 
-from mmpt.train.engine import free_port
+from mmpt.training.engine import free_port
 
 pytestmark = [pytest.mark.multirank]
 
@@ -101,7 +101,7 @@ def test_killing_torchruns_process_group_stops_the_ranks_and_the_run_resumes(
 
 
 def test_a_process_no_launcher_started_is_not_watched(monkeypatch: pytest.MonkeyPatch) -> None:
-    from mmpt.train import launcher
+    from mmpt.training import launcher
 
     for var in ("TORCHELASTIC_RUN_ID", "CROSS_RANK", "MMPT_WATCH_LAUNCHER"):
         monkeypatch.delenv(var, raising=False)
@@ -116,7 +116,7 @@ def test_a_process_no_launcher_started_is_not_watched(monkeypatch: pytest.Monkey
 
 def test_a_rank_whose_launcher_is_already_gone_stops(tmp_path: Path) -> None:
     """The launcher died before the rank asked the kernel to watch it: the rank sees its new parent and stops."""
-    code = ("import os, time; from mmpt.train import launcher; launcher._PARENT = -1; "
+    code = ("import os, time; from mmpt.training import launcher; launcher._PARENT = -1; "
             "launcher.watch_launcher(); time.sleep(30)")
     proc = subprocess.run([sys.executable, "-c", code], env=fresh_env(MMPT_WATCH_LAUNCHER="1"), capture_output=True,
                           text=True, timeout=25)

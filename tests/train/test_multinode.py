@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from mmpt.train.engine import free_port
+from mmpt.training.engine import free_port
 
 pytestmark = [pytest.mark.multirank]
 HARNESS = Path(__file__).with_name("_train_ranks.py")

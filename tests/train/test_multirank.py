@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mmpt.train.engine import free_port
+from mmpt.training.engine import free_port
 
 pytestmark = [pytest.mark.multirank, pytest.mark.slow]
 
@@ -96,7 +96,7 @@ def test_two_ranks_fall_back_from_a_damaged_checkpoint_and_refuse_together(ranks
 @pytest.mark.timeout(600)
 def test_zero3_export_reproduces_engine_embeddings(ranks_out: Path, tmp_path: Path) -> None:
     import mmpt
-    from mmpt.export import export
+    from mmpt.commands.export import export
 
     path = export(ranks_out / "zero3_ref", tmp_path / "z3.safetensors")
     model, transforms, _ = mmpt.load(str(path))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from mmpt.train.plot import headline, plot_run, smooth
+from mmpt.training.plot import headline, plot_run, smooth
 
 
 def test_smooth_is_debiased_ema() -> None:

@@ -17,7 +17,7 @@ from runkit import copy_run, reseal, small
 from mmpt.cli import main as cli_main
 from mmpt.config import load_config
 from mmpt.registry import ConfigError
-from mmpt.train.loop import train
+from mmpt.training.loop import train
 
 
 @pytest.fixture(scope="module")
@@ -107,7 +107,7 @@ def _fill_disk_at(monkeypatch: pytest.MonkeyPatch, where: str, tag: str) -> None
     """Make the save of checkpoint ``tag`` hit a full disk: in DeepSpeed's torch.save (as torch's zip writer
     or as ENOSPC), or in our own write of ``latest`` after the folder was renamed."""
     if where == "latest":
-        from mmpt.train import checkpoint
+        from mmpt.training import checkpoint
 
         real = checkpoint._write_atomic
 
@@ -168,7 +168,7 @@ def test_two_ranks_refuse_together(color_shards: list[str], tmp_path: Path) -> N
     import subprocess
     import sys
 
-    from mmpt.train.engine import free_port
+    from mmpt.training.engine import free_port
 
     script = Path(__file__).with_name("_rundir_ranks.py")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "MMPT_DIST_TIMEOUT": "60"}

@@ -11,14 +11,14 @@ import torch
 from shardkit import tiny_config
 
 from mmpt.config import load_config
-from mmpt.data.batch import Batch
+from mmpt.contracts import Batch
 from mmpt.data.loader import train_loader
 from mmpt.encoders.text import TextData, TextTransformer
-from mmpt.layers import Transformer
-from mmpt.padding import by_length, length_groups, trim_padding, trimmed_modalities, used_length
+from mmpt.nn.layers import Transformer
+from mmpt.nn.padding import by_length, length_groups, trim_padding, trimmed_modalities, used_length
 from mmpt.pretrainer import build_data_specs, set_seed
-from mmpt.train.engine import build_engine, init_distributed
-from mmpt.train.loop import plain_step, train
+from mmpt.training.engine import build_engine, init_distributed
+from mmpt.training.loop import plain_step, train
 
 CAPTIONS = ["a red square", "a small green circle on a white background with a thin border", "blue", ""]
 

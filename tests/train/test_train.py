@@ -10,9 +10,9 @@ import pytest
 from shardkit import tiny_config
 
 from mmpt.config import load_config
-from mmpt.train.checkpoint import InjectedFault
-from mmpt.train.engine import param_groups
-from mmpt.train.loop import train
+from mmpt.training.checkpoint import InjectedFault
+from mmpt.training.engine import param_groups
+from mmpt.training.loop import train
 
 
 def step_log(run_dir: str | Path) -> dict[tuple[int, int], tuple[list[str], float]]:

@@ -34,9 +34,9 @@ def test_zero3_parts_are_partitioned_as_soon_as_built() -> None:
     """No rank holds the whole model: each encoder and objective is sharded once its constructor
     returns, before the next part is built; the rest (heads) follows at the end."""
     from mmpt.config import load_config
-    from mmpt.init import build_module
+    from mmpt.parts.build import build_module
     from mmpt.pretrainer import build_pretrainer
-    from mmpt.train.engine import deepspeed_config, init_distributed
+    from mmpt.training.engine import deepspeed_config, init_distributed
 
     cfg = load_config(cases()["clip#0"])
     cfg.train.zero_stage = 3

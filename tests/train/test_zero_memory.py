@@ -12,8 +12,8 @@ def test_zero3_fp32_master_is_the_parameter_partition(tiny_cfg: dict, monkeypatc
     from mmpt.config import load_config
     from mmpt.data.loader import train_loader
     from mmpt.pretrainer import build_data_specs, set_seed
-    from mmpt.train import engine as engines
-    from mmpt.train.loop import plain_step
+    from mmpt.training import engine as engines
+    from mmpt.training.loop import plain_step
 
     tiny_cfg["train"].update(zero_stage=3, stage3_param_persistence_threshold=0)
     tiny_cfg["data"]["workers"] = 0

@@ -18,7 +18,7 @@ import torch.distributed as dist
 
 from mmpt.data.loader import Loader, LoaderState
 from mmpt.data.shards import SHARD_REASONS
-from mmpt.train.checkpoint import CheckpointError, saved_run
+from mmpt.training.checkpoint import CheckpointError, saved_run
 
 
 def resume_loader_state(ckpt: Path, rank_state: dict[str, Any], engine: Any, cfg: Any, shards: set[str],

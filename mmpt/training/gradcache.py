@@ -39,7 +39,7 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmpt.data.batch import Batch
+from mmpt.contracts import Batch
 
 
 class GradCacheStep:

@@ -3,7 +3,7 @@
 The kernel drops a flock when its holder dies (``kill -9`` included), so a lock we can take is never
 held by a live run; the file's text (host, pid, start time) names the holder for the refusal message
 and, when a dead run left it behind, for the take-over warning. Ranks stop when their torchrun or
-``deepspeed`` launcher dies (mmpt.train.launcher), dropping the lock; ranks another launcher left running
+``deepspeed`` launcher dies (mmpt.training.launcher), dropping the lock; ranks another launcher left running
 keep rank 0's lock, so a ``--resume`` beside them is refused. flock is not reliable on every network
 file system (NFS before v4 locks per host): there the lock protects only against runs on one host.
 """

@@ -14,18 +14,18 @@ import torch
 import torch.distributed as dist
 
 from mmpt.config import Config
-from mmpt.data.batch import Batch
+from mmpt.contracts import Batch
 from mmpt.data.loader import Loader, train_loader
-from mmpt.padding import trim_padding, trimmed_modalities
+from mmpt.nn.padding import trim_padding, trimmed_modalities
 from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
-from mmpt.train import checkpoint
-from mmpt.train.engine import DistInfo, build_engine, init_distributed
-from mmpt.train.loader_check import resume_loader_state
-from mmpt.train.lock import RunLock
-from mmpt.train.logger import RunLogger, StepRecords
-from mmpt.train.plot import headline, plot_run
-from mmpt.train.rank0 import on_rank0
-from mmpt.train.resume_config import check_resume_config, write_config_history
+from mmpt.training import checkpoint
+from mmpt.training.engine import DistInfo, build_engine, init_distributed
+from mmpt.training.loader_check import resume_loader_state
+from mmpt.training.lock import RunLock
+from mmpt.training.logger import RunLogger, StepRecords
+from mmpt.training.plot import headline, plot_run
+from mmpt.training.rank0 import on_rank0
+from mmpt.training.resume_config import check_resume_config, write_config_history
 
 
 @dataclass
@@ -164,9 +164,9 @@ def plain_step(engine: Any, batch: Batch) -> dict[str, Any]:
 
 
 def step_strategy(cfg: Config) -> Callable[[Any, Batch], dict[str, Any]]:
-    """The micro-step ``train.step`` names: plain, or GradCache (see mmpt.train.gradcache)."""
+    """The micro-step ``train.step`` names: plain, or GradCache (see mmpt.training.gradcache)."""
     if cfg.train.step == "gradcache":
-        from mmpt.train.gradcache import GradCacheStep
+        from mmpt.training.gradcache import GradCacheStep
 
         return GradCacheStep(cfg.train.gradcache_chunk)
     return plain_step

@@ -4,7 +4,7 @@ torchrun starts each rank in a session of its own, so ``kill -9`` of the launche
 not reach the ranks: they would train on, holding the run lock. A rank that a launcher started asks the
 kernel for SIGTERM when its parent dies (``prctl(PR_SET_PDEATHSIG)``, Linux), or, elsewhere, watches
 its parent's pid from a thread. Dying there is safe: a checkpoint becomes visible only by its rename
-(mmpt.train.checkpoint) and the kernel drops the run lock's flock, leaving a lock the next run takes over.
+(mmpt.training.checkpoint) and the kernel drops the run lock's flock, leaving a lock the next run takes over.
 
 Only a launcher's child is watched (torchrun: ``TORCHELASTIC_RUN_ID``; the ``deepspeed`` launcher:
 ``CROSS_RANK``): a plain ``mmpt train`` started by a shell, ``nohup`` or ``setsid`` keeps running when

@@ -4,7 +4,7 @@ Generated, never downloaded, so ``clip-tiny`` trains and evaluates anywhere in m
 learns colour, shape, size and position words from these images, and zero-shot classification of
 shape and colour uses prompt templates written in the same grammar as the captions.
 
-    python -m mmpt.data.demo --out runs/demo/data
+    python -m mmpt.data.demo_shards --out runs/demo/data
 
 Other modalities render the same concepts through their registered data side
 (``ModalityData.render_demo``): ``--modalities image,text,audio`` adds each sample's sound, drawn
@@ -191,7 +191,7 @@ def generate_demo(
 def demo_renderers(modalities: Sequence[str], configs: dict[str, dict[str, Any]]) -> dict[str, Any]:
     """The data side of every requested modality the generator does not draw itself, checked to have a
     demo renderer; a ConfigError names the first that is unknown or has none."""
-    from mmpt.encoders.base import ModalityData
+    from mmpt.contracts import ModalityData
     from mmpt.registry import modalities as registry
 
     if isinstance(modalities, str) or not modalities:
@@ -222,7 +222,7 @@ class _Rendered:
 
     def render(self, attrs: _Attributes, rows: slice) -> dict[int, dict[str, bytes]]:
         """Members of the chunk's samples that carry this modality, by sample index."""
-        from mmpt.encoders.base import DemoConcepts
+        from mmpt.contracts import DemoConcepts
 
         index = np.arange(rows.start, rows.stop)[self.present[rows]]
         if not index.size:
@@ -508,7 +508,7 @@ def _write_info(info: DemoInfo, shard_size: int) -> None:
         return path.relative_to(info.root).as_posix()
 
     content = {
-        "generator": "mmpt.data.demo",
+        "generator": "mmpt.data.demo_shards",
         "seed": info.seed,
         "image_size": info.image_size,
         "train_samples": info.train_samples,
@@ -547,16 +547,16 @@ def parse_modalities(text: str) -> tuple[str, ...]:
 
 
 def add_modalities_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--modalities`` option shared by ``python -m mmpt.data.demo`` and ``mmpt data demo``."""
+    """The ``--modalities`` option shared by ``python -m mmpt.data.demo_shards`` and ``mmpt data demo``."""
     parser.add_argument("--modalities", type=parse_modalities, default=DEFAULT_MODALITIES, metavar="M,M",
                         help="modalities rendering the shared concepts; other than image and text, each "
                         "through its registered data side, absent from ~10%% of samples (default: image,text)")
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Command line: ``python -m mmpt.data.demo --out DIR``."""
+    """Command line: ``python -m mmpt.data.demo_shards --out DIR``."""
     parser = argparse.ArgumentParser(
-        prog="python -m mmpt.data.demo",
+        prog="python -m mmpt.data.demo_shards",
         description="Generate the demo dataset (coloured shapes with captions) as WebDataset shards.",
     )
     parser.add_argument("--out", required=True, type=Path, metavar="DIR", help="output folder (train/, eval/, classes/, templates/, info.json)")

@@ -19,7 +19,7 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from mmpt.data.batch import Batch
+from mmpt.contracts import Batch
 
 
 def trimmed_modalities(model: nn.Module) -> tuple[str, ...]:

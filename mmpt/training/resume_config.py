@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from mmpt.config import Config, dump_config
-from mmpt.train import checkpoint
+from mmpt.training import checkpoint
 
 # Keys meant to change between a run and its resume (no warning), and why.
 MAY_CHANGE = {

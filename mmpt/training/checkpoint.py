@@ -26,7 +26,7 @@ import torch
 import torch.distributed as dist
 
 from mmpt.registry import ConfigError
-from mmpt.train.safe_load import check_pickles, restricted_unpickling
+from mmpt.training.safe_load import check_pickles, restricted_unpickling
 
 MANIFEST = "manifest.json"
 META = "checkpoint.json"
@@ -331,7 +331,7 @@ def load(engine: Any, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def prepare_resume(resume: str, run_dir: str | Path) -> Path | None:
     """Rank 0's choice of checkpoint (verified, its pickles scanned), shared with every rank."""
-    from mmpt.train.rank0 import on_rank0
+    from mmpt.training.rank0 import on_rank0
 
     def choose() -> Path | None:
         ckpt = find(resume, run_dir)

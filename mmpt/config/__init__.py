@@ -70,7 +70,7 @@ class DataConfig:
 
 @dataclass
 class TowerAdapt:
-    """How one tower trains (``model.adapt.<modality>``); see :mod:`mmpt.adapt`.
+    """How one tower trains (``model.adapt.<modality>``); see :mod:`mmpt.parts.adapt`.
 
     mode: 'full' (every weight trains) | 'frozen' (no gradient, eval mode, out of the optimizer) |
     'last_blocks' (only the last ``blocks`` transformer blocks and what follows them train) | 'lora'
@@ -448,7 +448,7 @@ def validate(cfg: Config) -> None:
     _check_gradcache(t, cfg.data.batch_size)
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _one_of("model.head", cfg.model.head, HEADS)
-    from mmpt.adapt import check_adapt
+    from mmpt.parts.adapt import check_adapt
 
     check_adapt(cfg.model)
     if t.epochs is not None and t.epochs <= 0:
@@ -470,7 +470,7 @@ def validate(cfg: Config) -> None:
             raise ConfigError(f"data.max_sample_bytes.{m}: expected a byte count >= 1, got {limit!r}")
     if cfg.data.samples_per_epoch is not None and cfg.data.samples_per_epoch < 1:
         raise ConfigError(f"data.samples_per_epoch: must be >= 1 (or unset to count), got {cfg.data.samples_per_epoch}")
-    from mmpt.train.deepspeed_keys import check_deepspeed_keys
+    from mmpt.config.deepspeed_keys import check_deepspeed_keys
 
     check_deepspeed_keys(t.deepspeed, "train.deepspeed")
 

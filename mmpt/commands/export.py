@@ -28,8 +28,8 @@ from torch.overrides import TorchFunctionMode
 from mmpt.config import Config, dump_config, load_config
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
-from mmpt.train import checkpoint
-from mmpt.train.messages import one_line
+from mmpt.training import checkpoint
+from mmpt.training.messages import one_line
 
 FORMAT = "mmpt-pretrainer/1"
 TOKENIZER_META = "tokenizer_files."  # + encoder (modality) name -> JSON {file name: base64 bytes}
@@ -61,7 +61,7 @@ def _run_dir_of(ckpt: Path) -> Path:
 def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path]:
     """fp32 state dict and config of a run directory (its newest intact checkpoint) or a ``step_*`` folder.
     The checkpoint is verified against its manifest and unpickled with DeepSpeed's allow-list only."""
-    from mmpt.train.safe_load import check_pickles, restricted_unpickling, safe_torch_load
+    from mmpt.training.safe_load import check_pickles, restricted_unpickling, safe_torch_load
 
     path = Path(path)
     ckpt = checkpoint.find(str(path), path)  # a run directory with none raises; "latest" is never passed
@@ -99,7 +99,7 @@ def checkpoint_config(ckpt: Path) -> tuple[dict[str, Any], Path]:
 def export(path: str | Path, out: str | Path, keep_adapters: bool = False) -> Path:
     """Write ``out`` (.safetensors) from a run directory or checkpoint folder; returns its path. LoRA adapters
     are merged into their base weights (the file loads as a plain model) unless ``keep_adapters``."""
-    from mmpt.adapt import export_state
+    from mmpt.parts.adapt import export_state
 
     state, cfg, ckpt = consolidate(path)
     state, cfg = export_state(state, cfg, keep_adapters)
@@ -113,7 +113,7 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out: str | Path, *
 
     # safetensors refuses shared storage (tied weights): store a copy of each; load re-ties by
     # loading into the model, whose tied parameters receive the same values.
-    from mmpt.init_from import without_init
+    from mmpt.parts.init_from import without_init
 
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "config": dump_config(without_init(cfg)), "source": source, "step": str(step),

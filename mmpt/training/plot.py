@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
-from mmpt.train.logger import read_jsonl
+from mmpt.training.logger import read_jsonl
 
 
 def smooth(values: list[float], weight: float = 0.9) -> list[float]:

@@ -21,7 +21,7 @@ from typing import Any
 import torch
 
 from mmpt.registry import ConfigError
-from mmpt.train.messages import one_line
+from mmpt.training.messages import one_line
 
 _lock = threading.RLock()
 _original_load = torch.load

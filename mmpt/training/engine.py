@@ -16,11 +16,11 @@ from typing import Any
 import torch
 
 from mmpt.config import Config
-from mmpt.init import build_module, share_fp32_master
+from mmpt.parts.build import build_module, share_fp32_master
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
-from mmpt.train.launcher import watch_launcher
-from mmpt.train.startup import skip_shm_comm_op
+from mmpt.training.launcher import watch_launcher
+from mmpt.training.startup import skip_shm_comm_op
 
 log = logging.getLogger("mmpt")
 
@@ -48,7 +48,7 @@ def free_port() -> int:
 
 def init_distributed(timeout_s: int | None = None) -> DistInfo:
     """Join (or create) the process group: gloo on CPU, NCCL on CUDA; no launcher needed for one rank.
-    A rank a launcher started stops when the launcher dies (mmpt.train.launcher)."""
+    A rank a launcher started stops when the launcher dies (mmpt.training.launcher)."""
     import deepspeed
     import torch.distributed as dist
 
@@ -61,7 +61,7 @@ def init_distributed(timeout_s: int | None = None) -> DistInfo:
     cuda = torch.cuda.is_available()
     if cuda:
         torch.cuda.set_device(local_rank)
-    skip_shm_comm_op()  # a C++ build on first use, for inference only (mmpt.train.startup)
+    skip_shm_comm_op()  # a C++ build on first use, for inference only (mmpt.training.startup)
     if not dist.is_initialized():
         timeout = datetime.timedelta(seconds=timeout_s or int(os.environ.get("MMPT_DIST_TIMEOUT", 1800)))
         deepspeed.init_distributed(dist_backend="nccl" if cuda else "gloo", auto_mpi_discovery=False,
@@ -105,7 +105,7 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
             raise ConfigError("train.offload_param: parameter offload needs train.zero_stage=3")
         zero["offload_param"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     micro, chunks = cfg.data.batch_size, 1
-    if t.step == "gradcache":  # each chunk's re-forward is one DeepSpeed micro-step (mmpt.train.gradcache)
+    if t.step == "gradcache":  # each chunk's re-forward is one DeepSpeed micro-step (mmpt.training.gradcache)
         micro, chunks = t.gradcache_chunk, cfg.data.batch_size // t.gradcache_chunk
     ds: dict[str, Any] = {
         "train_micro_batch_size_per_gpu": micro,
@@ -177,7 +177,7 @@ def lr_lambda(cfg: Config, total_steps: int):
 
 def build_engine(cfg: Config, dist_info: DistInfo, total_steps: int):
     """Construct the Pretrainer (at stage 3 each part is partitioned once built, so no rank holds the
-    whole model, and the weights equal stage 0's: see mmpt.init) and wrap it with DeepSpeed.
+    whole model, and the weights equal stage 0's: see mmpt.parts.build) and wrap it with DeepSpeed.
     Returns (engine, ds_config)."""
     import deepspeed
 
@@ -189,7 +189,7 @@ def build_engine(cfg: Config, dist_info: DistInfo, total_steps: int):
     optimizer = torch.optim.AdamW(param_groups(module, cfg), lr=o.lr, betas=tuple(o.betas), eps=o.eps, fused=True)
     scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_lambda(cfg, total_steps))
     engine, _, _, _ = deepspeed.initialize(model=module, optimizer=optimizer, lr_scheduler=scheduler, config=ds)
-    share_fp32_master(engine.optimizer)  # fp32 at ZeRO-3: no second copy of the parameters (see mmpt.init)
+    share_fp32_master(engine.optimizer)  # fp32 at ZeRO-3: no second copy of the parameters (see mmpt.parts.build)
     if skips_allreduce(ds, dist_info.world):
         engine.enable_backward_allreduce = False
     if cfg.train.compile:  # in place: parameter names, checkpoints and exports stay the same

@@ -20,7 +20,7 @@ def demo_data(data: Path, modalities: list[str], encoders: dict[str, dict[str, A
     """Generate the demo set under ``data`` unless one with these sample counts and every one of
     ``modalities`` is there; a regenerated set keeps the modalities the old one had (adding a modality
     leaves the others' bytes unchanged, so runs that used them see the same data)."""
-    from mmpt.data.demo import generate_demo
+    from mmpt.data.demo_shards import generate_demo
 
     info_file = data / "info.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
@@ -53,11 +53,11 @@ def run_demo(out: str = "runs/demo", smoke: bool = False, overrides: list[str] |
 def _run_demo(out: str, smoke: bool, overrides: list[str] | None, recipe: str) -> dict:
     import torch
 
+    from mmpt.commands.embed import embed
+    from mmpt.commands.export import export, load
     from mmpt.config import load_config
-    from mmpt.embed import embed
     from mmpt.eval import format_table, run_tasks, write_results
-    from mmpt.export import export, load
-    from mmpt.train.loop import train
+    from mmpt.training.loop import train
 
     start = time.time()
     root = Path(out)

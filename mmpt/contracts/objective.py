@@ -1,22 +1,11 @@
-"""Contracts shared by every objective: typed output and the helpers to read a batch."""
+"""What every objective is: ``forward(outputs, batch[, model]) -> ObjectiveOutput`` plus class-level facts."""
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import nn
 
-from mmpt.data.batch import Batch
-from mmpt.encoders.base import EncoderOutput, TensorRecord
-
-
-class ObjectiveOutput(TensorRecord):
-    """Loss of one objective plus detached metrics (accuracy, logit scale, ...); a dict subclass so
-    ZeRO-3 hooks the backward of objectives that own parameters (see TensorRecord)."""
-
-    loss: Tensor
-    metrics: dict[str, Tensor]
-
-    def __init__(self, loss: Tensor, metrics: dict[str, Tensor] | None = None):
-        super().__init__(loss=loss, metrics=metrics or {})
+from mmpt.contracts.batch import Batch
+from mmpt.contracts.records import EncoderOutput, ObjectiveOutput
 
 
 class Objective(nn.Module):

@@ -21,7 +21,7 @@ from tqdm import tqdm
 
 from mmpt.data.loader import eval_loader
 from mmpt.data.shards import DataError
-from mmpt.generate import GenerationConfig, Hypothesis, generate
+from mmpt.nn.generate import GenerationConfig, Hypothesis, generate
 from mmpt.registry import ConfigError
 
 

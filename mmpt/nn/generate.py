@@ -15,7 +15,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from mmpt.layers import KVCache
+from mmpt.nn.layers import KVCache
 from mmpt.registry import ConfigError
 
 STRATEGIES = ("greedy", "beam", "sample")

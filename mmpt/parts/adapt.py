@@ -2,7 +2,7 @@
 
 Applied to each tower right after it is built and before ZeRO-3 partitions it (see
 :func:`mmpt.pretrainer.build_pretrainer`), so every mode works at every stage: a parameter with
-``requires_grad=False`` is left out of the optimizer's groups (:func:`mmpt.train.engine.param_groups`),
+``requires_grad=False`` is left out of the optimizer's groups (:func:`mmpt.training.engine.param_groups`),
 and DeepSpeed keeps optimizer state (and, at stages 1-3, gradient partitions) only for what the
 optimizer holds.
 
@@ -230,7 +230,7 @@ def export_state(state: dict[str, Tensor], cfg: Any, keep_adapters: bool = False
     not a property of the model a user loads and fine-tunes."""
     import copy
 
-    from mmpt.init_from import without_init
+    from mmpt.parts.init_from import without_init
 
     cfg = without_init(cfg)
     lora = [m for m, spec in cfg.model.adapt.items() if spec.mode == "lora"]
