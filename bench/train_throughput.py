@@ -85,7 +85,7 @@ WEB_MEDIAN_TOKENS, WEB_SIGMA = 18, 0.55
 
 def token_count(texts: list[str]) -> list[int]:
     """BPE tokens of each text with start and end tokens, uncut."""
-    from mmpt.encoders.text import build_tokenizer
+    from mmpt.nn.tokenizers import build_tokenizer
 
     return build_tokenizer("openclip-bpe", 1024).encode(texts)[1].sum(1).tolist()
 

@@ -156,7 +156,7 @@ class SourceDecoder:
 
 
 def _tokenizer_vocab(tokenizer: str, context_length: int) -> int:
-    from mmpt.encoders.text import build_tokenizer
+    from mmpt.nn.tokenizers import build_tokenizer
 
     return build_tokenizer(tokenizer, context_length).vocab_size
 

@@ -139,7 +139,7 @@ def test_hf_tokenizer_export_survives_moving_the_folder(color_shards: list[str],
     expected = before.encode("text", texts)
     ids_before = tok.encode(texts)[0]
     shutil.rmtree(folder)
-    from mmpt.encoders.text import build_tokenizer
+    from mmpt.nn.tokenizers import build_tokenizer
 
     build_tokenizer.cache_clear()  # a fresh process: nothing cached from the folder
     shutil.rmtree(tmp_path / "cache")
@@ -150,7 +150,7 @@ def test_hf_tokenizer_export_survives_moving_the_folder(color_shards: list[str],
 
 
 def test_hf_tokenizer_must_be_a_local_folder() -> None:
-    from mmpt.encoders.text import build_tokenizer
+    from mmpt.nn.tokenizers import build_tokenizer
 
     with pytest.raises(ConfigError, match="hf:bert-base-uncased: not a local folder"):
         build_tokenizer("hf:bert-base-uncased", 16)

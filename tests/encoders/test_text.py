@@ -5,7 +5,7 @@ from __future__ import annotations
 import open_clip
 import torch
 
-from mmpt.encoders.text import build_tokenizer
+from mmpt.nn.tokenizers import build_tokenizer
 from mmpt.registry import encoders, modalities
 
 TEXTS = ["a red circle on a blue background", "", "a photo of a " + "very " * 40 + "long caption"]

@@ -10,8 +10,9 @@ import torch
 import torch.nn.functional as F
 
 from mmpt.encoders.protein import ProteinTokenizer
-from mmpt.encoders.text import TextTransformer, build_tokenizer
+from mmpt.encoders.text import TextTransformer
 from mmpt.model import MultimodalModel
+from mmpt.nn.tokenizers import build_tokenizer
 from mmpt.objectives.masked import MLM, MaskingPlan, corrupt, draw_selection, scheduled_rate, token_units
 from mmpt.registry import ConfigError
 
