@@ -22,6 +22,7 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m ruff check .
+	$(BIN)/python tests/lint_imports.py  # import-linter layer contracts + no import cycles
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
 	$(MAKE) smoke
 
@@ -30,6 +31,7 @@ smoke: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/python -m ruff check .
+	$(BIN)/python tests/lint_imports.py
 
 bench: $(STAMP)
 	$(BIN)/python bench/train_throughput.py

@@ -21,8 +21,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpt.contracts import DemoConcepts, ModalityData, SampleRejected, SampleTooLarge, StemOutput
-from mmpt.encoders.base import PrefixTokenEncoder, check_token_drop
 from mmpt.nn.layers import Transformer
+from mmpt.nn.token_encoder import PrefixTokenEncoder, check_token_drop
 from mmpt.registry import ConfigError, encoders, modalities
 
 # LAION-CLAP's front end: 48 kHz, 10-s clips, n_fft 1024, hop 480, 64 mels over 50-14,000 Hz.

@@ -15,8 +15,8 @@ import torch
 from torch import Tensor, nn
 
 from mmpt.contracts import Encoder, EncoderOutput, ModalityData, SampleTooLarge, StemOutput
-from mmpt.encoders.base import PrefixTokenEncoder, check_token_drop
 from mmpt.nn.layers import Transformer
+from mmpt.nn.token_encoder import PrefixTokenEncoder, check_token_drop
 from mmpt.registry import encoders, modalities
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)

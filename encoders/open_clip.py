@@ -38,7 +38,7 @@ TINY_RESNET = {"embed_dim": 32, "vision_cfg": {"image_size": 32, "layers": [1, 1
 def _check_local(cfg: dict[str, Any], where: str) -> None:
     """Refuse any string in a model config that names a remote source (timm fetches hf-hub: configs even
     unpretrained): a config may come from a model file, which must not reach the network."""
-    from mmpt.commands.export import REMOTE_PREFIXES
+    from mmpt.formats.export_file import REMOTE_PREFIXES
 
     for value in re.findall(r'"((?:[^"\\]|\\.)*)"', json.dumps(cfg)):
         if value.startswith(REMOTE_PREFIXES) or "://" in value:
@@ -88,7 +88,7 @@ def _build(builder_name: str, cfg: dict[str, Any], part: str, where: str) -> nn.
 
 
 def _load_pretrained(tower: nn.Module, path: str, part: str, where: str) -> None:
-    from mmpt.interop.openclip import read_state_dict, tower_state
+    from mmpt.formats.state_dict import read_state_dict
 
     state = tower_state(read_state_dict(path), part, tower.state_dict(), f"{where}.pretrained ({path})")
     tower.load_state_dict(state, strict=True)
@@ -206,3 +206,18 @@ class OpenCLIPTextEncoder(Encoder):
 
     def no_weight_decay(self) -> set[str]:
         return {f"text.{n}" for n in self.text.no_weight_decay()} | {"text.token_embedding.weight"}
+
+
+def is_custom_text(state: dict[str, Tensor] | dict[str, Any]) -> bool:
+    """OpenCLIP's CustomTextCLIP keeps its text tower under ``text.``; CLIP keeps it at the top level."""
+    return any(k.startswith("text.") for k in state)
+
+
+def tower_state(oc_state: dict[str, Tensor], part: str, expected: dict[str, Tensor], where: str) -> dict[str, Tensor]:
+    """One tower's tensors (``part``: 'visual' or 'text') out of a whole OpenCLIP state dict, named as the
+    tower's own state dict; the other tower's keys are ignored, missing or misshapen ones are refused."""
+    prefix = "visual." if part == "visual" else ("text." if is_custom_text(oc_state) else "")
+    names = {k: prefix + k for k in expected}
+    from mmpt.formats.state_dict import take
+
+    return take(oc_state, names, {k: tuple(v.shape) for k, v in expected.items()}, where, exhaustive=False)

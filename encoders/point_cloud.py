@@ -19,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from mmpt.contracts import DemoConcepts, MiB, ModalityData, StemOutput
-from mmpt.encoders.base import PrefixTokenEncoder, check_token_drop, stack_present
 from mmpt.nn.layers import Transformer, init_weights
+from mmpt.nn.token_encoder import PrefixTokenEncoder, check_token_drop, stack_present
 from mmpt.registry import ConfigError, encoders, modalities
 
 # Channel layouts a cloud may carry after xyz; normals rotate with the cloud, rgb does not.

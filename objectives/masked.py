@@ -28,8 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
-from mmpt.encoders.base import PrefixTokenEncoder, keep_count, random_keep
 from mmpt.nn.layers import Transformer, init_weights
+from mmpt.nn.token_encoder import PrefixTokenEncoder, keep_count, random_keep
 from mmpt.registry import ConfigError, closest, objectives
 
 SCHEDULES = ("constant", "linear", "cosine")

@@ -129,7 +129,7 @@ def identity_keys(batch: Batch | None, modalities: tuple[str, str], source_key: 
     caption text (``meta['txt']``) and ``json[source_key]`` where the batch carries them. A missing value
     gets a negative number unique to the sample, so two missing values never match.
     """
-    from mmpt.eval.retrieval import normalise_caption
+    from mmpt.data.captions import normalise_caption
 
     index = torch.arange(first, first + n, dtype=torch.int64)
     missing = torch.stack([-1 - index, -1 - index], 1)

@@ -60,7 +60,8 @@ def test_nonfinite_weights_refused_unless_allowed(exported: Path, tmp_path: Path
 
 
 def test_weight_fetching_keys_are_reset(exported: Path, tmp_path: Path) -> None:
-    from mmpt.commands.export import export_config, read_header
+    from mmpt.commands.export import export_config
+    from mmpt.formats.export_file import read_header
 
     cfg = config_of(exported)
     cfg["model"]["encoders"]["image"] = {"name": "image/timm", "model_name": "resnet18", "pretrained": True,

@@ -27,7 +27,7 @@ import torch
 from torch import nn
 
 from mmpt.contracts import Encoder, EncoderOutput, ModalityData
-from mmpt.encoders.base import stack_present
+from mmpt.nn.token_encoder import stack_present
 from mmpt.registry import encoders, modalities
 
 

@@ -220,7 +220,7 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
     of fp32, 1.7e-3 and 0.99999 measured: tests/test_embed_precision.py) or ``auto`` (bf16 where the
     device has native bfloat16, see :func:`resolve_precision`); a folder keeps the precision it started with.
     """
-    import mmpt
+    from mmpt.commands.export import load
     from mmpt.data.loader import eval_loader, format_skips
     from mmpt.data.shards import DataError, expand_urls
 
@@ -230,7 +230,7 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
     rank, world = int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
     dev = torch.device(device or (f"cuda:{os.environ.get('LOCAL_RANK', 0)}" if torch.cuda.is_available() else "cpu"))
     compute = resolve_precision(precision, dev)
-    model, transforms, _ = mmpt.load(model_path, dev, allow_nonfinite=allow_nonfinite)
+    model, transforms, _ = load(model_path, dev, allow_nonfinite=allow_nonfinite)
     if modality not in transforms:
         raise ConfigError(f"--modality {modality}: the model has no such tower; valid: {', '.join(transforms)}")
     spec = transforms[modality]

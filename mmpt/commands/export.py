@@ -26,21 +26,18 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from mmpt.config import Config, dump_config, load_config
+from mmpt.formats.export_file import (
+    FORMAT,
+    MAX_TOKENIZER_BYTES,
+    REMOTE_PREFIXES,
+    TOKENIZER_FILES,
+    TOKENIZER_META,
+    read_header,
+)
+from mmpt.formats.messages import one_line
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
 from mmpt.training import checkpoint
-from mmpt.training.messages import one_line
-
-FORMAT = "mmpt-pretrainer/1"
-TOKENIZER_META = "tokenizer_files."  # + encoder (modality) name -> JSON {file name: base64 bytes}
-# What AutoTokenizer reads from a folder; config.json tells it the tokenizer class when
-# tokenizer_config.json does not.
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "vocab.txt", "vocab.json",
-                   "merges.txt", "added_tokens.json", "spiece.model", "sentencepiece.bpe.model", "config.json")
-MAX_TOKENIZER_BYTES = 64 * 2**20
-# The export holds every weight: encoder keys that would fetch weights (hub downloads, pickled files)
-# are reset on load, so a crafted export cannot reach the network or unpickle through them.
-REMOTE_PREFIXES = ("pipe:", "hf-hub:", "hf_hub:")  # timm fetches an hf-hub: model's config even unpretrained
 
 
 def _weight_sources(name: Any) -> dict[str, Any]:
@@ -61,7 +58,7 @@ def _run_dir_of(ckpt: Path) -> Path:
 def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path]:
     """fp32 state dict and config of a run directory (its newest intact checkpoint) or a ``step_*`` folder.
     The checkpoint is verified against its manifest and unpickled with DeepSpeed's allow-list only."""
-    from mmpt.training.safe_load import check_pickles, restricted_unpickling, safe_torch_load
+    from mmpt.formats.safe_load import check_pickles, restricted_unpickling, safe_torch_load
 
     path = Path(path)
     ckpt = checkpoint.find(str(path), path)  # a run directory with none raises; "latest" is never passed
@@ -99,7 +96,6 @@ def checkpoint_config(ckpt: Path) -> tuple[dict[str, Any], Path]:
 def export(path: str | Path, out: str | Path, keep_adapters: bool = False) -> Path:
     """Write ``out`` (.safetensors) from a run directory or checkpoint folder; returns its path. LoRA adapters
     are merged into their base weights (the file loads as a plain model) unless ``keep_adapters``."""
-    from mmpt.parts.adapt import export_state
 
     state, cfg, ckpt = consolidate(path)
     state, cfg = export_state(state, cfg, keep_adapters)
@@ -179,19 +175,6 @@ def _tokenizer_folder(blob: str, where: str) -> str:
     except OSError:  # another process won the race, or a stale folder differs: use ours as is
         return str(fresh)
     return str(folder)
-
-
-def read_header(path: str | Path) -> tuple[dict[str, str], dict[str, tuple[int, ...]]]:
-    """(metadata, tensor shapes) of a safetensors file, from its header only (no tensor data read)."""
-    from safetensors import SafetensorError, safe_open
-
-    if not Path(path).is_file():
-        raise ConfigError(f"{path}: no such file (expected an exported .safetensors file or a run directory)")
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return dict(f.metadata() or {}), {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
-    except SafetensorError as exc:
-        raise ConfigError(f"{path}: not a safetensors file ({exc}); expected an mmpt export") from exc
 
 
 def export_config(path: str | Path, meta: dict[str, str]) -> Config:
@@ -379,3 +362,24 @@ def describe(path: str | Path) -> dict[str, Any]:
     out["tokenizers"] = sorted(k.removeprefix(TOKENIZER_META) for k in meta if k.startswith(TOKENIZER_META))
     out["tensors"] = len(shapes)
     return out
+
+
+def export_state(state: dict[str, torch.Tensor], cfg: Any, keep_adapters: bool = False) -> tuple[dict[str, torch.Tensor], Any]:
+    """A consolidated state and config as an export stores them: LoRA towers merged (plain key names; unless
+    ``keep_adapters``) and ``model.adapt`` reduced to the kept LoRA entries: freezing is how a run trained,
+    not a property of the model a user loads and fine-tunes."""
+    import copy
+
+    from mmpt.parts.adapt import merge_adapters
+    from mmpt.parts.init_from import without_init
+
+    cfg = without_init(cfg)
+    lora = [m for m, spec in cfg.model.adapt.items() if spec.mode == "lora"]
+    if lora and not keep_adapters:
+        model = build_pretrainer(cfg)
+        model.load_state_dict(state)
+        merge_adapters(model)
+        state = {k: v.detach() for k, v in model.state_dict().items()}
+    cfg = copy.deepcopy(cfg)
+    cfg.model.adapt = {m: cfg.model.adapt[m] for m in lora} if keep_adapters else {}
+    return state, cfg

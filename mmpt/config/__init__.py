@@ -390,6 +390,7 @@ SCHEDULES = ("cosine", "constant")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 HEADS = ("linear", "mlp", "none")
 STEPS = ("plain", "gradcache")
+ADAPT_MODES = ("full", "frozen", "last_blocks", "lora")
 
 # (key path, lowest allowed value, what it means): ranges the dataclass types cannot express.
 _MINIMUMS = (
@@ -448,8 +449,6 @@ def validate(cfg: Config) -> None:
     _check_gradcache(t, cfg.data.batch_size)
     _one_of("optim.schedule", o.schedule, SCHEDULES)
     _one_of("model.head", cfg.model.head, HEADS)
-    from mmpt.parts.adapt import check_adapt
-
     check_adapt(cfg.model)
     if t.epochs is not None and t.epochs <= 0:
         raise ConfigError(f"train.epochs: must be > 0 (or unset to use train.steps), got {t.epochs}")
@@ -473,6 +472,28 @@ def validate(cfg: Config) -> None:
     from mmpt.config.deepspeed_keys import check_deepspeed_keys
 
     check_deepspeed_keys(t.deepspeed, "train.deepspeed")
+
+
+def check_adapt(model_cfg: Any) -> None:
+    """Validate ``model.adapt`` and ``model.init_towers`` against the configured towers (one-line errors)."""
+    towers = list(model_cfg.encoders)
+    for modality, spec in model_cfg.adapt.items():
+        where = f"model.adapt.{modality}"
+        if modality not in model_cfg.encoders:
+            raise ConfigError(f"{where}: no encoder for '{modality}'{closest(modality, towers)}; "
+                              f"model.encoders has {', '.join(towers)}")
+        if spec.mode not in ADAPT_MODES:
+            raise ConfigError(f"{where}.mode: expected {'|'.join(ADAPT_MODES)}, got {spec.mode!r}{closest(spec.mode, ADAPT_MODES)}")
+        if spec.blocks < 1 or spec.rank < 1 or not 0 <= spec.dropout < 1 or spec.alpha <= 0:
+            raise ConfigError(f"{where}: blocks and rank must be >= 1, alpha > 0 and dropout in [0, 1) "
+                              f"(got blocks={spec.blocks}, rank={spec.rank}, alpha={spec.alpha}, dropout={spec.dropout})")
+        if not spec.packed or set(spec.packed) - set("qkvo"):
+            raise ConfigError(f"{where}.packed: letters of 'qkvo' (got {spec.packed!r})")
+    for modality in model_cfg.init_towers:
+        if modality not in model_cfg.encoders:
+            raise ConfigError(f"model.init_towers: no encoder for '{modality}'{closest(modality, towers)}")
+    if model_cfg.init_towers and not model_cfg.init_from:
+        raise ConfigError("model.init_towers: set model.init_from to the export the towers come from")
 
 
 def _check_gradcache(t: TrainConfig, batch_size: int) -> None:

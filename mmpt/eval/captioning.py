@@ -9,13 +9,17 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 import torch
 from torch import nn
+from tqdm import tqdm
 
+from mmpt.data.loader import eval_loader
 from mmpt.eval.common import Task, is_class_folder
+from mmpt.nn.generate import GenerationConfig, Hypothesis, generate
 from mmpt.registry import ConfigError, tasks
 
 log = logging.getLogger(__name__)
@@ -134,9 +138,6 @@ class CaptionEval(Task):
     def run(self, model: nn.Module, specs: dict[str, Any], device: torch.device | str,
             progress: bool = True) -> dict[str, Any]:
         """Captions and their scores (``model``: the Pretrainer)."""
-        from mmpt.commands.caption import caption_batches, find_captioner
-        from mmpt.nn.generate import GenerationConfig
-
         captioner = find_captioner(model.objectives, self.modality, self.objective)
         max_len = self.max_len or captioner.max_positions(model.model) - 1
         cfg = GenerationConfig(strategy=self.strategy, beam=self.beam, max_len=max_len, seed=0)
@@ -165,3 +166,63 @@ class CaptionEval(Task):
         results["examples"] = [{"caption": c, "reference": r[0] if r else None}
                                for c, r in zip(captions[:self.examples], references[:self.examples], strict=True)]
         return results
+
+
+def find_captioner(objectives: nn.ModuleDict, modality: str, name: str | None = None) -> nn.Module:
+    """The objective that captions ``modality`` (the one named ``name`` when given)."""
+    able = {k: o for k, o in objectives.items() if hasattr(o, "start_decoding")}
+    if name is not None:
+        if name not in objectives:
+            raise ConfigError(f"--objective {name}: no such objective; the model has {', '.join(objectives) or 'none'}")
+        if name not in able:
+            raise ConfigError(f"--objective {name}: objective '{name}' does not generate text")
+        able = {name: able[name]}
+    if not able:
+        raise ConfigError(f"the model has no captioning objective (caption, coca); its objectives: "
+                          f"{', '.join(objectives) or 'none'}")
+    sources = {k: o for k, o in able.items() if o.source == modality}
+    if not sources:
+        found = ", ".join(f"{k} ({o.source})" for k, o in able.items())
+        raise ConfigError(f"--modality {modality}: no captioning objective reads it; captioning objectives: {found}")
+    if len(sources) > 1:
+        raise ConfigError(f"--modality {modality}: several objectives caption it ({', '.join(sources)}); "
+                          "choose one with --objective")
+    return next(iter(sources.values()))
+
+
+@dataclass
+class Captioned:
+    """One batch's captions: present samples only, in loader order."""
+
+    keys: list[str]
+    hypotheses: list[list[Hypothesis]]
+    meta: dict[str, list[Any]]
+    absent: int  # rows of the batch lacking the source modality
+
+
+@torch.no_grad()
+def caption_batches(model: nn.Module, objective: nn.Module, specs: dict[str, Any], pattern: str, batch_size: int,
+                    cfg: GenerationConfig, *, device: torch.device | str = "cpu", workers: int = 1,
+                    keep: tuple[str, ...] = ("json", "txt"), progress: bool = True,
+                    dropped: list[int] | None = None) -> Iterator[Captioned]:
+    """Captions of every sample of ``pattern`` that has the objective's source modality; ``model`` is the
+    :class:`~mmpt.model.MultimodalModel`. ``dropped[0]`` receives the samples the loader left out whole."""
+    modality = objective.source
+    if modality not in specs:
+        raise ConfigError(f"captioning {modality!r}: the model has no {modality!r} tower")
+    loader = eval_loader(pattern, {modality: specs[modality]}, batch_size, keep=keep, workers=workers)
+    bar = tqdm(disable=not progress, desc="caption", unit="sample", leave=False)
+    try:
+        for batch in loader:
+            rows = batch.present[modality].nonzero().squeeze(1)
+            if len(rows):
+                fields = {k: v[rows].to(device) for k, v in batch.fields[modality].items()}
+                hyps = generate(objective.start_decoding(model, fields), cfg)
+                idx = rows.tolist()
+                meta = {ext: [batch.meta.get(ext, [None] * len(batch))[i] for i in idx] for ext in keep}
+                yield Captioned([batch.keys[i] for i in idx], hyps, meta, len(batch) - len(idx))
+            bar.update(len(batch))
+    finally:
+        bar.close()
+    if dropped is not None:
+        dropped[0] = sum(loader.state.total_skips().values())

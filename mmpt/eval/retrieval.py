@@ -18,15 +18,11 @@ import torch
 from torch import Tensor
 
 from mmpt.contracts import ModalityData
+from mmpt.data.captions import normalise_caption
 from mmpt.data.shards import DataError
 from mmpt.eval.common import Embedded, Task, embed_data, embed_texts, embed_tokens, require_modality
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError, tasks
-
-
-def normalise_caption(text: str) -> str:
-    """Caption identity for relevance: lowercase, stripped, inner whitespace collapsed."""
-    return " ".join(text.lower().split())
 
 
 def sample_captions(emb: Embedded, captions_key: str) -> list[list[str]]:

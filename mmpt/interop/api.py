@@ -165,7 +165,8 @@ def create_model_and_transforms(path: str | Path, device: str | torch.device = "
 
 def get_tokenizer(path: str | Path) -> Tokenizer:
     """OpenCLIP-style callable tokenizer of an mmpt export (read from its header) or run directory."""
-    from mmpt.commands.export import export_config, load, read_header
+    from mmpt.commands.export import export_config, load
+    from mmpt.formats.export_file import read_header
     from mmpt.pretrainer import build_data_specs
 
     if Path(path).is_dir():

@@ -20,7 +20,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mmpt.interop.openclip import SHOWN, load_merged, mmpt_recipe, openclip_state, state_to_mmpt, take
+from mmpt.formats.state_dict import SHOWN, take
+from mmpt.interop.openclip import load_merged, mmpt_recipe, openclip_state, state_to_mmpt
 from mmpt.registry import ConfigError
 
 # (HF name, OpenCLIP name, how): 'same', 'T' (a Linear's weight is OpenCLIP's matrix transposed). Per-layer
@@ -126,7 +127,7 @@ def openclip_config(hf_config: dict[str, Any], where: str) -> dict[str, Any]:
 def read_folder(folder: str | Path) -> tuple[dict[str, Any], dict[str, Tensor]]:
     """(config dict, state dict) of a ``save_pretrained`` folder: safetensors (single or sharded) or a
     ``pytorch_model.bin`` read weights-only."""
-    from mmpt.interop.openclip import read_state_dict
+    from mmpt.formats.state_dict import read_state_dict
 
     folder = Path(folder)
     if not (folder / "config.json").is_file():
@@ -233,7 +234,7 @@ def export_hf_clip(src: str | Path, out: str | Path) -> Path:
 def save_tokenizer(tokenizer: Any, out: Path) -> None:
     """Put the text tower's tokenizer into an HF folder: an ``hf:`` tokenizer's files are copied; OpenCLIP's BPE
     becomes a ``CLIPTokenizer`` (the same vocabulary and merges, HF's names for the two special tokens)."""
-    from mmpt.commands.export import TOKENIZER_FILES
+    from mmpt.formats.export_file import TOKENIZER_FILES
 
     folder = getattr(getattr(tokenizer, "_tok", None), "name_or_path", None)
     if folder and Path(folder).is_dir():

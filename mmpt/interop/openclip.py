@@ -5,7 +5,7 @@
 objective holds the logit scale; ``export_openclip`` writes the inverse, a file that
 ``open_clip.create_model(NAME, pretrained=FILE)`` loads. Names are mapped explicitly, one rule per tower, and
 any key left over on either side stops the conversion with one message listing them: never a partial load.
-Checkpoints are data: safetensors, or ``torch.load`` with ``weights_only=True`` (``mmpt.training.safe_load``).
+Checkpoints are data: safetensors, or ``torch.load`` with ``weights_only=True`` (``mmpt.formats.safe_load``).
 """
 
 from __future__ import annotations
@@ -19,48 +19,13 @@ from typing import Any
 import torch
 from torch import Tensor
 
+from mmpt.encoders.open_clip import is_custom_text
+from mmpt.formats.state_dict import SHOWN, listed_keys, read_state_dict, take
 from mmpt.registry import ConfigError
 
 IMAGE_TOWER = "model.encoders.image.visual."
 TEXT_TOWER = "model.encoders.text.text."
-SHOWN = 8  # keys named per list in an error message
 SCALARS = (".logit_scale", ".logit_bias")  # OpenCLIP's top-level scalars, held by the mmpt objective
-
-
-def read_state_dict(path: str | Path) -> dict[str, Tensor]:
-    """An OpenCLIP checkpoint's state dict: safetensors, or a .pt/.bin read weights-only (a training checkpoint's
-    ``state_dict`` entry and DDP's ``module.`` prefix are unwrapped, as OpenCLIP's own loader does)."""
-    from mmpt.training.safe_load import safe_torch_load
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"{path}: no such file (expected an OpenCLIP checkpoint: .safetensors, .pt or .bin)")
-    if path.suffix == ".safetensors":
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
-
-        try:
-            state: Any = load_file(str(path))
-        except SafetensorError as exc:
-            raise ConfigError(f"{path}: not a safetensors file ({exc})") from exc
-    else:
-        try:
-            state = safe_torch_load(path, map_location="cpu")
-        except RuntimeError as exc:  # TorchScript archives (OpenAI's JIT files) and damaged files
-            raise ConfigError(f"{path}: not a weights-only torch checkpoint ({str(exc).splitlines()[0][:120]}); "
-                              "convert it to a state dict saved with torch.save or safetensors first") from exc
-    if isinstance(state, dict) and isinstance(state.get("state_dict"), dict):
-        state = state["state_dict"]
-    if not isinstance(state, dict) or not state or not all(isinstance(v, Tensor) for v in state.values()):
-        raise ConfigError(f"{path}: expected a state dict of tensors (or a checkpoint with 'state_dict')")
-    if all(k.startswith("module.") for k in state):
-        state = {k.removeprefix("module."): v for k, v in state.items()}
-    return state
-
-
-def is_custom_text(state: dict[str, Tensor] | dict[str, Any]) -> bool:
-    """OpenCLIP's CustomTextCLIP keeps its text tower under ``text.``; CLIP keeps it at the top level."""
-    return any(k.startswith("text.") for k in state)
 
 
 def openclip_names(mmpt_keys: list[str], custom_text: bool) -> tuple[dict[str, str], list[str]]:
@@ -77,33 +42,6 @@ def openclip_names(mmpt_keys: list[str], custom_text: bool) -> tuple[dict[str, s
         else:
             unnamed.append(key)
     return names, unnamed
-
-
-def _listed(title: str, keys: list[str]) -> str:
-    more = f" and {len(keys) - SHOWN} more" if len(keys) > SHOWN else ""
-    return f"{len(keys)} {title} {keys[:SHOWN]}{more}"
-
-
-def _same_shape(a: tuple[int, ...], b: tuple[int, ...]) -> bool:
-    """Equal shapes, or two one-element shapes (a 0-dim scale and a (1,) parameter)."""
-    return a == b or (torch.Size(a).numel() == 1 and torch.Size(b).numel() == 1)
-
-
-def take(source: dict[str, Tensor], names: dict[str, str], shapes: dict[str, tuple[int, ...]], where: str,
-         *, exhaustive: bool = True) -> dict[str, Tensor]:
-    """``{target: source[names[target]]}`` for every target, one-element tensors reshaped (OpenCLIP's
-    0-dim logit scale is (1,) in mmpt). Raises one ConfigError naming the unmatched source keys (when
-    ``exhaustive``), the missing ones and those of another shape."""
-    wanted = set(names.values())
-    unmatched = sorted(set(source) - wanted) if exhaustive else []
-    missing = sorted(n for n in wanted if n not in source)
-    wrong = sorted(f"{names[t]} {list(source[names[t]].shape)} != {list(s)}" for t, s in shapes.items()
-                   if names[t] in source and not _same_shape(tuple(source[names[t]].shape), s))
-    if unmatched or missing or wrong:
-        parts = [_listed(title, keys) for title, keys in (("unmatched", unmatched), ("missing", missing),
-                                                          ("of another shape", wrong)) if keys]
-        raise ConfigError(f"{where}: keys do not match the model: {'; '.join(parts)}")
-    return {t: source[n].reshape(shapes[t]) for t, n in names.items()}
 
 
 def mmpt_recipe(name: str, model_cfg: dict[str, Any], tokenizer: str = "openclip-bpe") -> dict[str, Any]:
@@ -172,14 +110,6 @@ def import_openclip(model: str, weights: str | Path, out: str | Path, *, model_c
     return write_export(state, cfg, out, source=f"openclip:{model}:{Path(weights).name}")
 
 
-def tower_state(oc_state: dict[str, Tensor], part: str, expected: dict[str, Tensor], where: str) -> dict[str, Tensor]:
-    """One tower's tensors (``part``: 'visual' or 'text') out of a whole OpenCLIP state dict, named as the
-    tower's own state dict; the other tower's keys are ignored, missing or misshapen ones are refused."""
-    prefix = "visual." if part == "visual" else ("text." if is_custom_text(oc_state) else "")
-    names = {k: prefix + k for k in expected}
-    return take(oc_state, names, {k: tuple(v.shape) for k, v in expected.items()}, where, exhaustive=False)
-
-
 def openclip_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
     """(OpenCLIP state dict, architecture name, OpenCLIP config) of a loaded mmpt model whose towers are
     ``image/open_clip`` and ``text/open_clip`` of one config, with ``model.head: none``."""
@@ -198,7 +128,7 @@ def openclip_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], str, dict
     names, unnamed = openclip_names(list(state), bool(image.model_cfg.get("custom_text")))
     scalars = sorted(names[k] for k in names if k.startswith("objectives."))
     if unnamed or scalars.count("logit_scale") != 1 or scalars.count("logit_bias") > 1:
-        raise ConfigError(f"OpenCLIP export: {_listed('mmpt keys have no OpenCLIP name', unnamed)} and objective "
+        raise ConfigError(f"OpenCLIP export: {listed_keys('mmpt keys have no OpenCLIP name', unnamed)} and objective "
                           f"scalars {scalars} (expected model.head: none and one clip or siglip objective)")
     shape = [1] if image.model_cfg.get("nonscalar_logit_scale") else []
     out = {oc: state[k].reshape(shape) if oc in ("logit_scale", "logit_bias") else state[k] for k, oc in names.items()}

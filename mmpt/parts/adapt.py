@@ -27,32 +27,9 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from mmpt.registry import ConfigError, closest
+from mmpt.registry import ConfigError
 
-MODES = ("full", "frozen", "last_blocks", "lora")
 DEFAULT_LORA_SCOPE = re.compile(r"attn|attention", re.IGNORECASE)
-
-
-def check_adapt(model_cfg: Any) -> None:
-    """Validate ``model.adapt`` and ``model.init_towers`` against the configured towers (one-line errors)."""
-    towers = list(model_cfg.encoders)
-    for modality, spec in model_cfg.adapt.items():
-        where = f"model.adapt.{modality}"
-        if modality not in model_cfg.encoders:
-            raise ConfigError(f"{where}: no encoder for '{modality}'{closest(modality, towers)}; "
-                              f"model.encoders has {', '.join(towers)}")
-        if spec.mode not in MODES:
-            raise ConfigError(f"{where}.mode: expected {'|'.join(MODES)}, got {spec.mode!r}{closest(spec.mode, MODES)}")
-        if spec.blocks < 1 or spec.rank < 1 or not 0 <= spec.dropout < 1 or spec.alpha <= 0:
-            raise ConfigError(f"{where}: blocks and rank must be >= 1, alpha > 0 and dropout in [0, 1) "
-                              f"(got blocks={spec.blocks}, rank={spec.rank}, alpha={spec.alpha}, dropout={spec.dropout})")
-        if not spec.packed or set(spec.packed) - set("qkvo"):
-            raise ConfigError(f"{where}.packed: letters of 'qkvo' (got {spec.packed!r})")
-    for modality in model_cfg.init_towers:
-        if modality not in model_cfg.encoders:
-            raise ConfigError(f"model.init_towers: no encoder for '{modality}'{closest(modality, towers)}")
-    if model_cfg.init_towers and not model_cfg.init_from:
-        raise ConfigError("model.init_towers: set model.init_from to the export the towers come from")
 
 
 def adapt_tower(tower: nn.Module, spec: Any, where: str) -> None:
@@ -213,34 +190,3 @@ def merge_adapters(module: nn.Module) -> int:
                 parametrize.remove_parametrizations(sub, pname, leave_parametrized=True)
                 merged += 1
     return merged
-
-
-def trainable_summary(module: nn.Module) -> tuple[int, int]:
-    """(trainable, total) parameter counts (ZeRO-3 aware)."""
-    def count(p: nn.Parameter) -> int:
-        return int(getattr(p, "ds_numel", p.numel()))
-
-    params = list(module.parameters())
-    return sum(count(p) for p in params if p.requires_grad), sum(count(p) for p in params)
-
-
-def export_state(state: dict[str, Tensor], cfg: Any, keep_adapters: bool = False) -> tuple[dict[str, Tensor], Any]:
-    """A consolidated state and config as an export stores them: LoRA towers merged (plain key names; unless
-    ``keep_adapters``) and ``model.adapt`` reduced to the kept LoRA entries: freezing is how a run trained,
-    not a property of the model a user loads and fine-tunes."""
-    import copy
-
-    from mmpt.parts.init_from import without_init
-
-    cfg = without_init(cfg)
-    lora = [m for m, spec in cfg.model.adapt.items() if spec.mode == "lora"]
-    if lora and not keep_adapters:
-        from mmpt.pretrainer import build_pretrainer
-
-        model = build_pretrainer(cfg)
-        model.load_state_dict(state)
-        merge_adapters(model)
-        state = {k: v.detach() for k, v in model.state_dict().items()}
-    cfg = copy.deepcopy(cfg)
-    cfg.model.adapt = {m: cfg.model.adapt[m] for m in lora} if keep_adapters else {}
-    return state, cfg

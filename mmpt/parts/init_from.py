@@ -49,7 +49,7 @@ class InitFrom:
     def __init__(self, path: str, towers: list[str]):
         from safetensors.torch import load_file
 
-        from mmpt.commands.export import FORMAT, read_header
+        from mmpt.formats.export_file import FORMAT, read_header
 
         meta, _ = read_header(path)
         if meta.get("format") != FORMAT:

@@ -25,8 +25,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from mmpt.formats.safe_load import check_pickles, restricted_unpickling
 from mmpt.registry import ConfigError
-from mmpt.training.safe_load import check_pickles, restricted_unpickling
 
 MANIFEST = "manifest.json"
 META = "checkpoint.json"

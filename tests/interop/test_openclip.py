@@ -144,7 +144,7 @@ def test_import_registers_a_model_config_file(tmp_path: Path) -> None:
 
 def test_checkpoint_is_data_not_code(tmp_path: Path) -> None:
     """A .pt that would run code when unpickled is refused by the weights-only reader."""
-    from mmpt.interop.openclip import read_state_dict
+    from mmpt.formats.state_dict import read_state_dict
 
     torch.save({"state_dict": {"logit_scale": torch.zeros(())}, "hook": Path("x")}, tmp_path / "evil.pt")
     with pytest.raises(ConfigError, match="refusing to unpickle"):

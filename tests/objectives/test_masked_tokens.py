@@ -11,10 +11,10 @@ import torch
 from torch import Tensor, nn
 
 from mmpt.contracts import Batch, StemOutput
-from mmpt.encoders.base import PrefixTokenEncoder, keep_count, random_keep
 from mmpt.encoders.point_cloud import chamfer_distance
 from mmpt.model import MultimodalModel
 from mmpt.nn.layers import Transformer
+from mmpt.nn.token_encoder import PrefixTokenEncoder, keep_count, random_keep
 from mmpt.registry import ConfigError, encoders, objectives
 
 B = 3
