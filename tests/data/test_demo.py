@@ -18,7 +18,7 @@ from PIL import Image
 from mmpt.contracts import DemoConcepts, ModalityData
 from mmpt.data import demo_shards as demo
 from mmpt.data.demo_shards import COLORS, SHAPES, DemoInfo, generate_demo
-from mmpt.encoders.base import stack_present
+from mmpt.nn.token_encoder import stack_present
 from mmpt.registry import ConfigError
 
 SMALL = {"train_samples": 300, "eval_samples": 50, "shard_size": 128}
