@@ -48,7 +48,14 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--debug", action="store_true", help="show tracebacks instead of one-line errors (any position)")
     p.add_argument("--version", action="version", version=f"mmpt {_version()}")
     sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for add_command in (_train_parser, _eval_parser, _embed_parser, _caption_parser, _export_parser, _import_parser,
+                        _data_parser, _demo_parser, _info_parser):
+        add_command(sub)
+    return p
 
+
+def _train_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt train RECIPE``."""
     t = sub.add_parser("train", help="train a recipe (shipped name or YAML path)", epilog=_recipe_keys_help,
                        formatter_class=_LazyEpilogFormatter)
     t.add_argument("recipe", help="shipped recipe name (see `mmpt info`) or path to a YAML file")
@@ -57,6 +64,9 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--resume", metavar="latest|PATH",
                    help="resume from the newest checkpoint of train.out_dir ('latest') or a given run/checkpoint")
 
+
+def _eval_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt eval MODEL``."""
     e = sub.add_parser("eval", help="run eval tasks on an exported model or a run directory",
                        epilog=_task_keys_help, formatter_class=_LazyEpilogFormatter)
     e.add_argument("model", help="exported .safetensors file or run directory (its latest checkpoint)")
@@ -73,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                         "and URL sources are refused)")
     e.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
 
+
+def _embed_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt embed MODEL``."""
     m = sub.add_parser("embed", help="extract embeddings (clip-retrieval layout), resumable, multi-rank")
     m.add_argument("model", help="exported .safetensors file or run directory")
     m.add_argument("--data", required=True, help="shards: path, glob, brace list or pipe: URL")
@@ -94,6 +107,9 @@ def _parser() -> argparse.ArgumentParser:
                         "a folder keeps the precision it started with")
     m.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
 
+
+def _caption_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt caption MODEL``."""
     c = sub.add_parser("caption", help="generate captions for shards with a model's caption/coca objective (JSONL)")
     c.add_argument("model", help="exported .safetensors file or run directory")
     c.add_argument("--data", required=True, help="shards: path, glob, brace list or pipe: URL")
@@ -114,6 +130,9 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--workers", type=int, default=1)
     c.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
 
+
+def _export_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt export RUN_DIR``."""
     x = sub.add_parser("export", help="consolidate a run (any ZeRO stage) into one .safetensors file")
     x.add_argument("run_dir", help="run directory or checkpoint folder (--format openclip|hf-clip: or an export)")
     x.add_argument("--out", required=True, help="output .safetensors path (hf-clip: a folder; openclip: a file, or a "
@@ -124,6 +143,9 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--keep-adapters", action="store_true",
                    help="keep LoRA adapters as separate tensors (default: merged into the base weights)")
 
+
+def _import_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt import openclip|hf-clip``."""
     im = sub.add_parser("import", help="turn OpenCLIP or Hugging Face CLIP weights into an mmpt model file")
     isub = im.add_subparsers(dest="import_format", required=True, metavar="FORMAT")
     io = isub.add_parser("openclip", help="an OpenCLIP checkpoint of a named architecture")
@@ -136,6 +158,9 @@ def _parser() -> argparse.ArgumentParser:
     ih.add_argument("--weights", required=True, help="the folder (config.json + model.safetensors)")
     ih.add_argument("--out", required=True, help="output .safetensors path")
 
+
+def _data_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt data demo|write|inspect``."""
     d = sub.add_parser("data", help="demo data, shard writing and inspection")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
     from mmpt.data.demo_shards import add_modalities_argument
@@ -164,6 +189,9 @@ def _parser() -> argparse.ArgumentParser:
     di.add_argument("shards", help="path, glob, brace list or pipe: URL")
     di.add_argument("--decode", action="store_true", help="also decode every member to find bad ones")
 
+
+def _demo_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt demo``."""
     demo = sub.add_parser("demo", help="the whole path on generated data: data, train, eval, export, embed")
     demo.add_argument("--out", default="runs/demo")
     demo.add_argument("--smoke", action="store_true", help="tiny data and few steps (about a minute)")
@@ -171,10 +199,12 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--recipe", default="clip-tiny", metavar="NAME",
                       help="recipe to run on demo data for its modalities (default: %(default)s)")
 
+
+def _info_parser(sub: argparse._SubParsersAction) -> None:
+    """``mmpt info``."""
     i = sub.add_parser("info", help="versions and registered encoders, objectives, recipes, eval tasks")
     i.add_argument("--tasks", action="store_true", help="list every eval task's keys with a description")
     i.add_argument("--keys", action="store_true", help="list every recipe key with a description")
-    return p
 
 
 def _version() -> str:
@@ -342,29 +372,8 @@ def _import(args: argparse.Namespace) -> None:
     print(f"imported {args.weights} into {out}")
 
 
-def _read_tasks_file(path: str) -> list:
-    """The task list of ``--tasks-file`` (a list, or a recipe's ``eval:``), refused in one line."""
-    import yaml
-
-    from mmpt.registry import ConfigError
-
-    try:
-        text = Path(path).read_text()
-    except OSError as exc:  # before the import below: a mistyped name fails at once
-        raise ConfigError(f"--tasks-file {path}: {exc.strerror or exc}") from None
-    from mmpt.config import expand_env
-
-    try:
-        tasks = yaml.safe_load(expand_env(text))
-    except yaml.YAMLError as exc:
-        raise ConfigError(f"--tasks-file {path}: {str(exc).splitlines()[0]}") from None
-    tasks = tasks.get("eval", []) if isinstance(tasks, dict) else tasks
-    if not isinstance(tasks, list):
-        raise ConfigError(f"--tasks-file {path}: expected a list of tasks or a mapping with 'eval'")
-    return tasks
-
-
 def _eval(args: argparse.Namespace) -> None:
+    from mmpt.eval.task_list import read_tasks, recipe_tasks, tasks_to_run
     from mmpt.registry import ConfigError
 
     # What the user typed is checked before the model load (seconds of imports) starts.
@@ -373,36 +382,34 @@ def _eval(args: argparse.Namespace) -> None:
     if not args.tasks_file and not args.use_embedded_tasks:
         raise ConfigError(f"{args.model}: no tasks: give --tasks-file FILE (your task list), or "
                           "--use-embedded-tasks to run the eval tasks stored with the model")
-    tasks = _read_tasks_file(args.tasks_file) if args.tasks_file else None  # the user's own: pipe: allowed
+    # the user's own file: pipe: sources allowed
+    tasks = read_tasks(args.tasks_file, f"--tasks-file {args.tasks_file}") if args.tasks_file else None
     where = args.tasks_file
-    import yaml
-
     import mmpt
-    from mmpt.config import apply_overrides, load_yaml
-    from mmpt.eval import format_table, refuse_untrusted_sources, run_tasks, select_tasks, write_results
+    from mmpt.eval import format_table, run_tasks, write_results
 
     model, transforms, _ = mmpt.load(args.model, allow_nonfinite=args.allow_nonfinite)
     if tasks is None:
-        from mmpt.commands.export import read_header
-
         where = f"{args.model} (embedded eval tasks)"
-        if Path(args.model).is_dir():
-            tasks = load_yaml(Path(args.model) / "config.yaml").get("eval", [])
-        else:
-            tasks = yaml.safe_load(read_header(args.model)[0]["config"]).get("eval", [])
-        if not isinstance(tasks, list):
-            raise ConfigError(f"{where}: eval: expected a list of tasks, got {type(tasks).__name__}")
-    # Select first, then override and validate only what runs: unselected tasks may name paths that
-    # exist only where the model was trained.
-    tasks = [apply_overrides(dict(t), args.overrides) for t in select_tasks(tasks, args.task, where)]
-    if args.use_embedded_tasks and not args.tasks_file:
-        refuse_untrusted_sources(tasks, where)
-    if not tasks:
-        raise ConfigError(f"{where}: no eval tasks to run")
+        tasks = recipe_tasks(_stored_recipe(args.model), where)
+    tasks = tasks_to_run(tasks, args.task, args.overrides, where, trusted=bool(args.tasks_file))
     results = run_tasks(model, transforms, tasks, device="cpu")  # the Pretrainer: caption tasks need objectives
     print(format_table(results))
     if args.out:
         write_results(results, args.out)
+
+
+def _stored_recipe(model: str) -> dict:
+    """The recipe a run directory or an export was trained with."""
+    if Path(model).is_dir():
+        from mmpt.config import load_yaml
+
+        return load_yaml(Path(model) / "config.yaml")
+    import yaml
+
+    from mmpt.commands.export import read_header
+
+    return yaml.safe_load(read_header(model)[0]["config"])
 
 
 def _data(args: argparse.Namespace) -> None:

@@ -9,131 +9,38 @@ forwards are collectives); each embeds its part of the data and the parts are ga
 
 from __future__ import annotations
 
+import importlib
 import json
 import math
 import os
-from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
+from mmpt.eval.task_list import (
+    read_tasks,
+    recipe_tasks,
+    refuse_untrusted_sources,
+    select_tasks,
+    task_id,
+    tasks_to_run,
+)
 
-from mmpt.contracts import ModalityData
-from mmpt.eval.common import Embedded, Task, embed_data, embed_texts
-from mmpt.eval.sharding import split_over_ranks
-from mmpt.model import MultimodalModel
-from mmpt.registry import ConfigError, closest
-from mmpt.registry import tasks as task_registry
+if TYPE_CHECKING:
+    from mmpt.eval.common import Embedded, Task, embed_data, embed_texts
+    from mmpt.eval.run import build_tasks, run_tasks
 
-__all__ = ["Embedded", "Task", "build_tasks", "embed_data", "embed_texts", "format_table", "refuse_untrusted_sources",
-           "run_tasks", "select_tasks", "task_id", "write_results"]
+__all__ = ["Embedded", "Task", "build_tasks", "embed_data", "embed_texts", "format_table", "read_tasks", "recipe_tasks",
+           "refuse_untrusted_sources", "run_tasks", "select_tasks", "task_id", "tasks_to_run", "write_results"]
 
-
-def build_tasks(entries: Sequence[dict[str, Any]]) -> list[tuple[str, Task]]:
-    """Validate and build every task of a recipe's ``eval:`` list; returns (result name, task) pairs."""
-    built: list[tuple[str, Task]] = []
-    where: dict[str, str] = {}
-    for i, entry in enumerate(entries):
-        path = f"eval[{i}]"
-        if not isinstance(entry, dict) or "name" not in entry:
-            raise ConfigError(f"{path}: expected a mapping with 'name' (one of: {', '.join(task_registry.names())})")
-        kwargs = {k: v for k, v in entry.items() if k not in ("name", "id")}
-        try:
-            task = task_registry.build(entry["name"], path=path, **kwargs)
-        except ConfigError as exc:
-            raise _at(path, exc) from exc
-        name = str(entry.get("id") or task.default_id())
-        if name in where:
-            raise ConfigError(f"{path}: result name '{name}' is also {where[name]}'s; give one of them an 'id'")
-        where[name] = path
-        built.append((name, task))
-    return built
+# Imported on first use: reading and selecting tasks (``mmpt eval`` checking its arguments) needs no torch.
+_LAZY = {"Embedded": "mmpt.eval.common", "Task": "mmpt.eval.common", "embed_data": "mmpt.eval.common",
+         "embed_texts": "mmpt.eval.common", "build_tasks": "mmpt.eval.run", "run_tasks": "mmpt.eval.run"}
 
 
-def task_id(entry: dict[str, Any]) -> str:
-    """The result name of a task entry without validating it (selection comes before validation)."""
-    import dataclasses
-
-    if entry.get("id"):
-        return str(entry["id"])
-    try:
-        cls = task_registry.get(str(entry.get("name")))
-        task = object.__new__(cls)  # fields only, no __post_init__ checks: they may need files elsewhere
-        for f in dataclasses.fields(cls):
-            default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
-            setattr(task, f.name, entry.get(f.name, None if default is dataclasses.MISSING else default))
-        return task.default_id()
-    except Exception:  # an entry too broken to name; building it reports the problem if it is selected
-        return str(entry.get("name"))
-
-
-def select_tasks(entries: Sequence[Any], wanted: Sequence[str], where: str = "eval") -> list[dict[str, Any]]:
-    """Entries whose id or name is in ``wanted`` (all when empty); an unknown id is a ConfigError."""
-    if not wanted:
-        return list(entries)
-    entries = [e for e in entries if isinstance(e, dict)]
-    ids = [task_id(e) for e in entries]
-    unknown = [w for w in wanted if w not in ids and not any(e.get("name") == w for e in entries)]
-    if unknown:
-        raise ConfigError(f"--task {unknown[0]}: no such task in {where}{closest(unknown[0], ids)}; "
-                          f"tasks: {', '.join(ids) or 'none'}")
-    return [e for e, i in zip(entries, ids, strict=True) if i in wanted or e.get("name") in wanted]
-
-
-def refuse_untrusted_sources(entries: Sequence[dict[str, Any]], where: str) -> None:
-    """Refuse task values that run a command or reach the network (``pipe:``, ``scheme://``): tasks read
-    from an export or a run directory are data, and data never starts a process."""
-    def walk(value: Any, path: str) -> None:
-        if isinstance(value, str) and (value.strip().startswith("pipe:") or "://" in value):
-            raise ConfigError(f"{where}: {path}: {value[:60]!r} is a command or network source; tasks stored in "
-                              "a model file may only read local files (give your own --tasks-file to use it)")
-        if isinstance(value, dict):
-            for k, v in value.items():
-                walk(v, f"{path}.{k}")
-        elif isinstance(value, (list, tuple)):
-            for i, v in enumerate(value):
-                walk(v, f"{path}[{i}]")
-
-    for i, entry in enumerate(entries):
-        walk(entry, f"eval[{i}]")
-
-
-def _at(path: str, exc: ConfigError) -> ConfigError:
-    # Tasks name the key in their own checks ("label_key: ..."); the registry already names the path.
-    return exc if str(exc).startswith(path) else ConfigError(f"{path}.{exc}")
-
-
-def _task_model(task: Task, model: Any, where: str) -> Any:
-    """The towers (``MultimodalModel``) for most tasks; the whole Pretrainer for a task that generates with
-    an objective (``uses_objectives``, e.g. ``caption``), which run_tasks must then have been given."""
-    towers = getattr(model, "model", model)
-    if not getattr(task, "uses_objectives", False):
-        return towers
-    if towers is model:
-        raise ConfigError(f"{where}: task '{getattr(task, 'registry_name', type(task).__name__)}' generates with "
-                          "the model's objectives, but only its towers were passed to run_tasks")
-    return model
-
-
-def run_tasks(model: MultimodalModel, specs: dict[str, ModalityData], tasks: Sequence[dict[str, Any]],
-              device: torch.device | str, progress: bool = True, *, rank: int = 0,
-              world: int = 1) -> dict[str, dict[str, Any]]:
-    """Run every eval task in eval mode without gradients; returns {result name: metrics}. With ``world``
-    > 1 every rank of the process group calls this, embeds its part and gets the same results."""
-    built = build_tasks(tasks)  # every config error surfaces before any task spends time
-    was_training = model.training
-    model.eval()
-    results: dict[str, dict[str, Any]] = {}
-    try:
-        with torch.no_grad(), split_over_ranks(rank, world):
-            for i, (name, task) in enumerate(built):
-                try:
-                    results[name] = task.run(_task_model(task, model, f"eval[{i}]"), specs, device, progress)
-                except ConfigError as exc:  # found only once the data is read (e.g. a label_key in no json)
-                    raise _at(f"eval[{i}]", exc) from exc
-    finally:
-        model.train(was_training)
-    return results
+def __getattr__(name: str) -> Any:
+    if name not in _LAZY:
+        raise AttributeError(f"module 'mmpt.eval' has no attribute {name!r}")
+    return getattr(importlib.import_module(_LAZY[name]), name)
 
 
 def _chance(metrics: dict[str, Any], metric: str) -> float | None:
