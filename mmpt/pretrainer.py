@@ -87,10 +87,7 @@ def build_data_specs(cfg: Config) -> dict[str, ModalityData]:
     for modality, enc in cfg.model.encoders.items():
         cls = encoder_registry.get(enc["name"], path=f"model.encoders.{modality}.name")
         data_cls = modality_registry.get(cls.modality)
-        # data-level limits go to every data side; from_encoder_config keeps the ones its class takes
-        kwargs = {"max_image_pixels": cfg.data.max_image_pixels}
-        kwargs.update((k, v) for k, v in enc.items() if k != "name")
-        specs[modality] = data_cls.from_encoder_config(**kwargs)
+        specs[modality] = data_cls.from_encoder_config(**{k: v for k, v in enc.items() if k != "name"})
         if modality in cfg.data.max_sample_bytes:
             specs[modality].max_sample_bytes = cfg.data.max_sample_bytes[modality]
     return specs

@@ -91,13 +91,18 @@ class Registry:
             raise ConfigError(f"{path or name}: {exc}") from exc
 
 
-def check_kwargs(fn: Callable[..., Any], cfg: dict[str, Any], *, path: str) -> None:
-    """Raise ConfigError for keys ``fn`` does not accept or values of an obviously wrong type."""
-    sig = inspect.signature(fn)
-    params = {k: p for k, p in sig.parameters.items() if k != "self"}
+def check_kwargs(fn: Callable[..., Any], cfg: dict[str, Any], *, path: str, also: Callable[..., Any] | None = None) -> None:
+    """Raise ConfigError for keys ``fn`` does not accept or values of an obviously wrong type. Keys ``also``
+    accepts are valid too (an encoder section also configures its modality's data side)."""
+    params = {k: p for k, p in inspect.signature(fn).parameters.items() if k != "self"}
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in params.values()):
         return
     hints = _hints(fn)
+    if also is not None:
+        extra = {k: p for k, p in inspect.signature(also).parameters.items() if k != "self" and k not in params
+                 and p.kind not in (inspect.Parameter.VAR_POSITIONAL, inspect.Parameter.VAR_KEYWORD)}
+        hints = {**{k: v for k, v in _hints(also).items() if k in extra}, **hints}
+        params = {**params, **{k: p.replace(default=None) for k, p in extra.items()}}  # never required here
     for key, value in cfg.items():
         if key not in params:
             raise ConfigError(f"{path}.{key}: unknown key{closest(key, list(params))}; valid: {', '.join(params)}")

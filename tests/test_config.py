@@ -178,3 +178,16 @@ def test_objective_that_does_not_name_its_modalities_passes_the_check() -> None:
     from mmpt.config import _check_objective_modalities
 
     _check_objective_modalities("objectives.custom", SimpleNamespace(modalities=None), {"text": {}})
+
+
+def test_encoder_section_takes_its_data_side_keys_and_names_typos() -> None:
+    """A modality's data-side limits are keys of its encoder section (``max_image_pixels`` left the core's
+    data section); a misspelt one is named with the closest valid key, data-side keys included."""
+    cfg = load_config("clip-tiny", ["model.encoders.image.max_image_pixels=1000"])
+    assert cfg.model.encoders["image"]["max_image_pixels"] == 1000
+    with pytest.raises(ConfigError, match="model.encoders.image.max_image_pixel: unknown key.*max_image_pixels"):
+        load_config("clip-tiny", ["model.encoders.image.max_image_pixel=1000"])
+    with pytest.raises(ConfigError, match="model.encoders.image.max_image_pixels: expected int"):
+        load_config("clip-tiny", ["model.encoders.image.max_image_pixels=many"])
+    with pytest.raises(ConfigError, match="data.max_image_pixels: unknown key"):
+        load_config("clip-tiny", ["data.max_image_pixels=1000"])

@@ -44,12 +44,12 @@ class DataConfig:
     rank micro-batch. workers: DataLoader workers per rank. shuffle_buffer: samples held for
     shuffling (0: off). samples_per_epoch: defines the epoch length; None counts the members of
     local shards at start. required: modalities a sample must have (others are optional and masked).
-    max_image_pixels: larger images are rejected as decompression bombs. prefetch: batches each
-    worker prepares ahead. max_sample_bytes: per-modality byte budget of one decoded sample
-    (``{audio: 536870912}``; on the command line ``--set data.max_sample_bytes.audio=536870912``), over
-    the data side's default (image: 3 x max_image_pixels, audio 256 MiB, point_cloud 128 MiB, text and
-    protein 16 MiB); a sample over it, by its size, its header's claim or after decoding, is skipped and
-    counted as ``too_large_<modality>``.
+    prefetch: batches each worker prepares ahead. max_sample_bytes: per-modality byte budget of one
+    decoded sample (``{audio: 536870912}``; on the command line ``--set data.max_sample_bytes.audio=536870912``),
+    over the data side's default (image: 3 x its ``max_image_pixels``, audio 256 MiB, point_cloud 128 MiB,
+    text and protein 16 MiB); a sample over it, by its size, its header's claim or after decoding, is
+    skipped and counted as ``too_large_<modality>``. Limits of one modality's data side (an image's
+    ``max_image_pixels``, audio's ``max_audio_seconds``) are keys of its encoder section.
     max_consecutive_skips: stop with an error naming the shards and reasons after this many skipped
     samples in a row (or two passes over a worker's shards with nothing usable): one shard of bad
     samples among good ones passes, data that is all bad cannot spin forever.
@@ -62,7 +62,6 @@ class DataConfig:
     shuffle_buffer: int = 1000
     samples_per_epoch: int | None = None
     required: list[str] = field(default_factory=list)
-    max_image_pixels: int = 64_000_000
     prefetch: int = 2
     max_sample_bytes: dict[str, int] = field(default_factory=dict)
     max_consecutive_skips: int = 10_000
@@ -397,7 +396,7 @@ _MINIMUMS = (
     ("train.steps", 1), ("train.grad_accum", 1), ("train.log_every", 1), ("train.keep_last", 1),
     ("train.checkpoint_every", 1), ("train.eval_every", 0), ("train.grad_clip", 0), ("train.gradcache_chunk", 1),
     ("data.batch_size", 1), ("data.workers", 0), ("data.shuffle_buffer", 0), ("data.prefetch", 1),
-    ("data.max_image_pixels", 1), ("optim.warmup_steps", 0), ("optim.weight_decay", 0), ("optim.eps", 0),
+("optim.warmup_steps", 0), ("optim.weight_decay", 0), ("optim.eps", 0),
     ("model.embed_dim", 1),
 )
 
@@ -418,7 +417,7 @@ def validate(cfg: Config) -> None:
     """Check what dataclass types cannot: registered names, encoder/objective kwargs, ranges."""
     import torch  # here, not at the top: `mmpt eval` reads task files before paying for torch
 
-    from mmpt.registry import check_kwargs, encoders, objectives
+    from mmpt.registry import check_kwargs, encoders, modalities, objectives
 
     if not cfg.model.encoders:
         raise ConfigError("model.encoders: at least one modality encoder is required")
@@ -427,7 +426,9 @@ def validate(cfg: Config) -> None:
         if not isinstance(enc, dict) or "name" not in enc:
             raise ConfigError(f"{where}: expected a mapping with 'name' (e.g. image/vit)")
         kwargs = {k: v for k, v in enc.items() if k != "name"}
-        check_kwargs(encoders.get(enc["name"], path=f"{where}.name"), kwargs, path=where)
+        cls = encoders.get(enc["name"], path=f"{where}.name")
+        data_side = modalities.get(cls.modality) if cls.modality in modalities.names() else None
+        check_kwargs(cls, kwargs, path=where, also=data_side)
     for name, obj in cfg.objectives.items():
         where = f"objectives.{name}"
         if not isinstance(obj, dict):

@@ -81,7 +81,9 @@ def test_config_overrides_a_modality_budget_and_names_bad_keys() -> None:
     cfg = load_config("clip-tiny", ["data.max_sample_bytes.text=1000"])
     specs = build_data_specs(cfg)
     assert specs["text"].max_sample_bytes == 1000
-    assert specs["image"].max_sample_bytes == 3 * cfg.data.max_image_pixels  # the image side's own default
+    assert specs["image"].max_sample_bytes == 3 * 64_000_000  # the image side's own default: 3 x max_image_pixels
+    pixels = build_data_specs(load_config("clip-tiny", ["model.encoders.image.max_image_pixels=1000"]))["image"]
+    assert pixels.max_pixels == 1000 and pixels.max_sample_bytes == 3000  # a data-side key of the encoder section
     with pytest.raises(ConfigError, match="data.max_sample_bytes.txt: no encoder for 'txt'.*text"):
         load_config("clip-tiny", ["data.max_sample_bytes.txt=1000"])
     with pytest.raises(ConfigError, match="data.max_sample_bytes.text: expected a byte count >= 1"):
