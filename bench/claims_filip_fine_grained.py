@@ -39,7 +39,7 @@ from claims_common import (  # noqa: E402
 )
 from common import RESULTS  # noqa: E402
 
-from mmpt.data.demo_shards import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES  # noqa: E402
+from mmpt.data.concepts import COLORS, POSITION_PHRASES, POSITIONS, SHAPES, SIZES  # noqa: E402
 from mmpt.objectives.filip import token_similarity  # noqa: E402
 
 NAME = "claims_filip_fine_grained"

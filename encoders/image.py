@@ -1,5 +1,6 @@
 """Image modality: a from-scratch ViT (``image/vit``), any timm model (``image/timm``), and the data
-side (decode JPEG/PNG/WebP, crop, uint8 tensors; normalisation happens on the batch in the model).
+side (decode JPEG/PNG/WebP, crop, uint8 tensors; normalisation happens on the batch in the model; the
+demo's pictures, drawn by :mod:`mmpt.encoders._image_demo`).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpt.contracts import Encoder, EncoderOutput, ModalityData, SampleTooLarge, StemOutput
+from mmpt.encoders._image_demo import ShapeScenes
 from mmpt.nn.layers import Transformer
 from mmpt.nn.token_encoder import PrefixTokenEncoder, check_token_drop
 from mmpt.registry import encoders, modalities
@@ -213,6 +215,11 @@ class ImageData(ModalityData):
         self.crop_scale = tuple(train_crop_scale)
         self.max_pixels = max_image_pixels
         self.max_sample_bytes = 3 * max_image_pixels  # RGB uint8: the pixel limit is this side's byte budget
+
+    def demo_split(self, rng: np.random.Generator) -> ShapeScenes:
+        """One demo split's pictures, ``image_size`` pixels a side (drawn from the split's stream: see
+        :mod:`mmpt.data.demo_shards`)."""
+        return ShapeScenes(self.size, rng)
 
     def decoded_size(self, data: bytes, ext: str) -> int | None:
         """3 bytes per pixel of the size the header states (JPEG by libjpeg-turbo's header reader, other

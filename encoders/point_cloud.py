@@ -19,6 +19,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpt.contracts import DemoConcepts, MiB, ModalityData, StemOutput
+from mmpt.data.concepts import COLORS, SIZES
 from mmpt.nn.layers import Transformer, init_weights
 from mmpt.nn.token_encoder import PrefixTokenEncoder, check_token_drop, stack_present
 from mmpt.registry import ConfigError, encoders, modalities
@@ -407,7 +408,7 @@ def _npz(**arrays: np.ndarray) -> bytes:
 
 
 # ------------------------------------------------------------------------------------------- demo solids
-# One solid per demo shape (mmpt.data.demo_shards.SHAPES order): circle, square, triangle, diamond, star, cross,
+# One solid per demo shape (mmpt.data.concepts.SHAPES order): circle, square, triangle, diamond, star, cross,
 # ring, hexagon -> sphere, cube, cone, octahedron, star prism, 3D cross, torus, hexagonal prism. Each
 # samples its surface from uniform numbers u (N, 3) in [0, 1), vectorised over every cloud of that shape.
 
@@ -498,8 +499,6 @@ SOLIDS = (_sphere, _cube, _cone, _octahedron, _star, _cross, _torus, _hexagon)
 def render_solids(concepts: DemoConcepts, num_points: int, channels: str, rng: np.random.Generator) -> list[np.ndarray]:
     """(num_points, C) float16 clouds of the concepts' solids in the ``channels`` layout: scaled by size,
     randomly rotated about the up axis, rgb from the colour, normals as the direction from the centre."""
-    from mmpt.data.demo_shards import COLORS, SIZES
-
     n = len(concepts)
     shape, color, size = (np.asarray(a, np.int64) for a in (concepts.shape, concepts.color, concepts.size))
     xyz = np.empty((n, num_points, 3))

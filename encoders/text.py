@@ -1,20 +1,53 @@
 """Text modality: a from-scratch transformer (``text/transformer``) and the data side (decode ``txt``,
-tokenize the whole batch in collate). The tokenizers live in :mod:`mmpt.nn.tokenizers`.
+tokenize the whole batch in collate; the demo's captions, written in a small grammar). The tokenizers
+live in :mod:`mmpt.nn.tokenizers`.
 """
 
 from __future__ import annotations
 
+import json
 import random
 from typing import Any
 
+import numpy as np
 import torch
 from torch import Tensor, nn
 
 from mmpt.contracts import Encoder, EncoderOutput, MiB, ModalityData
+from mmpt.data.concepts import concept_words
 from mmpt.nn.layers import KVCache, Transformer, last_token, masked_mean
 from mmpt.nn.padding import by_length
 from mmpt.nn.tokenizers import build_tokenizer
 from mmpt.registry import ConfigError, encoders, modalities
+
+# The demo's caption grammar, (form, weight). Descriptive forms name the colour, the shape and the
+# background; partial forms use generic words ("shape", "a background") so zero-shot prompts are
+# captions the model has seen.
+DESCRIPTIVE_FORMS = (
+    ("a {size} {color} {shape} {where} of a {background} background", 0.20),
+    ("a {color} {shape} {where} of a {background} background", 0.12),
+    ("a {size} {color} {shape} on a {background} background", 0.12),
+    ("a {color} {shape} on a {background} background", 0.12),
+    ("a {background} background with a {size} {color} {shape} {where}", 0.07),
+    ("a {background} background with a {color} {shape}", 0.07),
+)
+PARTIAL_FORMS = (
+    ("a {color} shape on a {background} background", 0.05),
+    ("a {shape} on a {background} background", 0.05),
+    ("a {color} shape", 0.04),
+    ("a {color} shape on a background", 0.04),
+    ("a {shape}", 0.04),
+    ("a {shape} on a background", 0.04),
+    ("a {color} {shape}", 0.02),
+    ("a {size} {color} {shape} {where}", 0.02),
+)
+FORMS = tuple(form for form, _ in DESCRIPTIVE_FORMS + PARTIAL_FORMS)
+# Zero-shot prompts: each is one of the partial forms with the class name in the slot.
+TEMPLATES = {
+    "color": ("a {} shape", "a {} shape on a background"),
+    "shape": ("a {}", "a {} on a background"),
+}
+CAPTION_VARIANTS = 3  # captions per sample in its json, for multi-caption retrieval
 
 
 @encoders.register("text/transformer")
@@ -94,6 +127,14 @@ class TextData(ModalityData):
             raise ValueError("empty caption")
         return text
 
+    # The demo's zero-shot prompts and the info.json entries describing its captions (mmpt.data.demo_shards).
+    demo_templates = TEMPLATES
+    demo_info = {"caption_forms": list(FORMS)}
+
+    def demo_split(self, rng: np.random.Generator) -> DemoCaptions:
+        """One demo split's captions (drawn from the split's stream: see :mod:`mmpt.data.demo_shards`)."""
+        return DemoCaptions()
+
     def transform(self, text: str, train: bool) -> str:
         lines = [line for line in text.splitlines() if line.strip()] or [text]
         return random.choice(lines) if train and len(lines) > 1 else lines[0]
@@ -112,3 +153,27 @@ class TextData(ModalityData):
         token), and a guessed mask would pool on padding."""
         raise ConfigError(f"encode('text', ids): bare id tensor {tuple(x.shape)} has no padding mask; "
                           "pass {'ids', 'mask'} or a list of strings (ids, mask = tokenizer.encode(texts))")
+
+
+class DemoCaptions:
+    """One demo split's captions: a training caption (``txt``) in a weighted form and
+    ``CAPTION_VARIANTS`` distinct descriptive ones (the json's ``captions``) per sample."""
+
+    def plan(self, concepts: Any, rng: np.random.Generator) -> None:
+        """Draw every sample's caption forms; ``concepts`` carries shape, color, background, size and position."""
+        n = len(concepts)
+        weights = np.asarray([w for _, w in DESCRIPTIVE_FORMS + PARTIAL_FORMS])
+        self.concepts = concepts
+        self.form = rng.choice(len(weights), size=n, p=weights / weights.sum())
+        # argsort of uniform keys = a random permutation per row; its first columns are distinct draws.
+        self.variants = rng.random((n, len(DESCRIPTIVE_FORMS))).argsort(axis=1)[:, :CAPTION_VARIANTS]
+
+    def render(self, rows: slice) -> list[dict[str, bytes]]:
+        """``{"txt", "json"}`` members for the planned samples ``rows``."""
+        members = []
+        for i in range(rows.start, rows.stop):
+            words = concept_words(self.concepts, i)
+            captions = [DESCRIPTIVE_FORMS[k][0].format(**words) for k in self.variants[i]]
+            members.append({"txt": FORMS[self.form[i]].format(**words).encode("utf-8"),
+                            "json": json.dumps({"captions": captions}).encode("utf-8")})
+        return members

@@ -17,7 +17,9 @@ from PIL import Image
 
 from mmpt.contracts import DemoConcepts, ModalityData
 from mmpt.data import demo_shards as demo
-from mmpt.data.demo_shards import COLORS, SHAPES, DemoInfo, generate_demo
+from mmpt.data.concepts import COLORS, POSITIONS, SHAPES, SIZES
+from mmpt.data.demo_shards import DemoInfo, generate_demo
+from mmpt.encoders.text import CAPTION_VARIANTS
 from mmpt.nn.token_encoder import stack_present
 from mmpt.registry import ConfigError
 
@@ -73,8 +75,8 @@ def test_samples_have_keys_members_and_metadata(dataset: DemoInfo, train: list[d
         assert set(sample) == {"__key__", "jpg", "txt", "json"}
         assert meta["shape"] in SHAPES and meta["color"] in COLORS and meta["background"] in COLORS
         assert meta["background"] != meta["color"]
-        assert meta["size"] in demo.SIZES and meta["position"] in demo.POSITIONS
-        assert len(set(meta["captions"])) == demo.CAPTION_VARIANTS
+        assert meta["size"] in SIZES and meta["position"] in POSITIONS
+        assert len(set(meta["captions"])) == CAPTION_VARIANTS
         for caption in meta["captions"]:
             assert re.search(rf"\b{meta['color']} {meta['shape']}\b", caption), caption
             assert f"a {meta['background']} background" in caption

@@ -278,7 +278,7 @@ def test_demo_solids_written_and_read_back(tmp_path: Path) -> None:
     batches = list(eval_loader(shards, {"point_cloud": d}, n, workers=0))
     points = batches[0].fields["point_cloud"]["points"]
     assert points.shape == (n, 128, 6) and not batches[0].keys == []
-    from mmpt.data.demo_shards import COLORS, SIZES
+    from mmpt.data.concepts import COLORS, SIZES
 
     rgb = torch.tensor(list(COLORS.values()), dtype=torch.float32)[torch.as_tensor(concepts.color)] / 255
     torch.testing.assert_close(points[:, :, 3:].mean(1), rgb, atol=0.02, rtol=0)  # colour as rgb
