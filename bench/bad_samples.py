@@ -50,7 +50,9 @@ def _png_header(w: int, h: int) -> bytes:
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 64)) + chunk(b"IEND", b"")
 
 
-def _npz_bomb(rows: int) -> bytes:
+def npz_bomb(rows: int) -> bytes:
+    """An npz whose one member, zeros of shape (rows, 3) float32, deflates to ~1/1000 of its size; written in
+    chunks, so the inflated array is never held."""
     header = io.BytesIO()
     np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (rows, 3)})
     buf = io.BytesIO()
@@ -91,7 +93,7 @@ def cases() -> list[tuple[str, str, dict, tuple[str, bytes], tuple[str, bytes]]]
         ("audio", "FLAC header claims 2^36 frames", {"sample_rate": 16_000, "max_audio_seconds": 1e9}, good_audio,
          ("flac", _flac_claiming_hours())),
         ("point_cloud", "0.9 MB npz inflating to 0.96 GB", {"num_points": 1024, "groups": 64},
-         ("npy", _npy(8192)), ("npz", _npz_bomb(80_000_000))),
+         ("npy", _npy(8192)), ("npz", npz_bomb(80_000_000))),
         ("image", "PNG header of 100,000 x 100,000", {"image_size": 224}, ("png", img.getvalue()),
          ("png", _png_header(100_000, 100_000))),
         ("text", "10 MB caption", {"context_length": 77}, ("txt", b"a red square on the left"),

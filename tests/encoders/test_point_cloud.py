@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import io
 import json
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -339,27 +340,13 @@ def test_color_drop_grays_whole_training_clouds_only() -> None:
         data(channels="xyzrgb", train_color_drop=1.5)
 
 
-def _inflating_npz(rows: int) -> bytes:
-    """An npz whose one member, zeros of shape (rows, 3) float32, deflates to ~1/1000 of its size; written
-    in chunks so the test never holds the inflated array."""
-    import zipfile
-
-    header = io.BytesIO()
-    np.lib.format.write_array_header_1_0(header, {"descr": "<f4", "fortran_order": False, "shape": (rows, 3)})
-    buf = io.BytesIO()
-    with zipfile.ZipFile(buf, "w", zipfile.ZIP_DEFLATED) as z, z.open("points.npy", "w", force_zip64=True) as f:
-        f.write(header.getvalue())
-        chunk = bytes(1 << 20)
-        for _ in range(rows * 12 // len(chunk)):
-            f.write(chunk)
-        f.write(bytes(rows * 12 % len(chunk)))
-    return buf.getvalue()
-
-
 def test_inflating_npz_is_refused_from_its_headers(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """Issue 18: a 0.93 MB npz inflated to 0.96 GB (16.7 s, 2.1 GB RSS) and was kept. The member headers
     (zip directory + npy header) state the size; nothing is inflated past them."""
-    bomb = _inflating_npz(4_000_000)  # 48 MB inflated, ~50 KB on disk
+    sys.path.insert(0, str(Path(__file__).parents[2] / "bench"))
+    from bad_samples import npz_bomb  # the bench's hostile sample, smaller
+
+    bomb = npz_bomb(4_000_000)  # 48 MB inflated, ~50 KB on disk
     d = data()
     d.max_sample_bytes = 16 << 20
     assert len(bomb) < 200_000 and d.decoded_size(bomb, "npz") == 48_000_000
