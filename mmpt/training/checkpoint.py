@@ -143,10 +143,21 @@ def _full_disk(write: Any, tmp: Path) -> str | None:
             raise
         return str(exc.filename or _newest_file(tmp))
     except RuntimeError as exc:
-        if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc):
+        # torch's zip writer says neither why nor where: a full disk only if the disk is (nearly) full now
+        if "inline_container" not in str(exc) and "PytorchStreamWriter" not in str(exc) or free_bytes(tmp) > LOW_SPACE:
             raise
-        return str(_newest_file(tmp))  # torch does not name the file: the one written last is the torn one
+        return str(_newest_file(tmp))  # the file written last is the torn one
     return None
+
+
+LOW_SPACE = 64 * 2**20  # free bytes below which a failed torch write is taken for a full disk
+
+
+def free_bytes(path: Path) -> int:
+    """Free bytes on the file system holding ``path`` (or its nearest existing parent)."""
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return shutil.disk_usage(path).free
 
 
 def _newest_file(folder: Path) -> Path:

@@ -124,11 +124,15 @@ def _fill_disk_at(monkeypatch: pytest.MonkeyPatch, where: str, tag: str) -> None
         if f"{tag}.tmp" not in str(f):
             return real_save(obj, f, *args, **kwargs)
         Path(f).write_bytes(b"PK\x03\x04 torn")  # what a full disk leaves: a partial file
-        if where == "torch_writer":
+        if where in ("torch_writer", "torch_writer_space_left"):
             raise RuntimeError("[enforce fail at inline_container.cc:672] . unexpected pos 4160 vs 4054")
         raise OSError(errno.ENOSPC, "No space left on device", str(f))
 
     monkeypatch.setattr(torch, "save", save)
+    if where == "torch_writer":  # torch's writer error counts as a full disk only when the disk is full
+        from mmpt.training import checkpoint
+
+        monkeypatch.setattr(checkpoint, "free_bytes", lambda path: 0)
 
 
 @pytest.mark.parametrize("where", ["torch_writer", "enospc", "latest"])
@@ -184,3 +188,17 @@ def test_two_ranks_refuse_together(color_shards: list[str], tmp_path: Path) -> N
     full = [x.split("disk full: ")[1] for x in lines if "disk full" in x]
     assert len(full) == 2 and full[0] == full[1] and "the step-2 checkpoint is intact" in full[0]
     assert [x for x in lines if "resumed" in x] == ["rank 0: resumed 2->4", "rank 1: resumed 2->4"]
+
+
+def test_torch_writer_error_with_space_left_is_not_called_a_full_disk(color_shards: list[str], tmp_path: Path,
+                                                                      capsys: pytest.CaptureFixture,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zip writer's error names no cause: with space left it is reported as it is, not as a full disk."""
+    run, recipe = tmp_path / "run", tmp_path / "recipe.yaml"
+    recipe.write_text(yaml.safe_dump(small(color_shards, run)))
+    with monkeypatch.context() as patch:
+        _fill_disk_at(patch, "torch_writer_space_left", "step_00000004")
+        assert cli_main(["train", str(recipe)]) != 0
+    err = capsys.readouterr().err
+    assert "no space left" not in err and "unexpected pos" in err
+    assert (run / "checkpoints" / "latest").read_text() == "step_00000002"
