@@ -12,7 +12,9 @@ files and ``info.json``; it names no modality beyond the documented default list
 
 - the *every-sample* modalities (``STREAM_MODALITIES``, the default ``image,text``: the picture and the
   captions every prompt is written in) draw from the split's own stream, in a fixed order, whether or
-  not they are written, so a sample's concepts never depend on the modality list. Their data side's
+  not they are written, so a sample's concepts never depend on the modality list. Each is written when
+  requested, and one whose data side has ``demo_templates`` (the zero-shot prompts, written in its
+  members' grammar) always, as the class and template files are. Their data side's
   ``demo_split(rng)`` draws its split-wide state (before the concepts), then ``.plan(concepts, rng)``
   each sample's choices (after them, in the list's order), and ``.render(rows)`` the members;
 - every other modality renders through ``ModalityData.render_demo(concepts, rng)`` with an RNG of its
@@ -119,7 +121,8 @@ def generate_demo(
     if train_samples < 0 or eval_samples < 0:
         raise ValueError(f"sample counts must be >= 0, got train_samples={train_samples}, eval_samples={eval_samples}")
     stream = stream_renderers(image_size)
-    written = [m for m in stream if m in modalities]
+    # The class and template files are always written, so the members their prompts describe are too.
+    written = [m for m, spec in stream.items() if m in modalities or getattr(spec, "demo_templates", None)]
     root = Path(out)
     shards: dict[str, list[Path]] = {}
     present: dict[str, dict[str, int]] = {}
