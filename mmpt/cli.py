@@ -373,7 +373,7 @@ def _import(args: argparse.Namespace) -> None:
 
 
 def _eval(args: argparse.Namespace) -> None:
-    from mmpt.eval.task_list import read_tasks, recipe_tasks, tasks_to_run
+    from mmpt.eval.task_list import read_tasks, stored_tasks, tasks_to_run
     from mmpt.registry import ConfigError
 
     # What the user typed is checked before the model load (seconds of imports) starts.
@@ -391,25 +391,12 @@ def _eval(args: argparse.Namespace) -> None:
     model, transforms, _ = mmpt.load(args.model, allow_nonfinite=args.allow_nonfinite)
     if tasks is None:
         where = f"{args.model} (embedded eval tasks)"
-        tasks = recipe_tasks(_stored_recipe(args.model), where)
+        tasks = stored_tasks(args.model, where)
     tasks = tasks_to_run(tasks, args.task, args.overrides, where, trusted=bool(args.tasks_file))
     results = run_tasks(model, transforms, tasks, device="cpu")  # the Pretrainer: caption tasks need objectives
     print(format_table(results))
     if args.out:
         write_results(results, args.out)
-
-
-def _stored_recipe(model: str) -> dict:
-    """The recipe a run directory or an export was trained with."""
-    if Path(model).is_dir():
-        from mmpt.config import load_yaml
-
-        return load_yaml(Path(model) / "config.yaml")
-    import yaml
-
-    from mmpt.commands.export import read_header
-
-    return yaml.safe_load(read_header(model)[0]["config"])
 
 
 def _data(args: argparse.Namespace) -> None:

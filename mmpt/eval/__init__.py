@@ -21,6 +21,7 @@ from mmpt.eval.task_list import (
     recipe_tasks,
     refuse_untrusted_sources,
     select_tasks,
+    stored_tasks,
     task_id,
     tasks_to_run,
 )
@@ -30,7 +31,7 @@ if TYPE_CHECKING:
     from mmpt.eval.run import build_tasks, run_tasks
 
 __all__ = ["Embedded", "Task", "build_tasks", "embed_data", "embed_texts", "format_table", "read_tasks", "recipe_tasks",
-           "refuse_untrusted_sources", "run_tasks", "select_tasks", "task_id", "tasks_to_run", "write_results"]
+           "refuse_untrusted_sources", "run_tasks", "select_tasks", "stored_tasks", "task_id", "tasks_to_run", "write_results"]
 
 # Imported on first use: reading and selecting tasks (``mmpt eval`` checking its arguments) needs no torch.
 _LAZY = {"Embedded": "mmpt.eval.common", "Task": "mmpt.eval.common", "embed_data": "mmpt.eval.common",

@@ -12,7 +12,8 @@ from typing import Any
 
 import yaml
 
-from mmpt.config import apply_overrides, expand_env
+from mmpt.config import apply_overrides, expand_env, load_yaml
+from mmpt.formats.export_file import read_header
 from mmpt.registry import ConfigError, closest
 from mmpt.registry import tasks as task_registry
 
@@ -34,8 +35,15 @@ def read_tasks(path: str | Path, where: str | None = None) -> list[Any]:
     return tasks
 
 
+def stored_tasks(model: str | Path, where: str) -> list[Any]:
+    """The ``eval:`` list a run directory (its config.yaml) or an export (its header) was trained with."""
+    if Path(model).is_dir():
+        return recipe_tasks(load_yaml(Path(model) / "config.yaml"), where)
+    return recipe_tasks(yaml.safe_load(read_header(model)[0]["config"]), where)
+
+
 def recipe_tasks(recipe: dict[str, Any], where: str) -> list[Any]:
-    """The ``eval:`` list of a recipe dict (e.g. the one stored with a model)."""
+    """The ``eval:`` list of a recipe dict."""
     tasks = recipe.get("eval", [])
     if not isinstance(tasks, list):
         raise ConfigError(f"{where}: eval: expected a list of tasks, got {type(tasks).__name__}")

@@ -6,9 +6,11 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
+import yaml
 
-from mmpt.eval import read_tasks, recipe_tasks, tasks_to_run
+from mmpt.eval import read_tasks, recipe_tasks, stored_tasks, tasks_to_run
 from mmpt.registry import ConfigError
 
 TASKS = [{"name": "zero_shot", "id": "color", "data": "/eval/a", "label_key": "color"},
@@ -39,6 +41,17 @@ def test_recipe_tasks_refuses_an_eval_that_is_not_a_list() -> None:
     assert recipe_tasks({"eval": TASKS}, "m") == TASKS and recipe_tasks({}, "m") == []
     with pytest.raises(ConfigError, match="^m: eval: expected a list of tasks, got str$"):
         recipe_tasks({"eval": "zero_shot"}, "m")
+
+
+def test_stored_tasks_of_a_run_directory_and_an_export(tmp_path: Path) -> None:
+    from safetensors.numpy import save_file
+
+    (tmp_path / "run").mkdir()
+    (tmp_path / "run" / "config.yaml").write_text(yaml.safe_dump({"name": "r", "eval": TASKS}))
+    assert stored_tasks(tmp_path / "run", "m") == TASKS
+    save_file({"w": np.zeros(2, np.float32)}, str(tmp_path / "m.safetensors"),
+              metadata={"config": yaml.safe_dump({"name": "r", "eval": TASKS[:1]})})
+    assert stored_tasks(tmp_path / "m.safetensors", "m") == TASKS[:1]
 
 
 def test_tasks_to_run_selects_then_overrides_and_checks_trust() -> None:
