@@ -40,6 +40,16 @@ EXPECTED = {
         "train/demo-train-000001.tar": "eacdd188fae655439c696e56fca1259779b6d04d1b8ff6cbcbb51fa403591392",
         "train/demo-train-000002.tar": "5ee44e26ec1c55fb5b204b0eb9e20da007d50f05f63f723304236fef45c29722",
     },
+    # Without the default modalities: no picture, but the captions the template files describe, and every
+    # sample's concepts as in the runs above (the picture's draws are made whether or not it is written).
+    ("audio",): {
+        **COMMON,
+        "eval/demo-eval-000000.tar": "f2c46b468ecfe0b8d22b23a76f2001943c58a3b368952014c792939d0f8abe36",
+        "info.json": "9d53e2ac9515fed91adb515359c7dc25ec005b9e463c387db3298d3d8fd653e3",
+        "train/demo-train-000000.tar": "2e8fb3437579151ca2ea4759aae7ac19c1edf94887877f7374ccb8d0a1d448b0",
+        "train/demo-train-000001.tar": "61539bd36a3ab0137cbf6ac243b24b159f60a6759301afa19cb4c183d036a5c7",
+        "train/demo-train-000002.tar": "ee0fa42fc903075a62f28bc6c3edfc5ba236318d6efeee21a515f1e047c72463",
+    },
 }
 
 
