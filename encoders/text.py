@@ -113,6 +113,7 @@ class TextData(ModalityData):
     modality = "text"
     extensions = ("txt", "text", "caption")
     max_sample_bytes = 16 * MiB  # a caption file; tokenising sees only a prefix bounded by the context anyway
+    natural_language = True
 
     def __init__(self, tokenizer: str | None = None, context_length: int = 77, folder: str | None = None):
         if tokenizer is None and folder:  # text/hf: the model folder holds the tokenizer

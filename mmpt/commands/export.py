@@ -331,7 +331,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", *,
     """Rebuild ``(model, transforms, tokenizer)`` from an exported file or a run directory.
 
     model: the Pretrainer in eval mode (``model.encode("image", images)``); transforms: modality ->
-    data side (``transforms["image"].prepare([pil_image])``); tokenizer: the text tokenizer or None.
+    data side (``transforms["image"].prepare([pil_image])``); tokenizer: that of the natural-language data side
+    (``ModalityData.natural_language``), or None.
     """
     path = Path(path)
     if path.is_dir():  # a run directory is data, like an export: the same rules for its stored config
@@ -351,8 +352,8 @@ def load(path: str | Path, device: str | torch.device = "cpu", *,
         raise ConfigError(f"{path}: weights do not match the config (missing {missing[:5]}, unexpected {unexpected[:5]})")
     model.to(device).eval()
     transforms = dict(model.model.data)
-    text = transforms.get("text")
-    return model, transforms, getattr(text, "tokenizer", None)
+    words = next((side for side in transforms.values() if side.natural_language), None)
+    return model, transforms, getattr(words, "tokenizer", None)
 
 
 def describe(path: str | Path) -> dict[str, Any]:

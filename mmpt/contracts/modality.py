@@ -55,7 +55,7 @@ def value_size(value: Any) -> int:
 class DemoConcepts:
     """Attributes of N demo samples, shared by every modality that renders them (``mmpt data demo``).
 
-    Each field is an (N,) int array indexing the vocabularies of :mod:`mmpt.data.demo_shards`: ``shape`` into
+    Each field is an (N,) int array indexing the vocabularies of :mod:`mmpt.data.concepts`: ``shape`` into
     ``SHAPES`` (8), ``color`` into ``COLORS`` (10), ``size`` into ``SIZES`` (3), ``position`` into
     ``POSITIONS`` (5). Zero-shot prompts name shape and colour, so every modality renders at least
     those two learnably (an image draws them; a sound might map shape to rhythm and colour to pitch).
@@ -88,6 +88,9 @@ class ModalityData:
     modality: ClassVar[str] = ""
     extensions: ClassVar[tuple[str, ...]] = ()
     max_sample_bytes: int = 256 * MiB
+    # True for the side whose samples are words (prompts, captions): ``mmpt.load`` returns its tokenizer as
+    # OpenCLIP's ``create_model_and_transforms`` + ``get_tokenizer`` users expect.
+    natural_language: ClassVar[bool] = False
 
     @classmethod
     def from_encoder_config(cls, **cfg: Any) -> ModalityData:
