@@ -163,7 +163,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     """``mmpt data demo|write|inspect``."""
     d = sub.add_parser("data", help="demo data, shard writing and inspection")
     dsub = d.add_subparsers(dest="data_command", required=True, metavar="ACTION")
-    from mmpt.data.demo_shards import add_modalities_argument
+    from mmpt.data.demo_options import add_modalities_argument
 
     dd = dsub.add_parser("demo", help="generate the embedded synthetic shapes/colours set")
     dd.add_argument("--out", required=True)

@@ -37,13 +37,12 @@ import numpy as np
 
 from mmpt.contracts import DemoConcepts
 from mmpt.data.concepts import CLASSES, COLORS, POSITIONS, SHAPES, SIZES, concept_words
+from mmpt.data.demo_options import DEFAULT_MODALITIES, add_modalities_argument
 from mmpt.data.writer import ShardWriter
 from mmpt.registry import ConfigError
 
 _CHUNK = 64  # samples per vectorised batch: amortises numpy call overhead while temporaries stay in cache
-# The documented default: the picture and its captions.
-DEFAULT_MODALITIES = ("image", "text")
-# Drawn from each split's stream for every sample, in this order (see the module docstring).
+# The documented default modalities (the picture and its captions) are drawn from each split's stream for every sample, in this order (see the module docstring).
 STREAM_MODALITIES = DEFAULT_MODALITIES
 # Share of samples lacking each other modality (drawn independently per modality), so presence
 # masks are exercised; the every-sample modalities are in every sample.
@@ -315,21 +314,6 @@ def _brace(shards: list[Path]) -> str:
     prefix, first = shards[0].name.removesuffix(".tar").rsplit("-", 1)
     last = shards[-1].name.removesuffix(".tar").rsplit("-", 1)[1]
     return str(shards[0].parent / f"{prefix}-{{{first}..{last}}}.tar")
-
-
-def parse_modalities(text: str) -> tuple[str, ...]:
-    """``image,text,audio`` -> ('image', 'text', 'audio'); an empty list is an error."""
-    names = tuple(dict.fromkeys(n.strip() for n in text.split(",") if n.strip()))
-    if not names:
-        raise argparse.ArgumentTypeError(f"expected comma-separated modality names, got {text!r}")
-    return names
-
-
-def add_modalities_argument(parser: argparse.ArgumentParser) -> None:
-    """The ``--modalities`` option shared by ``python -m mmpt.data.demo_shards`` and ``mmpt data demo``."""
-    parser.add_argument("--modalities", type=parse_modalities, default=DEFAULT_MODALITIES, metavar="M,M",
-                        help="modalities rendering the shared concepts through their registered data side; other "
-                        "than the default image,text, each absent from ~10%% of samples (default: image,text)")
 
 
 def main(argv: list[str] | None = None) -> None:
