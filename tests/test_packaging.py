@@ -14,9 +14,16 @@ ROOT = Path(__file__).resolve().parents[1]
 @pytest.mark.slow
 @pytest.mark.timeout(300)
 def test_offline_wheel_installs_and_imports(tmp_path: Path) -> None:
+    import shutil
+
+    # Built from a copy of the sources: setuptools reuses the tree's build/ folder, where modules a later
+    # commit moved or deleted would still be packed.
+    src = tmp_path / "src"
+    shutil.copytree(ROOT, src, ignore=shutil.ignore_patterns(".venv", ".peer-venv", "build", "runs", "*.egg-info",
+                                                             ".git", "__pycache__", ".pytest_cache", ".ruff_cache"))
     wheels = tmp_path / "wheels"
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-build-isolation", "--no-deps", "-q", "-w",
-                    str(wheels), str(ROOT)], check=True, cwd=tmp_path, timeout=240)
+                    str(wheels), str(src)], check=True, cwd=tmp_path, timeout=240)
     wheel = next(wheels.glob("mmpt-*.whl"))
     site = tmp_path / "site"
     subprocess.run([sys.executable, "-m", "pip", "install", "--no-deps", "--no-index", "-q", "--target", str(site),

@@ -7,6 +7,7 @@ usage: torchrun --nproc_per_node 2 tests/train/_rundir_ranks.py SHARD_DIR OUT_DI
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import sys
 from pathlib import Path
@@ -25,6 +26,10 @@ from mmpt.training.engine import init_distributed  # noqa: E402
 from mmpt.training.loop import train  # noqa: E402
 
 
+def say(line: str) -> None:
+    """One line in one write: the two ranks share a pipe, and print's separate writes interleave."""
+    os.write(1, (line + "\n").encode())
+
 def main() -> None:
     shards, out = sorted(str(p) for p in Path(sys.argv[1]).glob("*.tar")), Path(sys.argv[2])
     rank = init_distributed().rank
@@ -42,9 +47,9 @@ def main() -> None:
     dist.barrier()
     try:
         train(cfg("bad", steps=6), resume="latest")
-        print(f"rank {rank}: crafted position accepted", flush=True)
+        say(f"rank {rank}: crafted position accepted")
     except ConfigError as exc:
-        print(f"rank {rank}: refused: {exc}", flush=True)
+        say(f"rank {rank}: refused: {exc}")
     real = torch.save
 
     def full_on_rank1(obj: object, f: object, *args: object, **kwargs: object) -> None:
@@ -56,12 +61,12 @@ def main() -> None:
     checkpoint.free_bytes = lambda path: 0  # the disk is full (torch's writer error names no cause)
     try:
         train(cfg("full"))
-        print(f"rank {rank}: full disk unnoticed", flush=True)
+        say(f"rank {rank}: full disk unnoticed")
     except ConfigError as exc:
-        print(f"rank {rank}: disk full: {exc}", flush=True)
+        say(f"rank {rank}: disk full: {exc}")
     torch.save = real
     summary = train(cfg("full"), resume="latest")
-    print(f"rank {rank}: resumed {summary.start}->{summary.steps}", flush=True)
+    say(f"rank {rank}: resumed {summary.start}->{summary.steps}")
     dist.barrier()
     dist.destroy_process_group()
 
