@@ -20,11 +20,12 @@ def demo_data(data: Path, modalities: list[str], encoders: dict[str, dict[str, A
     """Generate the demo set under ``data`` unless one with these sample counts and every one of
     ``modalities`` is there; a regenerated set keeps the modalities the old one had (adding a modality
     leaves the others' bytes unchanged, so runs that used them see the same data)."""
+    from mmpt.data.demo_options import DEFAULT_MODALITIES
     from mmpt.data.demo_shards import generate_demo
 
     info_file = data / "info.json"
     info = json.loads(info_file.read_text()) if info_file.exists() else {}
-    have = info.get("modalities", ["image", "text"]) if info.get("train_samples") == n_train else []
+    have = info.get("modalities", list(DEFAULT_MODALITIES)) if info.get("train_samples") == n_train else []
     if have and set(modalities) <= set(have):
         return
     wanted = list(dict.fromkeys([*have, *modalities]))
