@@ -2,7 +2,7 @@
 
 Both tools train the same tiny CLIP (ViT with a patch stem and CLS pooling + causal text tower with
 EOT pooling, equal widths / depths / heads, linear projections) on the same freshly generated demo
-shards, fp32 on CPU, one process, with the same batch size, step count, data workers, thread count
+shards, fp32 on CPU by default (--device cuda, --precision bf16 for GPUs), one process, with the same batch size, step count, data workers, thread count
 (OMP_NUM_THREADS / MKL_NUM_THREADS), learning rate, warm-up, weight decay and gradient clipping.
 They run one after the other, never at the same time.
 
@@ -137,6 +137,10 @@ def caption_stats(shards: list[Path], ctx: int, batch: int) -> dict:
             "mean_longest_per_batch": round(statistics.fmean(longest), 2)}
 
 
+# mmpt's train.precision -> OpenCLIP trainer's --precision for the same arithmetic (bf16 autocast).
+OC_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
+
+
 def run_mmpt(data: Path, model, a, work: Path, tag: str, steps: int | None = None,
              train_dir: Path | None = None) -> dict | None:
     """One mmpt training run; ``steps`` set: an untimed warm-up run of that many steps (returns None)."""
@@ -146,10 +150,11 @@ def run_mmpt(data: Path, model, a, work: Path, tag: str, steps: int | None = Non
         f"data.sources=[{train_dir or data / 'train'}]", f"data.batch_size={a.batch_size}", f"data.workers={a.workers}",
         f"data.shuffle_buffer={a.shuffle_buffer}", f"train.steps={n_steps}", f"train.log_every={a.log_every}",
         f"train.checkpoint_every={n_steps}", "train.eval_every=0", "train.progress=false", "train.zero_stage=0",
-        "train.precision=fp32", "train.grad_accum=1", f"train.grad_clip={a.grad_clip}", f"train.out_dir={out}",
+        f"train.precision={a.precision}", "train.grad_accum=1", f"train.grad_clip={a.grad_clip}", f"train.out_dir={out}",
         f"optim.lr={a.lr}", f"optim.warmup_steps={a.warmup}", f"optim.weight_decay={a.wd}", "optim.schedule=cosine"]
     cmd = [str(MMPT), "train", "clip-tiny"] + [x for s in sets for x in ("--set", s)]
-    env = thread_env(a.threads, MMPT_DEMO_DATA=str(data), MMPT_RUN_DIR=str(out))
+    env = thread_env(a.threads, MMPT_DEMO_DATA=str(data), MMPT_RUN_DIR=str(out),
+                     **({"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {}))  # mmpt takes a GPU when it sees one
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # one rank, no launcher
         env.pop(k, None)
     log = work / f"mmpt-{tag}.log"
@@ -182,7 +187,8 @@ def run_openclip(peer_py: Path, pattern: str, cfg_dir: Path, a, work: Path, tag:
     argv = ["--model", OC_MODEL_NAME, "--train-data", pattern, "--dataset-type", "webdataset",
             "--train-num-samples", str((steps or a.steps) * a.batch_size), "--batch-size", str(a.batch_size),
             "--workers", str(a.workers), "--epochs", "1", "--lr", str(a.lr), "--warmup", str(a.warmup),
-            "--wd", str(a.wd), "--lr-scheduler", "cosine", "--precision", "fp32", "--device", "cpu",
+            "--wd", str(a.wd), "--lr-scheduler", "cosine", "--precision", OC_PRECISION[a.precision],
+            "--device", a.device,
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
             "--logs", str(logs), "--name", "bench", "--log-every-n-steps", str(a.log_every),
             "--report-to", "", "--seed", "0"]
@@ -270,7 +276,15 @@ def main() -> None:
     p.add_argument("--no-warmup", action="store_true", help="skip the untimed 2-step warm-up run of each tool")
     p.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     p.add_argument("--keep-dirs", action="store_true", help="keep the temporary shards, run dirs and logs")
+    p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both tools train (default cpu)")
+    p.add_argument("--precision", choices=tuple(OC_PRECISION), default="fp32",
+                   help="mmpt train.precision; OpenCLIP gets the matching --precision (bf16: amp_bf16)")
+    p.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, run nothing")
     a = p.parse_args()
+    if a.dry_run:
+        print(f"train_throughput: {a.device} {a.precision}, {a.steps} steps of {a.batch_size}, configs {a.configs}, "
+              f"model {model_from_args(a)}, {a.repeats} repeat(s) -> {a.out}")
+        return
     a.log_every = a.log_every or max(1, a.steps // 20)
     a.warmup = a.warmup if a.warmup is not None else min(10, max(1, a.steps // 5))
     a.skip_steps = math.ceil(a.skip_frac * a.steps)
@@ -312,7 +326,7 @@ def main() -> None:
                           f"data wait {100 * r['data_wait_frac']:.1f}%", flush=True)
                     runs[s.name][tool].append(r)
         settings = {"steps": a.steps, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,
-                    "precision": "fp32", "lr": a.lr, "warmup": a.warmup, "wd": a.wd, "grad_clip": a.grad_clip,
+                    "precision": a.precision, "device": a.device, "lr": a.lr, "warmup": a.warmup, "wd": a.wd, "grad_clip": a.grad_clip,
                     "log_every": a.log_every, "steady_from_step": a.skip_steps + 1, "train_samples": train_samples,
                     "repeats": a.repeats, "order": "alternating per repeat (mmpt first on odd repeats)"}
         report(setups, runs, oc_params, settings, a)
