@@ -79,6 +79,15 @@ def siglip_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]
                 res.update(ref_loss=ref.detach(), ref_grad_a=ra.grad, ref_grad_b=rb.grad, ref_grad_scale=rs.grad,
                            ref_grad_bias=rbias.grad)
             results[f"siglip/{exchange}/{mask_name}"] = res
+            # The unchunked path (every block's logits kept for autograd), for chunked == unchunked.
+            a, b, s = _leaves(a_glob[rows], b_glob[rows])
+            bias = torch.tensor([SIGLIP_BIAS], requires_grad=True)
+            loss, metrics = siglip_loss(a, b, s, bias, exchange=exchange, valid=None if mask is None else mask[rows],
+                                        chunked=False)
+            loss.backward()
+            results[f"siglip/{exchange}/{mask_name}/unchunked"] = {
+                "loss": loss.detach(), "grad_a": a.grad, "grad_b": b.grad, "grad_scale": s.grad,
+                "grad_bias": bias.grad, **metrics}
 
     some = global_masks()["some"]
     assert some is not None

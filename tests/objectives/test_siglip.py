@@ -7,6 +7,7 @@ OpenCLIP's to the last bit in practice, since both sum the same blocks.
 from __future__ import annotations
 
 import math
+import subprocess
 import sys
 from pathlib import Path
 
@@ -14,11 +15,13 @@ import pytest
 import torch
 import torch.nn.functional as F
 from open_clip.loss import SigLipLoss
+from shardkit import fresh_env
 
 from mmpt.contracts import Batch, EncoderOutput
 from mmpt.objectives.contrastive import GatherMode, clip_loss
-from mmpt.objectives.siglip import SigLIP, siglip_loss
+from mmpt.objectives.siglip import SigLIP, SimulatedRing, blockwise_sigmoid_loss, exchange_order, siglip_loss
 from mmpt.registry import ConfigError, objectives
+from mmpt.training.engine import free_port
 
 HERE = Path(__file__).resolve().parent
 REPO = HERE.parents[1]
@@ -211,3 +214,102 @@ def test_two_ranks(rank_results: list[dict[str, dict[str, torch.Tensor]]]) -> No
     single = (out.loss.detach(), a.grad, b.grad, obj.logit_scale.grad, obj.logit_bias.grad)
     for name, got, ref in zip(NAMES, _averaged([r["siglip/module"] for r in rank_results]), single, strict=True):
         assert_close(got, ref, f"module {name}")
+
+    # Chunked (the default, checked above against OpenCLIP and one process) equals the unchunked path.
+    for exchange in ranks_worker.SIGLIP_EXCHANGES:
+        for mask_name in ranks_worker.global_masks():
+            key = f"siglip/{exchange}/{mask_name}"
+            for rank, r in enumerate(rank_results):
+                for name, value in r[f"{key}/unchunked"].items():
+                    assert_close(r[key][name], value, f"{key} rank {rank} {name} chunked vs unchunked")
+
+
+# ---- chunked == unchunked == the full matrix: 4 gloo ranks, and a world of 64 simulated ---------------
+
+
+def full_matrix(valid: torch.Tensor | None = None):
+    """The naive sigmoid loss on the whole (N, N) logit matrix of the concatenated batch."""
+
+    def loss(a: torch.Tensor, b: torch.Tensor, s: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        n = a.shape[0]
+        keep = torch.ones(n, dtype=torch.bool) if valid is None else valid
+        terms = F.logsigmoid((2 * torch.eye(n) - 1) * (s * a @ b.T + t)) * (keep[:, None] & keep[None])
+        return -terms.sum() / keep.sum().clamp(min=1)
+
+    return loss
+
+
+def reference(a: torch.Tensor, b: torch.Tensor, valid: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    return with_grads(full_matrix(valid), a, b, ranks_worker.SCALE, ranks_worker.SIGLIP_BIAS)
+
+
+@pytest.fixture(scope="module")
+def four_ranks(tmp_path_factory: pytest.TempPathFactory) -> list[dict[str, dict[str, torch.Tensor]]]:
+    """Each rank's scenarios from one 4-rank launch of ``_siglip_ranks.py``."""
+    out = tmp_path_factory.mktemp("siglip_ranks")
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "4", "--master_addr", "127.0.0.1",
+           "--master_port", str(free_port()), str(HERE / "_siglip_ranks.py"), str(out)]
+    proc = subprocess.run(cmd, cwd=REPO, env=fresh_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
+                          timeout=240)
+    assert proc.returncode == 0, f"ranks failed:\n{proc.stdout[-4000:]}\n{proc.stderr[-4000:]}"
+    return [torch.load(out / f"siglip_rank{r}.pt") for r in range(4)]
+
+
+@pytest.mark.multirank
+@pytest.mark.timeout(300)
+def test_four_ranks_chunked_equals_unchunked_and_full_matrix(four_ranks) -> None:
+    import _siglip_ranks
+
+    a_glob, b_glob = _siglip_ranks.global_inputs(4)
+    for exchange in _siglip_ranks.EXCHANGES:
+        for mask_name, mask in _siglip_ranks.global_masks(4).items():
+            key = f"{exchange}/{mask_name}"
+            chunked = [r[f"{key}/chunked"] for r in four_ranks]
+            for rank, r in enumerate(four_ranks):
+                for name, value in r[f"{key}/unchunked"].items():
+                    assert_close(chunked[rank][name], value, f"{key} rank {rank} {name} chunked vs unchunked")
+            for name, got, ref in zip(NAMES, _averaged(chunked), reference(a_glob, b_glob, mask), strict=True):
+                assert_close(got, ref, f"{key} {name} vs full matrix")
+
+
+def simulated(a_all: torch.Tensor, b_all: torch.Tensor, world: int, exchange: str,
+              valid: torch.Tensor | None) -> tuple[torch.Tensor, ...]:
+    """Every rank of a simulated world in turn, each fed the other ranks' blocks in its exchange's order;
+    returns what ranks averaging gradients see (as ``_averaged``), the b gradients summed over ranks."""
+    n = a_all.shape[0] // world
+    losses, grads_a, grads_scale, grads_bias = [], [], [], []
+    grad_b = torch.zeros_like(b_all)
+    for rank in range(world):
+        feed = SimulatedRing(b_all, rank, world, exchange)
+        assert sorted(exchange_order(rank, world, exchange)) == list(range(world))
+        a, b = (x[rank * n:(rank + 1) * n].clone().requires_grad_(True) for x in (a_all, b_all))
+        s, t = torch.tensor([ranks_worker.SCALE], requires_grad=True), torch.tensor([ranks_worker.SIGLIP_BIAS],
+                                                                                 requires_grad=True)
+        total, _ = blockwise_sigmoid_loss(a, b, s.reshape(()), t.reshape(()), rank=rank, world=world, feed=feed,
+                                          valid_all=valid)
+        count = torch.tensor(float(len(a_all))) if valid is None else valid.sum().float()
+        loss = total / (count.clamp(min=1) / world)
+        loss.backward()
+        losses.append(loss.detach())
+        grads_a.append(a.grad)
+        grads_scale.append(s.grad)
+        grads_bias.append(t.grad)
+        grad_b[rank * n:(rank + 1) * n] += b.grad
+        for origin, g in feed.grads.items():
+            if origin != rank:
+                grad_b[origin * n:(origin + 1) * n] += g
+    return (torch.stack(losses).mean(), torch.cat(grads_a) / world, grad_b / world,
+            torch.stack(grads_scale).mean(0), torch.stack(grads_bias).mean(0))
+
+
+@pytest.mark.parametrize("exchange", ["bidir", "ring"])
+@pytest.mark.parametrize("world", [3, 64])
+@pytest.mark.parametrize("masked", [False, True])
+def test_simulated_world_equals_full_matrix(world: int, exchange: str, masked: bool) -> None:
+    a_all, b_all = features(world * 4, seed=world)
+    valid = None
+    if masked:
+        valid = torch.rand(len(a_all), generator=torch.Generator().manual_seed(5)) > 0.3
+    for name, got, ref in zip(NAMES, simulated(a_all, b_all, world, exchange, valid),
+                              reference(a_all, b_all, valid), strict=True):
+        assert_close(got, ref, f"world {world} {exchange} {name}")
