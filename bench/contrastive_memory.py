@@ -71,6 +71,14 @@ def peak_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def rss_mb() -> float:
+    """This process's resident set now (Linux ``/proc/self/statm``), 0 where there is none."""
+    try:
+        return int(Path("/proc/self/statm").read_text().split()[1]) * resource.getpagesize() / 2**20
+    except OSError:
+        return 0.0
+
+
 def child(step: str, batch: int, chunk: int, out_dir: str) -> dict:
     """Build the engine and the batch, then run one step; the peaks before and after it."""
     from mmpt.config import load_config
@@ -78,11 +86,14 @@ def child(step: str, batch: int, chunk: int, out_dir: str) -> dict:
     from mmpt.training.engine import build_engine, init_distributed
     from mmpt.training.loop import step_strategy
 
+    imported = rss_mb()  # python, torch, deepspeed, mmpt
     cfg = load_config(config(step, batch, chunk, out_dir))
     set_seed(cfg.seed)
     engine, ds = build_engine(cfg, init_distributed(), 1)
+    built = rss_mb()
     data = synthetic_batch(engine.module, batch)
     before = peak_mb()
+    ready = rss_mb()
     t0 = time.perf_counter()
     out = step_strategy(cfg)(engine, data)
     seconds = time.perf_counter() - t0
@@ -90,6 +101,8 @@ def child(step: str, batch: int, chunk: int, out_dir: str) -> dict:
     return {"step": step, "peak_mb": round(after, 1), "peak_before_step_mb": round(before, 1),
             "step_mb": round(after - before, 1), "step_s": round(seconds, 2), "loss": out["loss"].item(),
             "params_m": round(count_parameters(engine.module) / 1e6, 3),
+            "rss_after_imports_mb": round(imported, 1), "rss_after_engine_mb": round(built, 1),
+            "rss_before_step_mb": round(ready, 1),
             "deepspeed_micro_batch": ds["train_micro_batch_size_per_gpu"],
             "deepspeed_accumulation": ds["gradient_accumulation_steps"]}
 
