@@ -189,6 +189,13 @@ class _Best:
         self.col = torch.full((world * n,), -math.inf, device=device)
         self.pos = torch.empty(n, device=device)
 
+    @classmethod
+    def of(cls, pos: Tensor, row: Tensor, col: Tensor) -> _Best:
+        """The maxima already computed (by ``_Blockwise``)."""
+        best = cls.__new__(cls)
+        best.pos, best.row, best.col = pos, row, col
+        return best
+
     @torch.no_grad()
     def update(self, logits: Tensor, own: bool, origin: int, rank: int, valid_all: Tensor | None) -> None:
         """Fold one (n, n) block of logits (this rank's rows, ``origin``'s columns) in."""
@@ -231,12 +238,15 @@ class _Blockwise(torch.autograd.Function):
         ctx.save_for_backward(a, b, scale, bias, valid_all)
         ctx.feed, ctx.rank = feed, rank
         ctx.mark_non_differentiable(best.pos, best.row, best.col)
+        ctx.set_materialize_grads(False)  # no (world * B,) zeros for the maxima's non-gradients in backward
         return loss, best.pos, best.row, best.col
 
     @staticmethod
     @once_differentiable
     def backward(ctx, g: Tensor, *_: Tensor) -> tuple:  # type: ignore[override]
         a, b, scale, bias, valid_all = ctx.saved_tensors
+        if g is None:
+            return None, None, None, None, None, None, None, None
         n = a.shape[0]
         grad_a, grad_scale, grad_bias, own_grad = torch.zeros_like(a), a.new_zeros(()), a.new_zeros(()), None
         for origin, block, acc in ctx.feed(b, True):
@@ -271,9 +281,7 @@ def blockwise_sigmoid_loss(
     carry gradients itself, as ``_blocks`` does: it yields no accumulators)."""
     if chunked:
         loss, pos, row, col = _Blockwise.apply(a, b, scale, bias, valid_all, feed, rank, world)
-        best = _Best(a.shape[0], world, a.device)
-        best.pos, best.row, best.col = pos, row, col
-        return loss, best
+        return loss, _Best.of(pos, row, col)
     best = _Best(a.shape[0], world, a.device)
     loss = a.new_zeros(())
     for origin, block, _ in feed(b, False):
