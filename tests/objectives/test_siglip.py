@@ -313,3 +313,33 @@ def test_simulated_world_equals_full_matrix(world: int, exchange: str, masked: b
     for name, got, ref in zip(NAMES, simulated(a_all, b_all, world, exchange, valid),
                               reference(a_all, b_all, valid), strict=True):
         assert_close(got, ref, f"world {world} {exchange} {name}")
+
+
+def loss_peak_bytes(world: int, chunked: bool, n: int = 32, dim: int = 16) -> int:
+    """Peak CPU allocator bytes of one simulated rank's loss forward + backward (blocks made on arrival,
+    their gradient accumulators dropped as the ring would send them on)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    a, b = (x.requires_grad_(True) for x in features(n, dim))
+    s, t = torch.tensor(10.0, requires_grad=True), torch.tensor(-10.0, requires_grad=True)
+
+    def feed(own: torch.Tensor, grads: bool):
+        for origin in exchange_order(0, world, "bidir"):
+            block = own if origin == 0 else features(n, dim, seed=origin)[1].requires_grad_(not chunked)
+            yield origin, block, torch.zeros(block.shape) if grads else None
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        total, best = blockwise_sigmoid_loss(a, b, s, t, rank=0, world=world, feed=feed, chunked=chunked)
+        del best
+        total.backward()
+    live = peak = 0
+    events = [e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"]
+    for e in sorted(events, key=lambda e: e.start_ns()):
+        live += e.nbytes()
+        peak = max(peak, live)
+    return peak
+
+
+def test_chunked_loss_memory_does_not_grow_with_the_world() -> None:
+    assert loss_peak_bytes(64, chunked=True) == loss_peak_bytes(4, chunked=True)
+    assert loss_peak_bytes(64, chunked=False) > 8 * loss_peak_bytes(4, chunked=False)  # the test can see growth
