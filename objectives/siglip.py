@@ -220,6 +220,18 @@ def _block_loss(a: Tensor, block: Tensor, scale: Tensor, bias: Tensor, own: bool
     return -terms.sum(), logits
 
 
+def _score_all(a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, valid_all: Tensor | None, feed: BlockFeed,
+               rank: int, world: int) -> tuple[Tensor, _Best]:
+    """The loss sum over every block ``feed`` delivers (without grads), and the accuracy's maxima."""
+    best, loss = _Best(a.shape[0], world, a.device), a.new_zeros(())
+    for origin, block, _ in feed(b, False):
+        term, logits = _block_loss(a, block, scale, bias, origin == rank, _pairs(valid_all, rank, origin, a.shape[0]))
+        loss = loss + term
+        best.update(logits, origin == rank, origin, rank, valid_all)
+        del logits  # before the next block arrives (chunked: no block's logits outlive it)
+    return loss, best
+
+
 class _Blockwise(torch.autograd.Function):
     """The sigmoid loss sum over every block the feed delivers, one block's logits alive at a time:
     forward keeps none of them; backward asks the feed for the same blocks again, recomputes each
@@ -228,13 +240,7 @@ class _Blockwise(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a: Tensor, b: Tensor, scale: Tensor, bias: Tensor, valid_all: Tensor | None,  # type: ignore[override]
                 feed: BlockFeed, rank: int, world: int) -> tuple[Tensor, ...]:
-        best = _Best(a.shape[0], world, a.device)
-        loss = a.new_zeros(())
-        for origin, block, _ in feed(b, False):
-            term, logits = _block_loss(a, block, scale, bias, origin == rank, _pairs(valid_all, rank, origin, a.shape[0]))
-            loss = loss + term
-            best.update(logits, origin == rank, origin, rank, valid_all)
-            del logits
+        loss, best = _score_all(a, b, scale, bias, valid_all, feed, rank, world)
         ctx.save_for_backward(a, b, scale, bias, valid_all)
         ctx.feed, ctx.rank = feed, rank
         ctx.mark_non_differentiable(best.pos, best.row, best.col)
@@ -282,13 +288,7 @@ def blockwise_sigmoid_loss(
     if chunked:
         loss, pos, row, col = _Blockwise.apply(a, b, scale, bias, valid_all, feed, rank, world)
         return loss, _Best.of(pos, row, col)
-    best = _Best(a.shape[0], world, a.device)
-    loss = a.new_zeros(())
-    for origin, block, _ in feed(b, False):
-        term, logits = _block_loss(a, block, scale, bias, origin == rank, _pairs(valid_all, rank, origin, a.shape[0]))
-        loss = loss + term
-        best.update(logits, origin == rank, origin, rank, valid_all)
-    return loss, best
+    return _score_all(a, b, scale, bias, valid_all, feed, rank, world)
 
 
 def siglip_loss(
