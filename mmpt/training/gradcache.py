@@ -31,8 +31,9 @@ whole batch, against every layer's activations of it in a plain step.
 Allocator. On CPU, glibc's malloc raises its mmap threshold (up to 32 MB) each time a large mmapped
 block is freed, so after the no-grad embedding pass every chunk's activation tensors come from the heap,
 which fragments and is not returned: the resident peak grew ~190 MB (batch 2048, chunks of 128) over a
-plain step on one chunk. The first call fixes the threshold (``mallopt``), which keeps large tensors
-mmapped and the peak at one chunk's step (``bench/README.md``, contrastive memory).
+plain step on one chunk. The first call fixes the threshold at 1 MB (``mallopt``): activations are
+mmapped and unmapped when freed, and the peak is one chunk's plain step. The price is page faults on
+every re-forward (~0.3 s of system time a chunk of 128 there; 64 KB saves 15 MB more for 1.5x that).
 """
 
 from __future__ import annotations
@@ -99,7 +100,7 @@ class GradCacheStep:
         return out
 
 
-MMAP_THRESHOLD = 64 * 1024  # bytes; a fixed threshold stops glibc's dynamic raise (mallopt(3))
+MMAP_THRESHOLD = 1 << 20  # bytes (bench/README.md: peak vs page faults); a fixed threshold stops glibc's dynamic raise (mallopt(3))
 
 
 def fix_mmap_threshold(threshold: int = MMAP_THRESHOLD) -> bool:
