@@ -42,6 +42,7 @@ def config(step: str, batch: int, chunk: int, out_dir: str) -> dict:
     train = {"out_dir": out_dir, "steps": 1, "zero_stage": 0, "precision": "fp32", "progress": False, "step": step}
     if step == "gradcache":
         train["gradcache_chunk"] = chunk
+        train["gradcache_mmap_threshold"] = 1 << 20  # opt-in: freed chunk activations leave (page-fault cost)
     return {"name": f"memory-{step}", "seed": 0,
             "model": {"embed_dim": EMBED_DIM, "encoders": TOWERS},
             "objectives": {"clip": {"name": "clip", "pairs": [["image", "text"]]}},

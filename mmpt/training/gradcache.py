@@ -31,9 +31,10 @@ whole batch, against every layer's activations of it in a plain step.
 Allocator. On CPU, glibc's malloc raises its mmap threshold (up to 32 MB) each time a large mmapped
 block is freed, so after the no-grad embedding pass every chunk's activation tensors come from the heap,
 which fragments and is not returned: the resident peak grew ~190 MB (batch 2048, chunks of 128) over a
-plain step on one chunk. The first call fixes the threshold at 1 MB (``mallopt``): activations are
-mmapped and unmapped when freed, and the peak is one chunk's plain step. The price is page faults on
-every re-forward (~0.3 s of system time a chunk of 128 there; 64 KB saves 15 MB more for 1.5x that).
+plain step on one chunk. ``train.gradcache_mmap_threshold`` (opt-in, bytes) fixes the threshold on the
+first call (``mallopt``; 1 MB measured): activations are mmapped and unmapped when freed, and the peak is
+one chunk's plain step. The price is page faults on every re-forward (~0.3 s of system time a chunk of 128
+there, ~20% of a step's CPU), which is why it is not the default.
 """
 
 from __future__ import annotations
@@ -55,11 +56,13 @@ class GradCacheStep:
     """The ``train.step: gradcache`` micro-step: ``step(engine, batch) -> {"loss", "losses", "metrics"}``.
 
     chunk: samples per forward; it divides the per-rank batch, and the engine's accumulation steps are
-    ``train.grad_accum * len(batch) // chunk`` (see ``engine.deepspeed_config``).
+    ``train.grad_accum * len(batch) // chunk`` (see ``engine.deepspeed_config``). mmap_threshold: bytes at
+    which glibc's malloc is fixed on the first call (None: left alone; see "Allocator" above).
     """
 
-    def __init__(self, chunk: int):
+    def __init__(self, chunk: int, mmap_threshold: int | None = None):
         self.chunk = chunk
+        self.mmap_threshold = mmap_threshold
         # Floating outputs the loss takes no gradient from (an encoder's tokens under CLIP), found on the
         # first chunk of the first step and never cached: they are the largest fields (B x T x D).
         self.unread: set[tuple] | None = None
@@ -70,7 +73,8 @@ class GradCacheStep:
             self.checked = True
             refuse_encoding_objectives(engine.module)
             warn_batch_norm(engine.module, self.chunk)
-            fix_mmap_threshold()
+            if self.mmap_threshold is not None:
+                fix_mmap_threshold(self.mmap_threshold)
         if len(batch) % self.chunk:  # the engine counts batch // chunk micro-steps to its boundary
             raise ValueError(f"gradcache: a batch of {len(batch)} samples does not split into chunks of {self.chunk}")
         chunks = [chunk_of(batch, i, i + self.chunk) for i in range(0, len(batch), self.chunk)]

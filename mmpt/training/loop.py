@@ -168,7 +168,7 @@ def step_strategy(cfg: Config) -> Callable[[Any, Batch], dict[str, Any]]:
     if cfg.train.step == "gradcache":
         from mmpt.training.gradcache import GradCacheStep
 
-        return GradCacheStep(cfg.train.gradcache_chunk)
+        return GradCacheStep(cfg.train.gradcache_chunk, cfg.train.gradcache_mmap_threshold)
     return plain_step
 
 

@@ -327,12 +327,15 @@ def test_gradcache_step_fixes_the_allocator_once(color_shards: list[str], tmp_pa
     from mmpt.training.loop import step_strategy
 
     calls: list[int] = []
-    monkeypatch.setattr(gradcache, "fix_mmap_threshold", lambda: calls.append(1) or True)
+    monkeypatch.setattr(gradcache, "fix_mmap_threshold", lambda threshold: calls.append(threshold) or True)
     raw = gradcache_config(color_shards, tmp_path, step="gradcache")
+    raw["train"]["gradcache_mmap_threshold"] = 1 << 20  # opt-in
     cfg = load_config(raw)
     engine, _ = build_engine(cfg, init_distributed(), 2)
     step_fn, batch = step_strategy(cfg), first_batches(raw, 1)[0]
     step_fn(engine, batch)
     step_fn(engine, batch)
     engine.destroy()
-    assert calls == [1]
+    assert calls == [1 << 20]
+    plain = gradcache.GradCacheStep(2)  # not asked for: the allocator is left alone
+    assert plain.mmap_threshold is None
