@@ -27,6 +27,7 @@ import torch.distributed as dist
 
 from mmpt.formats.safe_load import check_pickles, restricted_unpickling
 from mmpt.registry import ConfigError
+from mmpt.training.rank0 import first_from_any_rank, on_rank0
 
 MANIFEST = "manifest.json"
 META = "checkpoint.json"
@@ -168,12 +169,8 @@ def _newest_file(folder: Path) -> Path:
 def _agree(failed: str | None, tmp: Path) -> None:
     """A barrier that also tells every rank whether a rank ran out of disk; if one did, rank 0 removes what
     the save wrote and every rank raises the same DiskFullError."""
-    rank, world = _rank_world()
-    files = [failed]
-    if world > 1:
-        files = [None] * world
-        dist.all_gather_object(files, failed)
-    failed = next((f for f in files if f), None)
+    rank, _ = _rank_world()
+    failed = first_from_any_rank(failed)
     if failed is None:
         return
     root = tmp.parent
@@ -342,7 +339,6 @@ def load(engine: Any, ckpt: Path) -> tuple[dict[str, Any], dict[str, Any]]:
 
 def prepare_resume(resume: str, run_dir: str | Path) -> Path | None:
     """Rank 0's choice of checkpoint (verified, its pickles scanned), shared with every rank."""
-    from mmpt.training.rank0 import on_rank0
 
     def choose() -> Path | None:
         ckpt = find(resume, run_dir)

@@ -14,11 +14,10 @@ import math
 from pathlib import Path
 from typing import Any
 
-import torch.distributed as dist
-
 from mmpt.data.loader import Loader, LoaderState
 from mmpt.data.shards import SHARD_REASONS
 from mmpt.training.checkpoint import CheckpointError, saved_run
+from mmpt.training.rank0 import first_from_any_rank
 
 
 def resume_loader_state(ckpt: Path, rank_state: dict[str, Any], engine: Any, cfg: Any, shards: set[str],
@@ -30,11 +29,7 @@ def resume_loader_state(ckpt: Path, rank_state: dict[str, Any], engine: Any, cfg
     problem = loader_problem(rank_state.get("loader"), per_rank=math.ceil(drawn / world),
                              workers=max(cfg.data.workers, 1), shards=shards,
                              any_shard=_sources_changed(ckpt, cfg))
-    problems = [f"{path}: {problem}" if problem else None]
-    if world > 1:  # every rank must hear of any rank's problem, or the others wait in the first collective
-        problems = [None] * world
-        dist.all_gather_object(problems, f"{path}: {problem}" if problem else None)
-    first = next((p for p in problems if p), None)
+    first = first_from_any_rank(f"{path}: {problem}" if problem else None)
     if first:
         raise CheckpointError(f"{first}; the checkpoint is damaged or crafted")
     return Loader.state_from_dict(rank_state["loader"])

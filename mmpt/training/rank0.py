@@ -1,4 +1,5 @@
-"""Decide on rank 0, tell every rank: a failure there must stop all ranks, not leave them in a collective."""
+"""Decide on rank 0, tell every rank: a failure there must stop all ranks, not leave them in a collective;
+and the reverse, a problem any rank found, heard by all (:func:`first_from_any_rank`)."""
 
 from __future__ import annotations
 
@@ -36,3 +37,13 @@ def on_rank0(fn: Callable[[], T], share: bool = False) -> T | None:
     if failure is not None:
         raise failure
     return result
+
+
+def first_from_any_rank(message: str | None) -> str | None:
+    """The first non-empty ``message`` over ranks (rank order), the same on every rank; every rank must call
+    it, so a problem one rank found stops all of them instead of leaving the others in a collective."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return message
+    messages: list[str | None] = [None] * dist.get_world_size()
+    dist.all_gather_object(messages, message)
+    return next((m for m in messages if m), None)
