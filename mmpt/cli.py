@@ -51,7 +51,24 @@ def _parser() -> argparse.ArgumentParser:
     for add_command in (_train_parser, _eval_parser, _embed_parser, _caption_parser, _export_parser, _import_parser,
                         _data_parser, _demo_parser, _info_parser):
         add_command(sub)
+    _add_plugged(sub, COMMAND_MODULES)
     return p
+
+
+# Verbs that live in a module of their own: each module defines ``add_parser(sub)``, which adds its
+# sub-parser and sets ``handler=<function(args)>`` on it, and imports nothing heavy at module level
+# (``mmpt --help`` imports every one of them).
+COMMAND_MODULES: tuple[str, ...] = ()
+# ``mmpt data ACTION`` actions living in a module of their own, same contract.
+DATA_ACTION_MODULES: tuple[str, ...] = ()
+
+
+def _add_plugged(sub: argparse._SubParsersAction, modules: tuple[str, ...]) -> None:
+    """Let each listed module add its sub-parser (see ``COMMAND_MODULES``)."""
+    import importlib
+
+    for name in modules:
+        importlib.import_module(name).add_parser(sub)
 
 
 def _train_parser(sub: argparse._SubParsersAction) -> None:
@@ -188,6 +205,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     di = dsub.add_parser("inspect", help="count samples, keys, modalities and decode errors of shards")
     di.add_argument("shards", help="path, glob, brace list or pipe: URL")
     di.add_argument("--decode", action="store_true", help="also decode every member to find bad ones")
+    _add_plugged(dsub, DATA_ACTION_MODULES)
 
 
 def _demo_parser(sub: argparse._SubParsersAction) -> None:
@@ -307,6 +325,9 @@ def _route_messages() -> None:
 
 
 def _dispatch(args: argparse.Namespace) -> int:
+    handler = getattr(args, "handler", None)
+    if handler is not None:  # a verb or data action from COMMAND_MODULES / DATA_ACTION_MODULES
+        return handler(args) or 0
     if args.command == "train":
         from mmpt.config import load_config
         from mmpt.training.loop import train
