@@ -60,7 +60,9 @@ def _parser() -> argparse.ArgumentParser:
 # (``mmpt --help`` imports every one of them).
 COMMAND_MODULES: tuple[str, ...] = ()
 # ``mmpt data ACTION`` actions living in a module of their own, same contract.
-DATA_ACTION_MODULES: tuple[str, ...] = ()
+DATA_ACTION_MODULES: tuple[str, ...] = (
+    "mmpt.data.curate",
+)
 
 
 def _add_plugged(sub: argparse._SubParsersAction, modules: tuple[str, ...]) -> None:
