@@ -62,6 +62,7 @@ COMMAND_MODULES: tuple[str, ...] = ()
 # ``mmpt data ACTION`` actions living in a module of their own, same contract.
 DATA_ACTION_MODULES: tuple[str, ...] = (
     "mmpt.data.curate",
+    "mmpt.data.poison",
 )
 
 
@@ -125,6 +126,10 @@ def _embed_parser(sub: argparse._SubParsersAction) -> None:
                         "CUDA), else fp32; bf16 rows stay within 1e-2 per component (cosine >= 0.999) of fp32; "
                         "a folder keeps the precision it started with")
     m.add_argument("--allow-nonfinite", action="store_true", help="load weights holding NaN/inf (with a warning)")
+    m.add_argument("--dim", type=int, default=None,
+                   help="keep the first DIM dims of each embedding, normalised again (a Matryoshka size)")
+    m.add_argument("--layer", type=int, default=None,
+                   help="stop the tower after its first LAYER transformer blocks (a Starbucks sub-model)")
 
 
 def _caption_parser(sub: argparse._SubParsersAction) -> None:
@@ -153,12 +158,17 @@ def _caption_parser(sub: argparse._SubParsersAction) -> None:
 def _export_parser(sub: argparse._SubParsersAction) -> None:
     """``mmpt export RUN_DIR``."""
     x = sub.add_parser("export", help="consolidate a run (any ZeRO stage) into one .safetensors file")
-    x.add_argument("run_dir", help="run directory or checkpoint folder (--format openclip|hf-clip: or an export)")
-    x.add_argument("--out", required=True, help="output .safetensors path (hf-clip: a folder; openclip: a file, or a "
-                                                "folder in OpenCLIP's local-dir: format)")
-    x.add_argument("--format", default="mmpt", choices=["mmpt", "openclip", "hf-clip"],
+    x.add_argument("run_dir", help="run directory or checkpoint folder (--format openclip|hf-clip|folder|hf-text: "
+                                   "or an export)")
+    x.add_argument("--out", required=True, help="output .safetensors path (hf-clip, folder, hf-text: a folder; "
+                                                "openclip: a file, or a folder in OpenCLIP's local-dir: format)")
+    x.add_argument("--format", default="mmpt", choices=["mmpt", "openclip", "hf-clip", "folder", "hf-text"],
                    help="mmpt (default); openclip: a checkpoint open_clip.create_model(NAME, pretrained=OUT) "
-                        "loads; hf-clip: a folder CLIPModel.from_pretrained loads")
+                        "loads; hf-clip: a folder CLIPModel.from_pretrained loads; folder: a hub-style model folder "
+                        "(config.json, model.safetensors, tokenizer files, README.md model card) mmpt.load reads; "
+                        "hf-text: an MLM-trained text or protein tower as a folder "
+                        "AutoModelForMaskedLM.from_pretrained loads")
+    x.add_argument("--license", default="other", help="folder: the model card's licence field (default: other)")
     x.add_argument("--keep-adapters", action="store_true",
                    help="keep LoRA adapters as separate tensors (default: merged into the base weights)")
 
@@ -342,7 +352,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         print(embed(args.model, args.data, args.modality, args.out, batch_size=args.batch_size,
                     workers=args.workers, normalize=not args.no_normalize, dtype=args.dtype,
-                    metadata=args.metadata, allow_nonfinite=args.allow_nonfinite, precision=args.precision))
+                    metadata=args.metadata, allow_nonfinite=args.allow_nonfinite, precision=args.precision,
+                    dim=args.dim, layer=args.layer))
     elif args.command == "caption":
         from mmpt.commands.caption import caption
 
@@ -376,6 +387,16 @@ def _export(args: argparse.Namespace) -> None:
         from mmpt.interop.hf_clip import export_hf_clip
 
         print(f"exported {export_hf_clip(args.run_dir, args.out)} (CLIPModel.from_pretrained loads it)")
+    elif args.format == "folder":
+        from mmpt.interop.folder import export_folder
+
+        out = export_folder(args.run_dir, args.out, keep_adapters=args.keep_adapters, license=args.license)
+        print(f"exported {out} (mmpt.load or mmpt.create_model_and_transforms loads it)")
+    elif args.format == "hf-text":
+        from mmpt.interop.hf_text import export_hf_text
+
+        out, cls = export_hf_text(args.run_dir, args.out)
+        print(f"exported {out} (AutoModelForMaskedLM.from_pretrained loads it as {cls})")
     else:
         from mmpt.commands.export import export
 

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from functools import partial
 from typing import Literal
 
 import torch
@@ -17,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
+from mmpt.nn.matryoshka import NESTING_KEYS_DOC, LayerViews, Nesting, nested_pair_losses
 from mmpt.registry import ConfigError, closest, objectives
 
 GATHER_MODES = ("local", "no_grad", "with_grad")
@@ -275,8 +277,14 @@ class CLIP(Objective):
         init_logit_scale: float = 1 / 0.07,
         max_logit_scale: float = 100.0,
         learn_logit_scale: bool = True,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+        starbucks: list[list[int]] | None = None,
+        starbucks_sample: bool = False,
     ):
         super().__init__()
+        self.nesting = Nesting("clip", matryoshka_dims, matryoshka_weights, starbucks, starbucks_sample)
+        self.uses_model = self.nesting.uses_layers  # layer exits run the towers again
         if (pairs is None) == (anchor is None):
             raise ConfigError(
                 "clip: give exactly one of `pairs` (e.g. [[image, text]]) or `anchor` (e.g. text), "
@@ -310,16 +318,25 @@ class CLIP(Objective):
             raise ValueError(f"clip: anchor {self.anchor!r} has no other encoded modality to bind")
         return [(self.anchor, m) for m in others]
 
-    def forward(self, outputs: dict[str, EncoderOutput], batch: Batch) -> ObjectiveOutput:
-        """Mean over pairs of the masked symmetric contrastive loss, plus per-pair accuracy and scale."""
+    def forward(self, outputs: dict[str, EncoderOutput], batch: Batch,
+                model: nn.Module | None = None) -> ObjectiveOutput:
+        """Mean over pairs of the masked symmetric contrastive loss (summed over nested sizes when set), plus
+        per-pair accuracy and scale (and each nested size's loss)."""
         # fp32: a bf16 bound (log 100 -> 4.59) would cap the scale at 98.9, not 100.
         scales = bounded_log_scale(self.logit_scale.float(), math.log(self.max_logit_scale)).exp()
         losses, metrics = [], {}
+        exits, views = self.nesting.active(), LayerViews(model, outputs, batch, "clip.starbucks")
         for i, (a, b) in enumerate(self.pairs_for(outputs)):
             ea, eb = embedding_of(outputs, a), embedding_of(outputs, b)
             valid = present(batch, a, ea) & present(batch, b, eb)
             scale = scales[0 if self.anchor is not None else i]
-            loss, m = clip_loss(ea, eb, scale, gather=self.gather, valid=valid)
+            if self.nesting:
+                self.nesting.check_dims(ea.shape[-1], "the embedding size")
+                loss, m, per_exit = nested_pair_losses(self.nesting, exits, views, a, b, partial(
+                    clip_loss, logit_scale=scale, gather=self.gather, valid=valid))
+                metrics.update({f"{a}_{b}/{k}": v for k, v in per_exit.items()})
+            else:
+                loss, m = clip_loss(ea, eb, scale, gather=self.gather, valid=valid)
             losses.append(loss)
             metrics[f"{a}_{b}/acc"] = m["acc"]
             metrics[f"{b}_{a}/acc"] = m["acc_ba"]
@@ -329,6 +346,9 @@ class CLIP(Objective):
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay: the logit scales."""
         return {"logit_scale"}
+
+
+CLIP.__doc__ = (CLIP.__doc__ or "") + NESTING_KEYS_DOC
 
 
 def check_pairs(pairs: list[list[str]], objective: str = "clip") -> list[tuple[str, str]]:

@@ -28,7 +28,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
-from mmpt.nn.layers import Transformer, init_weights
+from mmpt.nn.layers import Transformer, init_weights, layer_exit
+from mmpt.nn.matryoshka import NESTING_KEYS_DOC, Exit, NestedLayerNorm, NestedLinear, Nesting, nested_losses
 from mmpt.nn.token_encoder import PrefixTokenEncoder, keep_count, random_keep
 from mmpt.registry import ConfigError, closest, objectives
 
@@ -140,8 +141,12 @@ class MLM(Objective):
     def __init__(self, *, modality: str, width: int, rate: float = 0.15, schedule: str = "constant",
                  rate_start: float | None = None, schedule_steps: int = 0, mask_prob: float = 0.8,
                  random_prob: float = 0.1, span_mean: float = 1.0, whole_word: bool = False, tie: bool = True,
-                 vocab_size: int | None = None):
+                 vocab_size: int | None = None, matryoshka_dims: list[int] | None = None,
+                 matryoshka_weights: list[float] | None = None, starbucks: list[list[int]] | None = None,
+                 starbucks_sample: bool = False):
         super().__init__()
+        self.nesting = Nesting("mlm", matryoshka_dims, matryoshka_weights, starbucks, starbucks_sample)
+        self.nesting.check_dims(width, "mlm.width")
         _check_settings(rate, schedule, rate_start, schedule_steps, mask_prob, random_prob, span_mean)
         if not tie and not vocab_size:
             raise ConfigError("mlm.vocab_size: required with tie: false (the size of the decoder's output)")
@@ -149,8 +154,10 @@ class MLM(Objective):
         self.rate, self.schedule, self.schedule_steps = rate, schedule, schedule_steps
         self.rate_start = rate if rate_start is None else rate_start
         self.mask_prob, self.random_prob, self.span_mean, self.whole_word = mask_prob, random_prob, span_mean, whole_word
-        self.transform = nn.Sequential(nn.Linear(width, width), nn.GELU(), nn.LayerNorm(width))
-        self.decoder = None if tie else nn.Linear(width, vocab_size)
+        # Nested layers: on the hidden state's first d dims they use their first d rows/columns (Starbucks'
+        # masked LM on sub-dims); on the full width they are plain Linear / LayerNorm (same keys and values).
+        self.transform = nn.Sequential(NestedLinear(width, width, nested_out=True), nn.GELU(), NestedLayerNorm(width))
+        self.decoder = None if tie else NestedLinear(width, vocab_size)
         self.bias = nn.Parameter(torch.zeros(vocab_size)) if tie and vocab_size else None
         self.apply(init_weights)
         self.register_buffer("step", torch.zeros(1, dtype=torch.long))
@@ -198,21 +205,45 @@ class MLM(Objective):
             self.step += 1
         fields = batch.fields[self.modality]
         masked, selected = self.mask_batch(fields, batch.present.get(self.modality), self.plan(model), rate)
-        tokens = model.encoders[self.modality]({**fields, "ids": masked}).tokens
-        if tokens.shape[:2] != masked.shape or tokens.shape[-1] != self.width:
-            raise ConfigError(f"mlm.width={self.width}: the {self.modality} tower returns tokens "
-                              f"{tuple(tokens.shape)} for ids {tuple(masked.shape)}; expected one token per id of "
-                              f"width {self.width}")
-        loss, acc = mlm_loss(self.logits(tokens[selected], model), fields["ids"][selected])
-        return ObjectiveOutput(loss, {"acc": acc, "rate": loss.new_tensor(rate), "masked": selected.sum().float()})
+        targets, hidden = fields["ids"][selected], {}
+
+        def selected_tokens(layer: int | None) -> Tensor:
+            # one tower run per layer (a module call), on the same masked ids
+            if layer not in hidden:
+                with layer_exit(model.encoders[self.modality], layer, "mlm.starbucks"):
+                    tokens = model.encoders[self.modality]({**fields, "ids": masked}).tokens
+                if tokens.shape[:2] != masked.shape or tokens.shape[-1] != self.width:
+                    raise ConfigError(f"mlm.width={self.width}: the {self.modality} tower returns tokens "
+                                      f"{tuple(tokens.shape)} for ids {tuple(masked.shape)}; expected one token per "
+                                      f"id of width {self.width}")
+                hidden[layer] = tokens[selected]
+            return hidden[layer]
+
+        metrics = {"rate": targets.new_tensor(rate, dtype=torch.float32), "masked": selected.sum().float()}
+        if self.nesting:
+            def exit_loss(e: Exit) -> tuple[Tensor, dict[str, Tensor]]:
+                loss, acc = mlm_loss(self.logits(selected_tokens(e.layer)[:, :e.dim], model), targets)
+                return loss, {"acc": acc}
+
+            loss, last, per_exit = nested_losses(self.nesting, self.nesting.active(), exit_loss)
+            metrics.update(per_exit)
+        else:
+            loss, acc = mlm_loss(self.logits(selected_tokens(None), model), targets)
+            last = {"acc": acc}
+        return ObjectiveOutput(loss, {**last, **metrics})
 
     def logits(self, hidden: Tensor, model: nn.Module) -> Tensor:
-        """(N, V) fp32 vocabulary logits of (N, D) selected token features."""
+        """(N, V) fp32 vocabulary logits of (N, D) selected token features; D below the width uses the head's
+        first D rows and columns (and the decoder's first D columns)."""
         h = self.transform(hidden).float()
         if self.decoder is not None:
             return self.decoder(h).float()
         bias = None if self.bias is None else self.bias.float()
-        return F.linear(h, tied_weight(model.encoders[self.modality], self.modality).float(), bias)
+        weight = tied_weight(model.encoders[self.modality], self.modality)
+        return F.linear(h, weight[:, :h.shape[-1]].float(), bias)
+
+
+MLM.__doc__ = (MLM.__doc__ or "") + NESTING_KEYS_DOC
 
 
 def tied_weight(tower: nn.Module, modality: str) -> nn.Parameter:

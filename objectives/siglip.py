@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterator
+from functools import partial
 
 import torch
 import torch.distributed as dist
@@ -18,6 +19,7 @@ from torch import Tensor, nn
 from torch.autograd.function import once_differentiable
 
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
+from mmpt.nn.matryoshka import NESTING_KEYS_DOC, LayerViews, Nesting, nested_pair_losses
 from mmpt.objectives.contrastive import (
     bounded_log_scale,
     check_pairs,
@@ -377,8 +379,14 @@ class SigLIP(Objective):
         max_logit_scale: float = 100.0,
         learn_logit_scale: bool = True,
         chunked: bool = True,
+        matryoshka_dims: list[int] | None = None,
+        matryoshka_weights: list[float] | None = None,
+        starbucks: list[list[int]] | None = None,
+        starbucks_sample: bool = False,
     ):
         super().__init__()
+        self.nesting = Nesting("siglip", matryoshka_dims, matryoshka_weights, starbucks, starbucks_sample)
+        self.uses_model = self.nesting.uses_layers  # layer exits run the towers again
         if exchange not in EXCHANGES:
             raise ConfigError(f"siglip.exchange: unknown {exchange!r}{closest(str(exchange), EXCHANGES)}; "
                               f"valid: {', '.join(EXCHANGES)}")
@@ -393,15 +401,25 @@ class SigLIP(Objective):
         self.logit_bias = nn.Parameter(torch.full((p,), float(init_logit_bias)), requires_grad=learn_logit_scale)
         self.modalities = tuple(dict.fromkeys(m for pair in self.pairs for m in pair))
 
-    def forward(self, outputs: dict[str, EncoderOutput], batch: Batch) -> ObjectiveOutput:
-        """Mean over pairs of the masked sigmoid loss, plus per-pair accuracy, scale and bias."""
+    def forward(self, outputs: dict[str, EncoderOutput], batch: Batch,
+                model: nn.Module | None = None) -> ObjectiveOutput:
+        """Mean over pairs of the masked sigmoid loss (summed over nested sizes when set, each size through the
+        same exchange), plus per-pair accuracy, scale and bias (and each nested size's loss)."""
         scales = bounded_log_scale(self.logit_scale.float(), math.log(self.max_logit_scale)).exp()
         losses, metrics = [], {}
+        exits, views = self.nesting.active(), LayerViews(model, outputs, batch, "siglip.starbucks")
         for i, (a, b) in enumerate(self.pairs):
             ea, eb = embedding_of(outputs, a, "siglip"), embedding_of(outputs, b, "siglip")
             valid = present(batch, a, ea) & present(batch, b, eb)
-            loss, m = siglip_loss(ea, eb, scales[i], self.logit_bias[i], exchange=self.exchange, valid=valid,
-                                  chunked=self.chunked)
+            if self.nesting:
+                self.nesting.check_dims(ea.shape[-1], "the embedding size")
+                loss, m, per_exit = nested_pair_losses(self.nesting, exits, views, a, b, partial(
+                    siglip_loss, logit_scale=scales[i], logit_bias=self.logit_bias[i], exchange=self.exchange,
+                    valid=valid, chunked=self.chunked))
+                metrics.update({f"{a}_{b}/{k}": v for k, v in per_exit.items()})
+            else:
+                loss, m = siglip_loss(ea, eb, scales[i], self.logit_bias[i], exchange=self.exchange, valid=valid,
+                                      chunked=self.chunked)
             losses.append(loss)
             metrics[f"{a}_{b}/acc"] = m["acc"]
             metrics[f"{b}_{a}/acc"] = m["acc_ba"]
@@ -412,3 +430,6 @@ class SigLIP(Objective):
     def no_weight_decay(self) -> set[str]:
         """Parameter names excluded from weight decay: the logit scales and biases."""
         return {"logit_scale", "logit_bias"}
+
+
+SigLIP.__doc__ = (SigLIP.__doc__ or "") + NESTING_KEYS_DOC

@@ -167,14 +167,21 @@ def resolve_precision(precision: str, device: torch.device) -> str:
 
 
 def _embed_batch(model: Any, modality: str, fields: dict[str, torch.Tensor], present: torch.Tensor,
-                 dev: torch.device, normalize: bool, precision: str) -> torch.Tensor:
-    """Embeddings (P, D) float32 of the P present rows of one batch, left on ``dev`` (no host sync here)."""
+                 dev: torch.device, normalize: bool, precision: str, dim: int | None = None,
+                 layer: int | None = None) -> torch.Tensor:
+    """Embeddings (P, D) float32 of the P present rows of one batch, left on ``dev`` (no host sync here);
+    ``layer``: the tower stopped after its first ``layer`` blocks; ``dim``: the first ``dim`` dims (normalised again)."""
+    from mmpt.nn.layers import layer_exit
+    from mmpt.nn.matryoshka import prefix
+
     inputs = {k: v.to(dev, non_blocking=True) for k, v in fields.items()}
-    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"):
+    with torch.inference_mode(), torch.autocast(dev.type, dtype=torch.bfloat16, enabled=precision == "bf16"), \
+            layer_exit(model.model.encoders[modality], layer, "--layer"):
         if normalize:
-            vec = model.model.encode_fields(modality, inputs).embedding
+            vec = prefix(model.model.encode_fields(modality, inputs).embedding, dim)
         else:
             vec = model.model.heads[modality](model.model.encoders[modality](inputs).pooled).float()
+            vec = vec if dim is None else vec[:, :dim]
     if not bool(present.all()):  # present is a CPU tensor: no device sync
         vec = vec.index_select(0, present.nonzero().flatten().to(dev))
     return vec
@@ -211,7 +218,8 @@ class _ShardWriter:
 def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: int = 256, workers: int = 1,
           normalize: bool = True, dtype: str = "float16", device: str | None = None, progress: bool = True,
           metadata: tuple[str, ...] | list[str] | str = (), allow_nonfinite: bool = False,
-          stop_after_shards: int | None = None, precision: str = "auto") -> EmbedSummary:
+          stop_after_shards: int | None = None, precision: str = "auto", dim: int | None = None,
+          layer: int | None = None) -> EmbedSummary:
     """Embed every sample of ``data`` for ``modality`` with the model at ``model_path`` into ``out``.
 
     ``metadata``: extra parquet columns, any of ``caption`` (the sample's txt) and ``json`` (its json,
@@ -219,6 +227,8 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
     compute type: ``fp32``, ``bf16`` (autocast; unit embeddings within 1e-2 per component and cosine 0.999
     of fp32, 1.7e-3 and 0.99999 measured: tests/test_embed_precision.py) or ``auto`` (bf16 where the
     device has native bfloat16, see :func:`resolve_precision`); a folder keeps the precision it started with.
+    ``dim``: keep the first ``dim`` dims of each embedding, normalised again (a Matryoshka size); ``layer``: stop the
+    tower after its first ``layer`` transformer blocks (a Starbucks sub-model); both are recorded in the manifest.
     """
     from mmpt.commands.export import load
     from mmpt.data.loader import eval_loader, format_skips
@@ -235,12 +245,17 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
         raise ConfigError(f"--modality {modality}: the model has no such tower; valid: {', '.join(transforms)}")
     spec = transforms[modality]
     prefix = spec.file_prefix
+    width = model.model.embed_dim if dim is None else dim
+    for key, value, most in (("--dim", dim, model.model.embed_dim), ("--layer", layer, None)):
+        if value is not None and (value < 1 or (most is not None and value > most)):
+            raise ConfigError(f"{key} {value}: expected 1 <= {key[2:]}" + (f" <= {most} (the embedding size)" if most else ""))
     urls = expand_urls(data)
     out_dir = Path(out)
     header = {"format": MANIFEST_FORMAT, "modality": modality, "model": weights_digest(model),
               "settings": {"normalize": normalize, "dtype": dtype, "metadata": list(fields),
                            # fp32 folders keep the header older versions wrote, so they still resume
-                           **({"precision": compute} if compute != "fp32" else {})}}
+                           **({"precision": compute} if compute != "fp32" else {}),
+                           **({"dim": dim} if dim is not None else {}), **({"layer": layer} if layer is not None else {})}}
     manifest, out_existed = out_dir / f"{prefix}_manifest.json", out_dir.exists()
     manifest_existed = manifest.exists()
     indices = shard_indices(out_dir, prefix, header, urls)
@@ -263,7 +278,7 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
                 present = batch.present[modality]
                 cols = pending.setdefault(batch.meta["url"][0], {"key": [], "_vecs": [], **{f: [] for f in fields}})
                 cols["_vecs"].append(_embed_batch(model, modality, batch.fields[modality], present, dev, normalize,
-                                                            compute))
+                                                  compute, dim, layer))
                 ok = present.tolist()
                 cols["key"].extend(k for k, keep in zip(batch.keys, ok, strict=True) if keep)
                 for f in fields:
@@ -296,7 +311,7 @@ def embed(model_path: str, data: str, modality: str, out: str, *, batch_size: in
         for i, u in todo:
             if not output_paths(out_dir, prefix, i)[0].exists():
                 _write_shard(out_dir, prefix, i, u, {"key": [], **{f: [] for f in fields}},
-                             np.zeros((0, model.model.embed_dim), dtype=dtype))
+                             np.zeros((0, width), dtype=dtype))
                 writer.submitted += 1
     finally:
         writer.close()

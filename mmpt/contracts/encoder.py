@@ -33,6 +33,12 @@ class Encoder(nn.Module):
         """Parameter names (relative to this module) excluded from weight decay besides norms and biases."""
         return set()
 
+    def layer_trunk(self) -> nn.Module | None:
+        """The block stack layer exits truncate (Starbucks, ``mmpt embed --layer``): ``self.trunk`` when it is
+        the shared ``mmpt.nn.layers.Transformer`` (it has ``exit_at``); None: this tower has no layer exits."""
+        trunk = getattr(self, "trunk", None)
+        return trunk if hasattr(trunk, "exit_at") else None
+
 
 class Tokenizer(Protocol):
     """Contract of every token modality's tokenizer."""

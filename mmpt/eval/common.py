@@ -11,6 +11,8 @@ import functools
 import glob
 import os
 from collections.abc import Iterator
+from contextlib import contextmanager
+from contextvars import ContextVar
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -24,6 +26,8 @@ from mmpt.data.loader import drops_whole_sample, eval_loader
 from mmpt.data.shards import DataError, expand_urls
 from mmpt.eval.sharding import all_gather, canonical_order, current_ranks, in_lockstep
 from mmpt.model import MultimodalModel
+from mmpt.nn.layers import layer_exit
+from mmpt.nn.matryoshka import prefix
 from mmpt.registry import ConfigError
 
 
@@ -33,13 +37,24 @@ class Task:
 
     data: shard pattern (path, glob, brace list, ``pipe:``) or, where a task says so, a directory of
     class subfolders of files of the task's modality. batch_size: samples per forward. workers: data loading processes.
+
+    dim: score with the first ``dim`` dims of every embedding, L2-normalised again (a Matryoshka size; null: all).
+    layer: stop every tower after its first ``layer`` transformer blocks, its final norm, pooling and head applied
+    there (a Starbucks sub-model; null: all). Both apply to every tower the task runs; ``mmpt eval --set dim=64``
+    sets them on every task.
     """
 
     data: str
     batch_size: int = 256
     workers: int = 1
+    dim: int | None = None
+    layer: int | None = None
 
     def __post_init__(self) -> None:
+        for key in ("dim", "layer"):
+            value = getattr(self, key)
+            if value is not None and (not isinstance(value, int) or isinstance(value, bool) or value < 1):
+                raise ConfigError(f"{key}: expected a positive integer or null, got {value!r}")
         if self.batch_size < 1:
             raise ConfigError(f"batch_size: must be >= 1, got {self.batch_size}")
         if self.workers < 0:
@@ -142,8 +157,34 @@ class _Rows:
         return values, [keys[i] for i in perm], {ext: [v[i] for i in perm] for ext, v in meta.items()}, skipped
 
 
+# (dim, layer) every embedding of this module is cut to within :func:`nested_size` (None: whole).
+_NESTED: ContextVar[tuple[int | None, int | None]] = ContextVar("mmpt_eval_nested", default=(None, None))
+
+
+@contextmanager
+def nested_size(dim: int | None = None, layer: int | None = None) -> Iterator[None]:
+    """Within the block, every embedding of :mod:`mmpt.eval.common` comes from towers stopped after their first
+    ``layer`` blocks and keeps its first ``dim`` dims, L2-normalised again (Matryoshka / Starbucks sizes)."""
+    token = _NESTED.set((dim, layer))
+    try:
+        yield
+    finally:
+        _NESTED.reset(token)
+
+
+def embedding_width(model: MultimodalModel) -> int:
+    """The width of the embeddings this module returns now (the nested ``dim`` when set)."""
+    return _NESTED.get()[0] or model.embed_dim
+
+
 def _forward(model: MultimodalModel, modality: str, fields: dict[str, Tensor], device: torch.device | str) -> EncoderOutput:
-    return model.encode_fields(modality, {k: v.to(device, non_blocking=True) for k, v in fields.items()})
+    dim, layer = _NESTED.get()
+    if dim is not None and dim > model.embed_dim:
+        raise ConfigError(f"dim={dim}: larger than the model's embedding size {model.embed_dim}")
+    with layer_exit(model.encoders[modality], layer):
+        out = model.encode_fields(modality, {k: v.to(device, non_blocking=True) for k, v in fields.items()})
+    out.embedding = prefix(out.embedding, dim)
+    return out
 
 
 Placed = tuple[Batch, list[tuple[int, int, int]]]  # a batch and each row's place in the whole set
@@ -210,7 +251,7 @@ def embed_data(model: MultimodalModel, specs: dict[str, ModalityData], pattern: 
                                                       workers, modality, desc, rows):
         chunks.append(out.embedding[present])
         rows.add(batch, present, order)
-    local = torch.cat(chunks).float() if chunks else torch.zeros(0, model.embed_dim, device=device)
+    local = torch.cat(chunks).float() if chunks else torch.zeros(0, embedding_width(model), device=device)
     embeddings, keys, meta, skipped = rows.assemble(local, device)
     return Embedded(embeddings, keys, meta, skipped=skipped)
 
@@ -265,7 +306,7 @@ def embed_texts(model: MultimodalModel, specs: dict[str, ModalityData], texts: l
     if ranks.world > 1:
         mine = {start: e.to(device) for part in all_gather({s: e.cpu() for s, e in mine.items()}, ranks)
                 for start, e in part.items()}
-    return torch.cat([mine[s] for s in sorted(mine)]) if mine else torch.zeros(0, model.embed_dim, device=device)
+    return torch.cat([mine[s] for s in sorted(mine)]) if mine else torch.zeros(0, embedding_width(model), device=device)
 
 
 # Class-folder data (``root/class_name/*.jpg``: ImageNet's validation layout); any

@@ -8,7 +8,7 @@ from typing import Any
 import torch
 
 from mmpt.contracts import ModalityData
-from mmpt.eval.common import Task
+from mmpt.eval.common import Task, nested_size
 from mmpt.eval.sharding import split_over_ranks
 from mmpt.model import MultimodalModel
 from mmpt.registry import ConfigError
@@ -66,7 +66,8 @@ def run_tasks(model: MultimodalModel, specs: dict[str, ModalityData], tasks: Seq
         with torch.no_grad(), split_over_ranks(rank, world):
             for i, (name, task) in enumerate(built):
                 try:
-                    results[name] = task.run(_task_model(task, model, f"eval[{i}]"), specs, device, progress)
+                    with nested_size(task.dim, task.layer):
+                        results[name] = task.run(_task_model(task, model, f"eval[{i}]"), specs, device, progress)
                 except ConfigError as exc:  # found only once the data is read (e.g. a label_key in no json)
                     raise _at(f"eval[{i}]", exc) from exc
     finally:

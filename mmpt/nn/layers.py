@@ -10,10 +10,15 @@ projects its memory once), so a decoder fed one new token per step never recompu
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
+
+from mmpt.registry import ConfigError
 
 
 class AttentionCache:
@@ -178,16 +183,22 @@ class CrossBlock(nn.Module):
 
 
 class Transformer(nn.Module):
-    """A stack of pre-norm blocks with optional activation checkpointing."""
+    """A stack of pre-norm blocks with optional activation checkpointing.
+
+    ``exit_at``: when set (by :func:`layer_exit`), forwards run the first ``exit_at`` blocks only, so the
+    tower that owns this stack returns its layer-``exit_at`` output (through its own final norm and pooling).
+    """
 
     def __init__(self, width: int, depth: int, heads: int, mlp_ratio: float = 4.0, causal: bool = False):
         super().__init__()
         self.blocks = nn.ModuleList(Block(width, heads, mlp_ratio, causal) for _ in range(depth))
         self.grad_checkpointing = False
+        self.exit_at: int | None = None
         self.apply(init_weights)
 
     def forward(self, x: Tensor, mask: Tensor | None = None, cache: KVCache | None = None) -> Tensor:
-        for block in self.blocks:
+        blocks = self.blocks if self.exit_at is None else self.blocks[:self.exit_at]
+        for block in blocks:
             if cache is not None:  # incremental decoding: inference only, nothing to checkpoint
                 x = block(x, mask, cache)
             elif self.grad_checkpointing and self.training:
@@ -195,6 +206,35 @@ class Transformer(nn.Module):
             else:
                 x = block(x, mask)
         return x
+
+
+def exit_trunk(tower: nn.Module, where: str = "layer") -> Transformer:
+    """The block stack of ``tower`` that layer exits truncate (its ``layer_trunk()``), or a ConfigError."""
+    find = getattr(tower, "layer_trunk", None)
+    trunk = find() if find is not None else None
+    if not isinstance(trunk, Transformer):
+        raise ConfigError(f"{where}: the {getattr(tower, 'modality', '') or type(tower).__name__} tower "
+                          f"({type(tower).__name__}) has no layer exits (they need a trunk of mmpt.nn.layers "
+                          "Transformer blocks)")
+    return trunk
+
+
+@contextmanager
+def layer_exit(tower: nn.Module, layer: int | None, where: str = "layer") -> Iterator[None]:
+    """Within the block, ``tower``'s forwards stop after its first ``layer`` trunk blocks (None: all of them),
+    its final norm and pooling applied there. Module calls as usual, so ZeRO-3 gathers what runs."""
+    if layer is None:
+        yield
+        return
+    trunk = exit_trunk(tower, where)
+    if not 1 <= layer <= len(trunk.blocks):
+        raise ConfigError(f"{where}={layer}: expected 1 <= layer <= {len(trunk.blocks)} (the depth of the "
+                          f"{getattr(tower, 'modality', '') or type(tower).__name__} tower)")
+    before, trunk.exit_at = trunk.exit_at, layer
+    try:
+        yield
+    finally:
+        trunk.exit_at = before
 
 
 def init_weights(m: nn.Module) -> None:
