@@ -5,6 +5,8 @@
 objective holds the logit scale; ``export_openclip`` writes the inverse, a file that
 ``open_clip.create_model(NAME, pretrained=FILE)`` loads. Names are mapped explicitly, one rule per tower, and
 any key left over on either side stops the conversion with one message listing them: never a partial load.
+A model with mmpt's own towers (``clip-tiny``: ``image/timm`` + ``text/transformer``) exports to OpenCLIP's
+local-dir: folder through :mod:`mmpt.interop.openclip_towers`.
 Checkpoints are data: safetensors, or ``torch.load`` with ``weights_only=True`` (``mmpt.formats.safe_load``).
 """
 
@@ -110,25 +112,28 @@ def import_openclip(model: str, weights: str | Path, out: str | Path, *, model_c
     return write_export(state, cfg, out, source=f"openclip:{model}:{Path(weights).name}")
 
 
-def openclip_state(model: torch.nn.Module) -> tuple[dict[str, Tensor], str, dict[str, Any]]:
+def openclip_state(model: torch.nn.Module, fmt: str = "OpenCLIP export", *,
+                   alternative: str = "") -> tuple[dict[str, Tensor], str, dict[str, Any]]:
     """(OpenCLIP state dict, architecture name, OpenCLIP config) of a loaded mmpt model whose towers are
-    ``image/open_clip`` and ``text/open_clip`` of one config, with ``model.head: none``."""
+    ``image/open_clip`` and ``text/open_clip`` of one config, with ``model.head: none``; refusals name ``fmt``
+    and end with ``alternative``."""
     from mmpt.encoders.open_clip import OpenCLIPImageEncoder, OpenCLIPTextEncoder
 
     towers = model.model.encoders
     image, text = towers["image"] if "image" in towers else None, towers["text"] if "text" in towers else None
     if not isinstance(image, OpenCLIPImageEncoder) or not isinstance(text, OpenCLIPTextEncoder):
         got = {m: getattr(t, "registry_name", type(t).__name__) for m, t in towers.items()}
-        raise ConfigError(f"OpenCLIP export needs towers image: image/open_clip and text: text/open_clip, got {got}")
+        raise ConfigError(f"{fmt} needs towers image: image/open_clip and text: text/open_clip (OpenCLIP's own "
+                          f"modules, e.g. from mmpt import openclip|hf-clip), got {got}{alternative}")
     if image.model_cfg["vision_cfg"] != text.model_cfg["vision_cfg"] or image.model_cfg["text_cfg"] != \
             text.model_cfg["text_cfg"] or image.model_cfg["embed_dim"] != text.model_cfg["embed_dim"]:
-        raise ConfigError(f"OpenCLIP export: the image tower ({image.model_name}) and the text tower "
+        raise ConfigError(f"{fmt}: the image tower ({image.model_name}) and the text tower "
                           f"({text.model_name}) come from different OpenCLIP configs; one file holds one model")
     state = model.state_dict()
     names, unnamed = openclip_names(list(state), bool(image.model_cfg.get("custom_text")))
     scalars = sorted(names[k] for k in names if k.startswith("objectives."))
     if unnamed or scalars.count("logit_scale") != 1 or scalars.count("logit_bias") > 1:
-        raise ConfigError(f"OpenCLIP export: {listed_keys('mmpt keys have no OpenCLIP name', unnamed)} and objective "
+        raise ConfigError(f"{fmt}: {listed_keys('mmpt keys have no OpenCLIP name', unnamed)} and objective "
                           f"scalars {scalars} (expected model.head: none and one clip or siglip objective)")
     shape = [1] if image.model_cfg.get("nonscalar_logit_scale") else []
     out = {oc: state[k].reshape(shape) if oc in ("logit_scale", "logit_bias") else state[k] for k, oc in names.items()}
@@ -154,12 +159,18 @@ def save_state(state: dict[str, Tensor], out: str | Path) -> Path:
 def load_merged(src: str | Path) -> torch.nn.Module:
     """The model of an mmpt export, or of a run directory exported first (LoRA adapters merged into their base
     weights, as ``mmpt export`` does), in eval mode."""
-    from mmpt.commands.export import export, load
+    return load_merged_config(src)[0]
 
-    if not Path(src).is_dir():
-        return load(src)[0]
-    with tempfile.TemporaryDirectory() as tmp:
-        return load(export(src, Path(tmp) / "model.safetensors"))[0]
+
+def load_merged_config(src: str | Path) -> tuple[torch.nn.Module, Any]:
+    """(model, config) of :func:`load_merged`'s source: the config embedded in the export."""
+    from mmpt.commands.export import export, export_config, load
+    from mmpt.formats.export_file import read_header
+
+    if Path(src).is_dir():
+        with tempfile.TemporaryDirectory() as tmp:
+            return load_merged_config(export(src, Path(tmp) / "model.safetensors"))
+    return load(src)[0], export_config(src, read_header(src)[0])
 
 
 def export_openclip(src: str | Path, out: str | Path) -> tuple[Path, str]:
@@ -170,9 +181,13 @@ def export_openclip(src: str | Path, out: str | Path) -> tuple[Path, str]:
     ``open_clip_model.safetensors``) that ``open_clip.create_model('local-dir:<out>')`` loads."""
     import open_clip
 
-    model = load_merged(src)
-    state, name, model_cfg = openclip_state(model)
+    from mmpt.interop.openclip_towers import FORMAT, is_native
+
+    model, cfg = load_merged_config(src)
     out = Path(out)
+    if is_native(model):
+        return export_native(model, cfg, out)
+    state, name, model_cfg = openclip_state(model, FORMAT)
     if out.suffix:
         if name not in open_clip.list_models():
             warnings.warn(f"{name!r} is not a registered OpenCLIP architecture: register its config with "
@@ -186,3 +201,21 @@ def export_openclip(src: str | Path, out: str | Path) -> tuple[Path, str]:
     (out / "open_clip_config.json").write_text(json.dumps(config, indent=1))
     save_state(state, out / "open_clip_model.safetensors")
     return out, f"open_clip.create_model('local-dir:{out}')"
+
+
+def export_native(model: torch.nn.Module, cfg: Any, out: Path) -> tuple[Path, str]:
+    """OpenCLIP's local-dir: folder of a model with mmpt's own towers (:mod:`mmpt.interop.openclip_towers`),
+    checked by loading it with OpenCLIP and comparing embeddings before returning."""
+    from mmpt.interop.openclip_towers import check_loads, native_openclip, refuse
+
+    if out.suffix:
+        raise refuse(f"--out {out}: a single file loads only under an OpenCLIP architecture name, and this model's "
+                     "towers have none; give a folder (--out DIR without a suffix: OpenCLIP's local-dir: format, "
+                     "which carries the config)")
+    out.mkdir(parents=True, exist_ok=True)
+    state, model_cfg, preprocess = native_openclip(model, cfg, out)
+    (out / "open_clip_config.json").write_text(json.dumps({"model_cfg": model_cfg, "preprocess_cfg": preprocess},
+                                                          indent=1))
+    save_state(state, out / "open_clip_model.safetensors")
+    check_loads(model, out, preprocess)
+    return out, f"open_clip.create_model_and_transforms('local-dir:{out}')"
