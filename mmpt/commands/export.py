@@ -77,12 +77,16 @@ def export(path: str | Path, out: str | Path, keep_adapters: bool = False) -> Pa
 
     state, cfg, ckpt = consolidate(path)
     state, cfg = export_state(state, cfg, keep_adapters)
-    return write_export(state, cfg, out, source=str(ckpt), step=max(checkpoint.step_of(ckpt), 0))
+    from mmpt.parts.init_from import recorded_init
+
+    return write_export(state, cfg, out, source=str(ckpt), step=max(checkpoint.step_of(ckpt), 0),
+                        extra=recorded_init(_run_dir_of(ckpt)))
 
 
 def write_export(state: dict[str, torch.Tensor], cfg: Config, out: str | Path, *, source: str = "",
-                 step: int = 0) -> Path:
-    """Write a consolidated state and its config as one self-contained .safetensors file."""
+                 step: int = 0, extra: dict[str, str] | None = None) -> Path:
+    """Write a consolidated state and its config as one self-contained .safetensors file (``extra``: more
+    metadata entries, e.g. the init a fine-tune started from, a soup's ingredients)."""
     from safetensors.torch import save_file
 
     # safetensors refuses shared storage (tied weights): store a copy of each; load re-ties by
@@ -91,7 +95,7 @@ def write_export(state: dict[str, torch.Tensor], cfg: Config, out: str | Path, *
 
     tensors = {k: v.detach().clone().contiguous() for k, v in state.items()}
     meta = {"format": FORMAT, "config": dump_config(without_init(cfg)), "source": source, "step": str(step),
-            **tokenizer_metadata(cfg)}
+            **tokenizer_metadata(cfg), **(extra or {})}
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -130,24 +134,14 @@ def tokenizer_metadata(cfg: Config) -> dict[str, str]:
 
 def load(path: str | Path, device: str | torch.device = "cpu", *,
          allow_nonfinite: bool = False) -> tuple[Pretrainer, dict[str, Any], Any]:
-    """Rebuild ``(model, transforms, tokenizer)`` from an exported file, a model folder or a run directory.
+    """Rebuild ``(model, transforms, tokenizer)`` from an exported file or a run directory.
 
     model: the Pretrainer in eval mode (``model.encode("image", images)``); transforms: modality ->
     data side (``transforms["image"].prepare([pil_image])``); tokenizer: that of the natural-language data side
     (``ModalityData.natural_language``), or None.
     """
-    from mmpt.formats.model_folder import is_model_folder, read_model_folder
-
     path = Path(path)
-    if is_model_folder(path):  # `export --format folder`: its files stand in for an export's header
-        from safetensors.torch import load_file
-
-        meta, weights = read_model_folder(path)
-        model = build_checked(build_pretrainer, export_config(path, meta), read_header(weights)[1], path)
-        state = load_file(str(weights))
-        check_finite(state, path, allow_nonfinite)
-        load_weights(model, state, path)
-    elif path.is_dir():  # a run directory is data, like an export: the same rules for its stored config
+    if path.is_dir():  # a run directory is data, like an export: the same rules for its stored config
         state, _, ckpt = consolidate(path)
         raw, source = checkpoint_config(ckpt)
         model = build_checked(build_pretrainer, data_config(raw, source), {k: tuple(v.shape) for k, v in state.items()},

@@ -33,6 +33,7 @@ class InitReport:
     unexpected: list[str] = field(default_factory=list)
     mismatched: list[str] = field(default_factory=list)
     not_requested: list[str] = field(default_factory=list)
+    digest: str = ""  # weights_digest of the file: what the run started from (recorded in its export)
 
     def summary(self) -> str:
         """One line for the log: counts, and the loaded tensors per part (``model.encoders.image: 68``)."""
@@ -57,7 +58,7 @@ class InitFrom:
                               f"expected {FORMAT}); export a run with `mmpt export`")
         self.state = load_file(path)
         self.towers = list(towers)
-        self.report = InitReport(path)
+        self.report = InitReport(path, digest=weights_digest(self.state))
         self.taken: set[str] = set()
 
     @classmethod
@@ -118,3 +119,45 @@ def without_init(cfg: Any) -> Any:
     cfg = copy.deepcopy(cfg)
     cfg.model.init_from, cfg.model.init_towers = None, []
     return cfg
+
+
+def weights_digest(state: dict[str, torch.Tensor]) -> str:
+    """sha256 of a state dict's names, dtypes, shapes and values: the identity of a set of weights, whatever
+    file or metadata holds them (``mmpt soup`` checks its ingredients share one init by it)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for key in sorted(state):
+        t = state[key].detach().cpu().contiguous()
+        h.update(f"{key}|{t.dtype}|{list(t.shape)}|".encode())
+        h.update(t.view(torch.uint8).numpy().tobytes() if t.numel() else b"")
+    return h.hexdigest()
+
+
+INIT_FILE = "init.json"  # in a run directory: what model.init_from started it from
+INIT_META = "init_digest"  # export metadata: weights_digest of the export the model was fine-tuned from
+
+
+def record_init(run_dir: Any, report: InitReport | None) -> None:
+    """Write (or, for a run from scratch, remove) the run directory's record of the weights it started from."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / INIT_FILE
+    if report is None:
+        path.unlink(missing_ok=True)
+    else:
+        path.write_text(json.dumps({"init_from": report.path, "digest": report.digest}) + "\n")
+
+
+def recorded_init(run_dir: Any) -> dict[str, str]:
+    """Export metadata for a run's recorded init (``{INIT_META: digest}``), empty when it started from scratch."""
+    import json
+    from pathlib import Path
+
+    path = Path(run_dir) / INIT_FILE
+    try:
+        digest = json.loads(path.read_text()).get("digest")
+    except (OSError, ValueError, AttributeError):
+        return {}
+    return {INIT_META: digest} if isinstance(digest, str) and digest else {}

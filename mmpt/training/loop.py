@@ -17,6 +17,7 @@ from mmpt.config import Config
 from mmpt.contracts import Batch
 from mmpt.data.loader import Loader, train_loader
 from mmpt.nn.padding import trim_padding, trimmed_modalities
+from mmpt.parts.init_from import record_init
 from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
 from mmpt.training import checkpoint
 from mmpt.training.engine import DistInfo, build_engine, init_distributed
@@ -98,6 +99,8 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
     logger = RunLogger(run_dir, enabled=d.is_main, start=start)  # drops records of steps about to re-run
     if d.is_main:
         write_config_history(run_dir, cfg, start)
+        if start == 0:  # the export records the weights a fine-tune started from (mmpt soup checks them)
+            record_init(run_dir, getattr(engine.module, "init_report", None))
         if changed:
             logger.log(start, {"changed": changed}, kind="resume")
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
