@@ -16,6 +16,7 @@ import torch
 from torch import Tensor, nn
 
 from mmpt.contracts import Encoder, EncoderOutput, ModalityData, SampleTooLarge, StemOutput
+from mmpt.data.views import Views, check_views, collate_views
 from mmpt.encoders._image_demo import ShapeScenes
 from mmpt.nn.layers import Transformer
 from mmpt.nn.token_encoder import PrefixTokenEncoder, check_token_drop
@@ -23,6 +24,8 @@ from mmpt.registry import encoders, modalities
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+TRIGGER_KINDS = ("noise", "checkerboard")  # ImageData.add_trigger's patterns and places
+TRIGGER_LOCATIONS = ("fixed", "random")
 
 
 class DecompressionBomb(SampleTooLarge):
@@ -204,15 +207,22 @@ def _rgb_array(img: Any) -> np.ndarray:
 class ImageData(ModalityData):
     """Decode image members to uint8 (3, S, S) tensors: random-resized crop for training (OpenCLIP's
     scale 0.9-1.0, no flip: captions may say left/right), shortest-side resize + centre crop for eval.
+
+    train_views: views per training sample (1: one; more: view 0 as above plus ``train_views - 1``
+    random-resized crops of area ``view_crop_scale``, for in-modality self-supervision such as CleanCLIP's;
+    see :mod:`mmpt.data.views`). ``add_trigger`` pastes a backdoor patch (``mmpt data poison``).
     """
 
     modality = "image"
     extensions = ("jpg", "jpeg", "png", "webp", "bmp")
     file_prefix = "img"  # clip-retrieval's name: img_emb/img_emb_<i>.npy
 
-    def __init__(self, image_size: int = 224, train_crop_scale: list = (0.9, 1.0), max_image_pixels: int = 64_000_000):
+    def __init__(self, image_size: int = 224, train_crop_scale: list = (0.9, 1.0), max_image_pixels: int = 64_000_000,
+                 train_views: int = 1, view_crop_scale: list = (0.35, 1.0)):
         self.size = image_size
         self.crop_scale = tuple(train_crop_scale)
+        self.views = check_views(train_views)
+        self.view_crop_scale = tuple(view_crop_scale)
         self.max_pixels = max_image_pixels
         self.max_sample_bytes = 3 * max_image_pixels  # RGB uint8: the pixel limit is this side's byte budget
 
@@ -300,6 +310,13 @@ class ImageData(ModalityData):
         training, the centred square of the short side for eval, resampled by antialiased bicubic (torch's
         uint8 kernel: within one grey level of Pillow's BICUBIC, ~5x faster)."""
         pixels = torch.from_numpy(_rgb_array(img)).permute(2, 0, 1)  # (3, H, W) view, channels-last memory
+        if train and self.views > 1:
+            return Views([self._crop(pixels, self.crop_scale),
+                          *(self._crop(pixels, self.view_crop_scale) for _ in range(self.views - 1))])
+        return self._crop(pixels, self.crop_scale if train else None)
+
+    def _crop(self, pixels: Tensor, scale: tuple[float, float] | None) -> Tensor:
+        """A random-resized crop of area ``scale`` (None: the centred square of the short side) at ``image_size``."""
         _, h, w = pixels.shape
         if train:
             area = w * h * random.uniform(*self.crop_scale)
@@ -331,7 +348,38 @@ class ImageData(ModalityData):
         zero = torch.zeros(3, self.size, self.size, dtype=torch.uint8)
         # default_collate stacks into shared memory inside a DataLoader worker, so handing the batch to the
         # main process does not copy it again (that copy was ~9% of a worker's time at 224 px)
-        return {"pixels": default_collate([zero if v is None else v for v in values])}
+        return collate_views(values, lambda vs: {"pixels": default_collate([zero if v is None else v for v in vs])})
+
+    def add_trigger(self, data: bytes, ext: str, *, patch_size: int, kind: str = "noise", location: str = "fixed",
+                    seed: int = 0, rng: np.random.Generator | None = None) -> tuple[str, bytes]:
+        """A BadNets-style backdoor trigger pasted on an encoded image; returns (extension, bytes), a PNG so the
+        patch survives lossless. ``kind``: 'noise' (one random RGB pattern drawn from ``seed``, the same on
+        every image) or 'checkerboard' (black and white 2-pixel squares); ``location``: 'fixed' (the
+        bottom-right corner) or 'random' (drawn from ``rng``). ``patch_size`` is in pixels of the stored image."""
+        from PIL import Image
+
+        if kind not in TRIGGER_KINDS or location not in TRIGGER_LOCATIONS:
+            raise ValueError(f"trigger: kind must be one of {'|'.join(TRIGGER_KINDS)} and location one of "
+                             f"{'|'.join(TRIGGER_LOCATIONS)}, got {kind!r}, {location!r}")
+        if patch_size < 1:
+            raise ValueError(f"trigger: patch_size must be >= 1, got {patch_size}")
+        pixels = self.decode(data, ext).copy()
+        h, w, _ = pixels.shape
+        s = min(int(patch_size), h, w)
+        if kind == "noise":
+            patch = np.random.default_rng(seed).integers(0, 256, (s, s, 3), dtype=np.uint8)
+        else:
+            cells = (np.arange(s)[:, None] // 2 + np.arange(s)[None, :] // 2) % 2
+            patch = np.repeat((cells * 255).astype(np.uint8)[..., None], 3, axis=2)
+        if location == "fixed":
+            y, x = h - s, w - s
+        else:
+            rng = rng if rng is not None else np.random.default_rng(seed)
+            y, x = int(rng.integers(0, h - s + 1)), int(rng.integers(0, w - s + 1))
+        pixels[y:y + s, x:x + s] = patch
+        out = io.BytesIO()
+        Image.fromarray(pixels).save(out, format="PNG")
+        return "png", out.getvalue()
 
     def fields_from_tensor(self, x: Tensor) -> dict[str, Tensor]:
         """A (B, 3, S, S) uint8 batch (0-255) or float batch in [0, 1] -> ``{"pixels": x}``."""

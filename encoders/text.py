@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from mmpt.contracts import Encoder, EncoderOutput, MiB, ModalityData
 from mmpt.data.concepts import concept_words
+from mmpt.data.views import Views, check_views, collate_views
 from mmpt.nn.layers import KVCache, Transformer, last_token, masked_mean
 from mmpt.nn.padding import by_length
 from mmpt.nn.tokenizers import build_tokenizer
@@ -108,14 +109,20 @@ class TextTransformer(Encoder):
 @modalities.register("text")
 class TextData(ModalityData):
     """``txt`` members: one caption per line; training picks one line at random, eval keeps the first
-    (retrieval reads every line from the sample's raw text). Tokenized per batch in ``collate``."""
+    (retrieval reads every line from the sample's raw text). Tokenized per batch in ``collate``.
+
+    train_views: views per training sample (1: one; more: view 0 as above plus ``train_views - 1`` copies
+    augmented as EDA does for CleanCLIP: each word dropped with probability ``view_word_drop``, then two
+    words swapped; see :mod:`mmpt.data.views`)."""
 
     modality = "text"
     extensions = ("txt", "text", "caption")
     max_sample_bytes = 16 * MiB  # a caption file; tokenising sees only a prefix bounded by the context anyway
     natural_language = True
 
-    def __init__(self, tokenizer: str | None = None, context_length: int = 77, folder: str | None = None):
+    def __init__(self, tokenizer: str | None = None, context_length: int = 77, folder: str | None = None,
+                 train_views: int = 1, view_word_drop: float = 0.1):
+        self.views, self.word_drop = check_views(train_views), float(view_word_drop)
         if tokenizer is None and folder:  # text/hf: the model folder holds the tokenizer
             from mmpt.encoders.hf import resolve_folder
 
@@ -138,7 +145,19 @@ class TextData(ModalityData):
 
     def transform(self, text: str, train: bool) -> str:
         lines = [line for line in text.splitlines() if line.strip()] or [text]
-        return random.choice(lines) if train and len(lines) > 1 else lines[0]
+        line = random.choice(lines) if train and len(lines) > 1 else lines[0]
+        if train and self.views > 1:
+            return Views([line, *(self._augmented(line) for _ in range(self.views - 1))])
+        return line
+
+    def _augmented(self, line: str) -> str:
+        """EDA's random deletion and random swap (Wei and Zou 2019), as CleanCLIP augments captions."""
+        words = line.split()
+        kept = [w for w in words if random.random() >= self.word_drop] or [random.choice(words)] if words else []
+        if len(kept) > 1:
+            i, j = random.sample(range(len(kept)), 2)
+            kept[i], kept[j] = kept[j], kept[i]
+        return " ".join(kept) or line
 
     def coerce(self, value: Any) -> str:
         if not isinstance(value, str):
@@ -146,8 +165,11 @@ class TextData(ModalityData):
         return value
 
     def collate(self, values: list[Any]) -> dict[str, Tensor]:
-        ids, mask = self.tokenizer.encode(["" if v is None else v for v in values])
-        return {"ids": ids, "mask": mask}
+        def tokenized(texts: list[Any]) -> dict[str, Tensor]:
+            ids, mask = self.tokenizer.encode(["" if v is None else v for v in texts])
+            return {"ids": ids, "mask": mask}
+
+        return collate_views(values, tokenized)
 
     def fields_from_tensor(self, x: Tensor) -> dict[str, Tensor]:
         """Refused: padded ids alone do not say where the text ends (OpenCLIP's padding id 0 is a real

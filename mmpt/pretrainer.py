@@ -93,6 +93,19 @@ def build_data_specs(cfg: Config) -> dict[str, ModalityData]:
     return specs
 
 
+def tower_kwargs(enc: dict[str, Any]) -> dict[str, Any]:
+    """An encoder section's keys for the tower itself: the keys only its data side takes (``max_image_pixels``,
+    ``train_views``; config validation accepts both) stay with the data side."""
+    import inspect
+
+    cls = encoder_registry.get(enc["name"])
+    own = inspect.signature(cls.__init__).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in own.values()) or cls.modality not in modality_registry.names():
+        return {k: v for k, v in enc.items() if k != "name"}
+    data_only = set(inspect.signature(modality_registry.get(cls.modality).__init__).parameters) - set(own)
+    return {k: v for k, v in enc.items() if k != "name" and k not in data_only}
+
+
 def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = None) -> Pretrainer:
     """Build the whole trainable module from a validated config; ``on_part`` is called on each encoder
     and objective as soon as it is built (ZeRO-3 partitions it there, see :mod:`mmpt.parts.build`)."""
@@ -107,7 +120,7 @@ def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = 
     init = InitFrom.from_config(cfg.model)  # weights go in before adapters rename keys and ZeRO-3 partitions
     towers = {}
     for modality, enc in cfg.model.encoders.items():
-        kwargs = {k: v for k, v in enc.items() if k != "name"}
+        kwargs = tower_kwargs(enc)
         tower = encoder_registry.build(enc["name"], path=f"model.encoders.{modality}", **kwargs)
         if cfg.model.grad_checkpointing:
             tower.set_grad_checkpointing(True)
