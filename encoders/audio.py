@@ -83,6 +83,7 @@ class AudioData(ModalityData):
 
     modality = "audio"
     extensions = ("flac", "wav", "ogg", "mp3")
+    source_extensions = ("wav", "flac", "mp3", "ogg")  # stored as they are: the loader decodes each
 
     def __init__(self, sample_rate: int = CLAP_RATE, clip_seconds: float = CLAP_SECONDS,
                  max_audio_seconds: float = 600.0):

@@ -15,7 +15,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmpt.contracts import Encoder, EncoderOutput, ModalityData, SampleTooLarge, StemOutput
+from mmpt.contracts import (
+    Encoder,
+    EncoderOutput,
+    ModalityData,
+    SampleRejected,
+    SampleTooLarge,
+    SourceSample,
+    StemOutput,
+)
 from mmpt.data.views import Views, check_views, collate_views
 from mmpt.encoders._image_demo import ShapeScenes
 from mmpt.nn.layers import Transformer
@@ -26,6 +34,10 @@ OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 TRIGGER_KINDS = ("noise", "checkerboard")  # ImageData.add_trigger's patterns and places
 TRIGGER_LOCATIONS = ("fixed", "random")
+
+
+# Image formats stored as-is by ``mmpt data write``, keyed by their leading bytes.
+_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"), (b"BM", "bmp"))
 
 
 class DecompressionBomb(SampleTooLarge):
@@ -231,6 +243,18 @@ class ImageData(ModalityData):
         :mod:`mmpt.data.demo_shards`)."""
         return ShapeScenes(self.size, rng)
 
+    source_extensions = ("jpg", "jpeg", "png", "webp", "bmp")
+
+    def source_samples(self, data: bytes, ext: str) -> list[SourceSample]:
+        """An image file as it is, under the extension its bytes have (a PNG saved as ``x.jpg`` is a ``png``
+        member); bytes of no format the loader reads are refused as ``unsupported_format``."""
+        for magic, member in _MAGIC:
+            if data.startswith(magic):
+                return [SourceSample({member: data})]
+        if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+            return [SourceSample({"webp": data})]
+        raise SampleRejected(f".{ext} file is not a jpg/png/webp/bmp image", reason="unsupported_format")
+
     def decoded_size(self, data: bytes, ext: str) -> int | None:
         """3 bytes per pixel of the size the header states (JPEG by libjpeg-turbo's header reader, other
         formats by Pillow's, which reads no pixels); None for bytes neither can read (decode then names them)."""
@@ -318,8 +342,8 @@ class ImageData(ModalityData):
     def _crop(self, pixels: Tensor, scale: tuple[float, float] | None) -> Tensor:
         """A random-resized crop of area ``scale`` (None: the centred square of the short side) at ``image_size``."""
         _, h, w = pixels.shape
-        if train:
-            area = w * h * random.uniform(*self.crop_scale)
+        if scale is not None:
+            area = w * h * random.uniform(*scale)
             ratio = math.exp(random.uniform(math.log(3 / 4), math.log(4 / 3)))
             cw = min(w, int(round(math.sqrt(area * ratio))))
             ch = min(h, int(round(math.sqrt(area / ratio))))

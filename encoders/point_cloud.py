@@ -18,7 +18,15 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmpt.contracts import DemoConcepts, MiB, ModalityData, StemOutput
+from mmpt.contracts import (
+    DemoConcepts,
+    MiB,
+    ModalityData,
+    SampleRejected,
+    SampleTooLarge,
+    SourceSample,
+    StemOutput,
+)
 from mmpt.data.concepts import COLORS, SIZES
 from mmpt.nn.layers import Transformer, init_weights
 from mmpt.nn.token_encoder import PrefixTokenEncoder, check_token_drop, stack_present
@@ -55,6 +63,78 @@ def stated_npy_bytes(data: bytes) -> int:
             with z.open(info) as f:
                 total += _npy_bytes(f)
     return total
+
+
+_PLY_TYPES = {"char": "i1", "int8": "i1", "uchar": "u1", "uint8": "u1", "short": "i2", "int16": "i2",
+              "ushort": "u2", "uint16": "u2", "int": "i4", "int32": "i4", "uint": "u4", "uint32": "u4",
+              "float": "f4", "float32": "f4", "double": "f8", "float64": "f8"}
+_PLY_FORMATS = {"ascii": "", "binary_little_endian": "<", "binary_big_endian": ">"}
+
+
+def _ply_header(data: bytes) -> tuple[str, list[tuple[str, int, list[tuple[str, str | None]]]], int]:
+    """(format, elements as (name, count, [(property, numpy type or None for a list)]), body offset)."""
+    end = data.find(b"end_header", 0, 1 << 16)
+    if end < 0:
+        raise BadPointCloud("PLY file without 'end_header' in its first 64 KiB")
+    body = data.index(b"\n", end) + 1 if b"\n" in data[end:end + 16] else len(data)
+    fmt, elements = None, []
+    for line in data[:end].decode("ascii", "replace").splitlines()[1:]:
+        words = line.split()
+        if not words or words[0] in ("comment", "obj_info"):
+            continue
+        if words[0] == "format" and len(words) >= 2:
+            fmt = words[1]
+        elif words[0] == "element" and len(words) == 3 and words[2].isdigit():
+            elements.append((words[1], int(words[2]), []))
+        elif words[0] == "property" and elements and len(words) >= 3:
+            kind = None if words[1] == "list" else _PLY_TYPES.get(words[1])
+            if words[1] != "list" and kind is None:
+                raise BadPointCloud(f"PLY property type {words[1]!r}")
+            elements[-1][2].append((words[-1], kind))
+    if fmt not in _PLY_FORMATS:
+        raise BadPointCloud(f"PLY format {fmt!r}; expected one of {', '.join(_PLY_FORMATS)}")
+    return fmt, elements, body
+
+
+def read_ply_xyz(data: bytes, max_bytes: int | None = None) -> np.ndarray:
+    """The vertex x, y, z of a PLY file (ascii, binary little- or big-endian) as an (N, 3) float32 array.
+
+    Elements before ``vertex`` are skipped (in binary files only when their properties have fixed sizes);
+    the stated vertex count is checked against the bytes there are and ``max_bytes`` before reading."""
+    fmt, elements, offset = _ply_header(data)
+    names = [e[0] for e in elements]
+    if "vertex" not in names:
+        raise BadPointCloud(f"PLY file without a vertex element (elements: {', '.join(names) or 'none'})")
+    at = names.index("vertex")
+    _, count, props = elements[at]
+    prop_names = [name for name, _ in props]
+    if not {"x", "y", "z"} <= set(prop_names) or any(kind is None for _, kind in props):
+        raise BadPointCloud(f"PLY vertex properties {prop_names}: expected scalar x, y, z")
+    if max_bytes is not None and 12 * count > max_bytes:
+        raise SampleTooLarge(f"PLY file states {count} vertices, over max_sample_bytes={max_bytes}")
+    if fmt == "ascii":
+        lines = data[offset:].split(b"\n", sum(e[1] for e in elements[:at]) + count)
+        rows = lines[sum(e[1] for e in elements[:at]):][:count]
+        if len(rows) < count:
+            raise BadPointCloud(f"PLY file states {count} vertices but has {len(rows)} vertex lines")
+        try:
+            values = np.array(b" ".join(rows).split(), dtype=np.float64)
+        except ValueError:
+            raise BadPointCloud("PLY vertex lines with values that are no numbers") from None
+        if values.size != count * len(props):
+            raise BadPointCloud(f"PLY vertex lines hold {values.size} values; expected {count} x {len(props)}")
+        table = values.reshape(count, len(props))
+        return np.stack([table[:, prop_names.index(a)] for a in "xyz"], 1).astype(np.float32)
+    order = _PLY_FORMATS[fmt]
+    for name, n, before in elements[:at]:
+        if any(kind is None for _, kind in before):
+            raise BadPointCloud(f"binary PLY: element {name!r} with list properties comes before the vertices")
+        offset += n * np.dtype([(p, order + k) for p, k in before]).itemsize
+    dtype = np.dtype([(p, order + k) for p, k in props])
+    if offset + count * dtype.itemsize > len(data):
+        raise BadPointCloud(f"binary PLY states {count} vertices of {dtype.itemsize} bytes; the file is too short")
+    table = np.frombuffer(data, dtype=dtype, count=count, offset=offset)
+    return np.stack([table[a] for a in "xyz"], 1).astype(np.float32)
 
 
 # ---------------------------------------------------------------------------------------------- grouping
@@ -257,6 +337,21 @@ class PointCloudData(ModalityData):
 
     modality = "point_cloud"
     extensions = ("npy", "npz")
+    source_extensions = ("npy", "npz", "ply")
+
+    def source_samples(self, data: bytes, ext: str) -> list[SourceSample]:
+        """``npy``/``npz`` files as they are (named by their bytes: an npz is a zip); a PLY file's vertex x, y, z
+        as an (N, 3) float32 ``npy`` member (ascii or binary PLY, read with numpy)."""
+        if data.startswith(b"ply"):
+            xyz = read_ply_xyz(data, max_bytes=self.max_sample_bytes)
+            buf = io.BytesIO()
+            np.save(buf, xyz, allow_pickle=False)
+            return [SourceSample({"npy": buf.getvalue()})]
+        if data.startswith(b"\x93NUMPY"):
+            return [SourceSample({"npy": data})]
+        if data.startswith(b"PK"):
+            return [SourceSample({"npz": data})]
+        raise SampleRejected(f".{ext} file is no npy, npz or PLY data", reason="unsupported_format")
 
     def __init__(self, num_points: int = 1024, groups: int = 64, channels: str = "xyz", normalize: str = "sphere",
                  train_scale: list = (0.8, 1.2), train_jitter: float = 0.01, train_dropout: float = 0.1,

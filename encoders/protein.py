@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import random
+from collections.abc import Iterator
 from typing import Any
 
 import numpy as np
@@ -14,7 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from mmpt.contracts import DemoConcepts, Encoder, EncoderOutput, MiB, ModalityData
+from mmpt.contracts import (
+    DemoConcepts,
+    Encoder,
+    EncoderOutput,
+    MiB,
+    ModalityData,
+    SampleRejected,
+    SourceSample,
+)
 from mmpt.nn.layers import Attention, Transformer, masked_mean
 from mmpt.registry import ConfigError, encoders, modalities
 
@@ -194,6 +203,25 @@ class ProteinData(ModalityData):
     modality = "protein"
     extensions = ("seq", "fasta", "fa")
     max_sample_bytes = 16 * MiB  # titin, the longest protein, is ~35,000 residues; a member is one record
+    source_extensions = ("fasta", "fa", "faa", "seq")
+    inline_ext = "seq"  # a table cell holding the sequence itself
+
+    def source_samples(self, data: bytes, ext: str) -> list[SourceSample]:
+        """A FASTA file is one sample per record: the sequence as ``seq``, the header's description as the
+        caption and ``{"id", "description"}`` as json; a ``seq`` file is one sequence, stored as it is."""
+        if ext == "seq":
+            return [SourceSample({"seq": data})]
+        try:
+            text = data.decode("ascii")
+        except UnicodeDecodeError:
+            raise SampleRejected(f".{ext} file has non-ASCII bytes", reason="not_fasta") from None
+        try:
+            records = list(fasta_records(text))
+        except InvalidSequence as exc:
+            raise SampleRejected(f".{ext} file: {exc}", reason="not_fasta") from None
+        return [SourceSample({"seq": seq.encode("ascii")}, caption=description or None,
+                             meta={"id": name, "description": description})
+                for name, description, seq in records]
 
     def __init__(self, context_length: int = 1024):
         self.tokenizer = ProteinTokenizer(context_length)
@@ -254,6 +282,23 @@ class ProteinData(ModalityData):
         seqs, labels = render_sequences(concepts, rng, self.max_residues)
         return [{"seq": s.encode(), "json": json.dumps({"residue_labels": lab}).encode()}
                 for s, lab in zip(seqs, labels)]
+
+
+def fasta_records(text: str) -> Iterator[tuple[str, str, str]]:
+    """(id, description, sequence) of every record of a FASTA text: the header line ``>id description``, then
+    sequence lines joined without white space; ``;`` comment lines and blank lines are skipped."""
+    lines = [line.strip() for line in text.splitlines()]
+    lines = [line for line in lines if line and not line.startswith(";")]
+    if not lines or not lines[0].startswith(">"):
+        raise InvalidSequence("FASTA text does not start with a '>' header line")
+    header, body = lines[0], []
+    for line in lines[1:] + [">"]:
+        if line.startswith(">"):
+            name, _, description = header[1:].strip().partition(" ")
+            yield name, description.strip(), "".join("".join(body).split())
+            header, body = line, []
+        else:
+            body.append(line)
 
 
 def first_fasta_record(text: str) -> str:

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 from torch import Tensor, nn
 
-from mmpt.contracts import Encoder, EncoderOutput, MiB, ModalityData
+from mmpt.contracts import Encoder, EncoderOutput, MiB, ModalityData, SourceSample
 from mmpt.data.concepts import concept_words
 from mmpt.data.views import Views, check_views, collate_views
 from mmpt.nn.layers import KVCache, Transformer, last_token, masked_mean
@@ -117,6 +117,12 @@ class TextData(ModalityData):
 
     modality = "text"
     extensions = ("txt", "text", "caption")
+    source_extensions = ("txt",)  # a caption file, stored as the sample's txt member
+    inline_ext = "txt"  # a table's caption cell
+
+    def source_samples(self, data: bytes, ext: str) -> list[SourceSample]:
+        """A caption file as the ``txt`` member."""
+        return [SourceSample({"txt": data})]
     max_sample_bytes = 16 * MiB  # a caption file; tokenising sees only a prefix bounded by the context anyway
     natural_language = True
 

@@ -11,10 +11,11 @@ from mmpt.contracts.modality import (
            ModalityData,
            SampleRejected,
            SampleTooLarge,
+           SourceSample,
            value_size,
 )
 from mmpt.contracts.objective import Objective
 from mmpt.contracts.records import EncoderOutput, ObjectiveOutput, StemOutput, TensorRecord
 
 __all__ = ["Batch", "DemoConcepts", "Encoder", "EncoderOutput", "MiB", "ModalityData", "Objective", "ObjectiveOutput",
-           "SampleRejected", "SampleTooLarge", "StemOutput", "TensorRecord", "Tokenizer", "value_size"]
+           "SampleRejected", "SampleTooLarge", "SourceSample", "StemOutput", "TensorRecord", "Tokenizer", "value_size"]

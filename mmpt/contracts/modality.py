@@ -7,7 +7,7 @@ A data side that refuses a sample for a named reason raises :class:`SampleReject
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, ClassVar
 
 from torch import Tensor
@@ -70,6 +70,17 @@ class DemoConcepts:
         return len(self.shape)
 
 
+@dataclass
+class SourceSample:
+    """One sample a source file becomes (``mmpt data write``): its shard ``members`` (``{ext: bytes}``), and
+    what the file itself says about it: a ``caption`` (a FASTA header's description) and ``meta`` for the
+    sample's ``json`` member. Most files are one sample; a FASTA file is one per record."""
+
+    members: dict[str, bytes]
+    caption: str | None = None
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
 class ModalityData:
     """Data side of a modality: extensions, decode, transform and collate.
 
@@ -77,6 +88,13 @@ class ModalityData:
     batch and should do the heavy lifting as batch tensor ops. ``collate`` receives ``None`` for
     samples lacking the modality and must produce rows for them anyway (the batch's presence mask
     says which rows are real).
+
+    Writing shards (``mmpt data write``) asks the data side two things: ``source_extensions``, the file
+    extensions it takes from users' folders and tables (default: its shard ``extensions``), and
+    ``source_samples(data, ext)``, what one such file becomes: shard members the loader's ``decode`` reads
+    (default: the bytes as they are, under their extension). ``inline_ext`` names the member a table cell's
+    own text becomes when it is no file name (text captions, protein sequences; default: none, a cell is
+    always a path). The writer then validates each sample with the loader's decode under the same budget.
 
     ``max_sample_bytes`` is what one decoded sample may cost (``data.max_sample_bytes.<modality>``
     overrides it per run); ``decoded_size`` reads what a member *will* decode to from its header and
@@ -99,6 +117,28 @@ class ModalityData:
 
         accepted = inspect.signature(cls.__init__).parameters
         return cls(**{k: v for k, v in cfg.items() if k in accepted})
+
+    # ``mmpt data write``: which source files this side takes and what each becomes (see the class docstring).
+    source_extensions: ClassVar[tuple[str, ...]] = ()
+    inline_ext: ClassVar[str | None] = None
+
+    def source_suffixes(self) -> tuple[str, ...]:
+        """Lower-case source file extensions (no dot) this side takes: ``source_extensions`` or, when a side
+        declares none, its shard ``extensions``."""
+        return tuple(e.lower() for e in (self.source_extensions or self.extensions))
+
+    def source_samples(self, data: bytes, ext: str) -> list[SourceSample]:
+        """The sample(s) one source file with extension ``ext`` becomes; default: one sample holding the bytes
+        unchanged as member ``ext``. Raise :class:`SampleRejected` (with a reason) for a file that cannot be one."""
+        if ext not in self.extensions:
+            raise SampleRejected(f"{self.modality}: no shard member for .{ext} files", reason="unsupported_format")
+        return [SourceSample({ext: data})]
+
+    def inline_members(self, value: str) -> dict[str, bytes]:
+        """Members for a table cell holding the value itself (a caption, a sequence): ``{inline_ext: utf-8}``."""
+        if self.inline_ext is None:
+            raise SampleRejected(f"{self.modality}: a table cell must name a file", reason="not_a_file")
+        return {self.inline_ext: value.encode("utf-8")}
 
     def decode(self, data: bytes, ext: str) -> Any:
         raise NotImplementedError

@@ -1,27 +1,39 @@
 """Write WebDataset shards: a deterministic, crash-safe tar writer and ``mmpt data write``'s converter.
 
 ``ShardWriter`` appends samples (``key.ext`` members) to numbered tars and rolls to the next one at a
-size or count limit. ``write_shards`` turns a table of (image path, caption) rows, or a folder of
-images with sidecar captions, into such shards, skipping and counting what it cannot read; writing
-nothing at all is a DataError naming the input and the reasons.
+size or count limit. ``write_shards`` turns what users have (tables with a column per modality, folders
+with sidecar captions, class folders, FASTA files: :mod:`mmpt.data.sources`) into such shards, any
+registered modality, validating each sample with the loader's own decode and budget
+(:mod:`mmpt.data.write_samples`) in worker processes; what fails is skipped and counted per reason with
+its first keys; writing nothing at all is a DataError naming the input and the reasons. A re-run skips
+the samples of the shards already finished, so an interrupted run resumes without duplicating a key.
 """
 
 from __future__ import annotations
 
-import csv
 import hashlib
 import io
-import json
 import os
 import re
 import tarfile
-from collections import Counter
-from collections.abc import Callable, Iterator, Mapping
+from collections import Counter, deque
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from mmpt.data.shards import DataError
+from mmpt.data.sources import (
+    TABLE_SUFFIXES,
+    Row,
+    Source,
+    caption_modality,
+    data_sides,
+    file_source,
+    folder_source,
+    suffix_owners,
+    table_source,
+)
+from mmpt.data.write_samples import Plan, Result, build_row
 from mmpt.registry import ConfigError
 
 # Python's tarfile pads every archive to a multiple of its record size and ends it with two zero blocks.
@@ -29,14 +41,9 @@ _BLOCK = tarfile.BLOCKSIZE
 _RECORD = tarfile.RECORDSIZE
 _END = 2 * _BLOCK
 
-PATH_COLUMNS = ("file", "path", "filepath", "file_path", "image", "image_path", "url")
-CAPTION_COLUMNS = ("caption", "text", "title")
-
-# Image formats stored as-is, keyed by their leading bytes; the member extension follows the bytes,
-# not the file name, so a PNG saved as x.jpg is still decoded correctly.
-_MAGIC = ((b"\xff\xd8\xff", "jpg"), (b"\x89PNG\r\n\x1a\n", "png"))
-IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
-_OTHER_IMAGE_SUFFIXES = (".gif", ".bmp", ".tif", ".tiff", ".avif", ".heic")
+# Rows handed to a worker process at once, and the most samples a skip reason names.
+_CHUNK = 64
+_FIRST_KEYS = 3
 
 
 def _padded(size: int) -> int:
@@ -51,8 +58,9 @@ class ShardWriter:
     shard under a final name; on an exception inside ``with`` the unfinished shard is deleted.
     """
 
-    def __init__(self, pattern: str, max_size: int = 256 << 20, max_count: int = 10000):
+    def __init__(self, pattern: str, max_size: int = 256 << 20, max_count: int = 10000, first_index: int = 0):
         self.check_pattern(pattern)
+        self.first_index = first_index
         if max_count < 1 or max_size < 1:
             raise ValueError(f"max_count and max_size must be positive, got {max_count} and {max_size}")
         self.pattern = pattern
@@ -139,7 +147,7 @@ class ShardWriter:
         return -(-(offset + _END) // _RECORD) * _RECORD
 
     def _start(self) -> None:
-        self._path = Path(self.pattern % len(self._shards))
+        self._path = Path(self.pattern % (self.first_index + len(self._shards)))
         self._path.parent.mkdir(parents=True, exist_ok=True)
         self._file = open(self._path.with_name(self._path.name + ".tmp"), "wb")
         self._tar = tarfile.open(fileobj=self._file, mode="w", format=tarfile.PAX_FORMAT)
@@ -155,37 +163,45 @@ class ShardWriter:
 
 @dataclass
 class WriteSummary:
-    """What ``write_shards`` did: samples written, rows skipped per reason, shard paths."""
+    """What ``write_shards`` did: samples written, samples skipped per reason (with their first keys), every
+    shard of the output (finished earlier and now), and how many samples earlier runs had written."""
 
     written: int
     skipped: dict[str, int] = field(default_factory=dict)
     shards: list[Path] = field(default_factory=list)
+    first_keys: dict[str, list[str]] = field(default_factory=dict)
+    resumed: int = 0
 
     @property
     def total_skipped(self) -> int:
-        """Rows skipped for any reason."""
+        """Samples skipped for any reason."""
         return sum(self.skipped.values())
 
-    def __str__(self) -> str:
+    def headline(self) -> str:
+        """The first line: samples written, shards, where, how many skipped."""
         where = f" in {self.shards[0].parent}" if self.shards else ""
         text = f"wrote {self.written} samples to {len(self.shards)} shard(s){where}"
+        if self.resumed:
+            text += f" ({self.resumed} of them by an earlier run: its finished shards were kept)"
         if self.skipped:
-            reasons = ", ".join(f"{reason}: {n}" for reason, n in self.skipped.items())
-            text += f"; skipped {self.total_skipped} ({reasons})"
+            text += f"; skipped {self.total_skipped}"
         return text
 
+    def reason_lines(self) -> list[str]:
+        """One line per skip reason, most frequent first: count and the first keys."""
+        return [f"  skipped {reason}: {n} (first: {', '.join(self.first_keys.get(reason, []))})"
+                for reason, n in self.skipped.items()]
 
-class _Skip(Exception):
-    """A row that cannot become a sample; the message is the reason it is counted under."""
+    def one_line(self) -> str:
+        """Everything on one line (for an error message)."""
+        if not self.skipped:
+            return self.headline()
+        reasons = ", ".join(f"{reason}: {n} [first: {', '.join(self.first_keys.get(reason, []))}]"
+                            for reason, n in self.skipped.items())
+        return f"{self.headline()} ({reasons})"
 
-
-@dataclass
-class _Source:
-    """Rows of (index, path, caption, extra columns), with where relative paths resolve."""
-
-    rows: Callable[[], Iterator[tuple[int, Any, Any, dict]]]
-    total: int | None
-    root: Path
+    def __str__(self) -> str:
+        return "\n".join([self.headline(), *self.reason_lines()])
 
 
 def write_shards(
@@ -194,68 +210,186 @@ def write_shards(
     *,
     path_column: str | None = None,
     caption_column: str | None = None,
+    columns: Mapping[str, str] | None = None,
+    caption_template: str | None = None,
     key_prefix: str | None = None,
     max_size: int = 256 << 20,
     max_count: int = 10000,
+    workers: int | None = None,
     progress: bool = True,
 ) -> WriteSummary:
-    """Convert a table or an image folder to WebDataset shards with ``jpg|png|webp``, ``txt`` and ``json`` members.
+    """Convert a table, a folder or a many-sample file (FASTA) into WebDataset shards, any registered modality.
 
-    ``table``: a CSV/TSV/Parquet/JSONL table of (image path, caption) rows (columns found by name or
-    set with ``path_column``/``caption_column``; relative paths resolve next to the table), or a
-    folder of images with sidecar ``.txt`` captions. The ``json`` member holds every other column of
-    the row (CSV values that read as numbers are stored as numbers: ``"8"`` -> 8, ``"0.5"`` -> 0.5;
-    ``"007"`` stays a string) or, for a folder, the image's sidecar ``.json`` verbatim. Keys are
-    ``<key_prefix><row number, 9 digits>``: the default prefix is the input's name plus a hash of its
-    absolute path and content (``train-1a2b3c4d_000000012``), so tables written separately never
-    collide, the same input rewritten gets the same keys, and a key leads back to its row; pass
-    ``key_prefix=""`` for bare row numbers. Rows that cannot be read are
-    skipped and counted; writing no sample at all raises DataError naming the input and the reasons.
+    ``table``: a CSV/TSV/Parquet/JSONL table with one column per modality holding a file path (relative paths
+    resolve next to the table) or, where the data side takes one (text, protein), the value itself; columns
+    are set with ``columns`` (``{"image": "img_path", "audio": "wav", "text": "caption"}``) or
+    ``path_column``/``caption_column``, or found by name and by the extensions of their values. Or a folder
+    whose files are grouped by name (``x.wav`` + ``x.txt`` caption + ``x.json`` metadata, verbatim); with
+    ``caption_template`` (``"a photo of a {}"``) a class-folder layout ``folder/<class>/file``, whose json
+    holds ``{"label": <class>}``. Or a FASTA file: one sample per record, the header's description as the
+    caption, ``{"id", "description"}`` as json. Each file becomes members as its data side says
+    (``ModalityData.source_samples``: PLY becomes ``npy``, an image is named by its bytes) and is decoded as
+    the loader will, under the same byte budget. The ``json`` member of a table row holds every other
+    column (CSV numbers as numbers: ``"8"`` -> 8, ``"0.5"`` -> 0.5; ``"007"`` stays a string).
+
+    Keys are ``<key_prefix><row number, 9 digits>`` (``_<record, 6 digits>`` appended for each record of a
+    many-sample file in a folder); the default prefix is the input's name plus a hash of its absolute path
+    and content (``train-1a2b3c4d_000000012``), so inputs written separately never collide, the same input
+    rewritten gets the same keys, and a key leads back to its row; ``key_prefix=""`` gives bare row numbers.
+    Shards already finished under ``out_pattern`` (by an interrupted run) are kept and their keys not written
+    again. ``workers`` processes validate samples (default: the CPU count, 0 for none). Rows that cannot be
+    used are skipped and counted; writing no sample at all raises DataError naming the input and the reasons.
     """
     from tqdm import tqdm
 
     ShardWriter.check_pattern(out_pattern)
     table = Path(table).expanduser().absolute()  # relative folders: rglob results already carry the root
     prefix = _key_prefix(table, key_prefix)
-    if table.is_dir():
-        if path_column or caption_column:
-            raise ConfigError(f"{table} is an image folder: --path-column/--caption-column apply only to tables")
-        source = _folder_source(table)
-    else:
-        source = _table_source(table, path_column, caption_column)
+    source = _source(table, path_column, caption_column, columns, caption_template)
+    plan = Plan(source.specs, caption_modality(source.specs), source.root, prefix)
+    finished, done = _finished_shards(out_pattern, prefix)
     skipped: Counter[str] = Counter()
-    written = 0
-    with ShardWriter(out_pattern, max_size=max_size, max_count=max_count) as writer, \
+    first_keys: dict[str, list[str]] = {}
+    written = resumed = 0
+    with ShardWriter(out_pattern, max_size=max_size, max_count=max_count, first_index=len(finished)) as writer, \
             tqdm(total=source.total, disable=not progress, unit="sample", desc="writing shards") as bar:
-        for index, path, caption, extra in source.rows():
-            try:
-                members = _members(path, caption, extra, source.root)
-            except _Skip as skip:
-                skipped[str(skip)] += 1
-            else:
-                # Keys end in the row number, so a key leads back to its row and skipped rows leave gaps.
-                writer.write(f"{prefix}{index:09d}", members)
-                written += 1
+        for results in _results(source, plan, done, workers):
+            for key, members, reason in results:
+                if key in done:
+                    resumed += 1
+                elif members is None:
+                    skipped[reason] += 1
+                    keys = first_keys.setdefault(reason, [])
+                    if len(keys) < _FIRST_KEYS:
+                        keys.append(key)
+                else:
+                    writer.write(key, members)
+                    written += 1
             bar.update()
             if skipped and bar.n % 256 == 0:
                 bar.set_postfix(skipped=sum(skipped.values()), refresh=False)
-    summary = WriteSummary(written, dict(skipped.most_common()), writer.shards)
-    if not written:
-        raise DataError(f"{table}: {summary}: nothing to write"
-                        + ("" if skipped else " (no rows or images found)"))
+    summary = WriteSummary(written + resumed, dict(skipped.most_common()), finished + writer.shards, first_keys,
+                           resumed)
+    if not written + resumed:
+        raise DataError(f"{table}: {summary.one_line()}: nothing to write"
+                        + ("" if skipped else " (no rows or files found)") + _hint(skipped, table, caption_template))
     return summary
+
+
+def _hint(skipped: Counter[str], table: Path, caption_template: str | None) -> str:
+    """A class-folder layout written without a template lacks every caption file: say what to pass."""
+    if table.is_dir() and caption_template is None and skipped.get("missing caption file") == sum(skipped.values()):
+        return "; for class folders (<folder>/<class>/<file>) pass --caption-template 'a photo of a {}'"
+    return ""
+
+
+def _source(table: Path, path_column: str | None, caption_column: str | None, columns: Mapping[str, str] | None,
+            caption_template: str | None) -> Source:
+    specs = data_sides()
+    if table.is_dir():
+        if path_column or caption_column or columns:
+            raise ConfigError(f"{table} is a folder: --path-column/--caption-column/--column apply only to tables")
+        return folder_source(table, specs, caption_template)
+    if caption_template is not None:
+        raise ConfigError(f"{table}: --caption-template applies to class folders (<folder>/<class>/<file>)")
+    suffix = table.suffix.lower()
+    if suffix not in TABLE_SUFFIXES and suffix.lstrip(".") in suffix_owners(specs, caption_modality(specs)):
+        if path_column or caption_column or columns:
+            raise ConfigError(f"{table} is a {suffix} file: --path-column/--caption-column/--column apply only to "
+                              f"tables")
+        return file_source(table, specs)
+    return table_source(table, specs, dict(columns or {}), path_column, caption_column)
+
+
+def _finished_shards(pattern: str, prefix: str) -> tuple[list[Path], set[str]]:
+    """The shards an earlier run finished under ``pattern`` (indices 0, 1, ... while they exist) and their keys;
+    refuses shards holding keys of another input."""
+    shards: list[Path] = []
+    keys: set[str] = set()
+    while (path := Path(pattern % len(shards))).is_file():
+        try:
+            with tarfile.open(path) as tar:
+                names = tar.getnames()
+        except (tarfile.TarError, OSError) as exc:
+            raise DataError(f"{path}: an existing shard that does not read ({exc}); remove it to rewrite it") from None
+        found = {os.path.basename(n).split(".", 1)[0] for n in names}
+        other = sorted(k for k in found if not k.startswith(prefix))
+        if other:
+            raise DataError(f"{path}: holds key {other[0]!r}, not from this input (its keys start {prefix!r}); "
+                            f"write to another --out or remove those shards")
+        keys |= found
+        shards.append(path)
+    return shards, keys
+
+
+_PLAN: Plan | None = None  # the plan a forked worker inherits
+
+
+def _build_chunk(rows: list[Row]) -> list[list[Result]]:
+    assert _PLAN is not None
+    return [build_row(row, _PLAN) for row in rows]
+
+
+def _results(source: Source, plan: Plan, done: set[str], workers: int | None) -> Iterator[list[Result]]:
+    """Each row's results in row order; rows whose key an earlier run wrote are not read again (their result
+    is that key alone, with no members). Rows are built in ``workers`` forked processes, in chunks."""
+    rows: Iterable[Row] = source.rows()
+    workers = min(os.cpu_count() or 1, 8) if workers is None else workers
+    if workers <= 1 or (source.total is not None and source.total < 4 * _CHUNK):
+        for row in rows:
+            yield _done(row, plan, done) or build_row(row, plan)
+        return
+    import concurrent.futures as cf
+    import multiprocessing as mp
+
+    global _PLAN
+    _PLAN = plan
+    with cf.ProcessPoolExecutor(workers, mp_context=mp.get_context("fork")) as pool:
+        pending: deque = deque()
+        for chunk in _chunks(rows, plan, done):
+            pending.append(pool.submit(_build_chunk, chunk) if isinstance(chunk, list) else chunk)
+            while len(pending) > 4 * workers or (pending and not isinstance(pending[0], cf.Future)):
+                head = pending.popleft()
+                yield from head.result() if isinstance(head, cf.Future) else [head]
+        while pending:
+            head = pending.popleft()
+            yield from head.result() if isinstance(head, cf.Future) else [head]
+
+
+def _done(row: Row, plan: Plan, done: set[str]) -> list[Result] | None:
+    key = plan.key(row)
+    return [(key, None, None)] if key in done else None
+
+
+def _chunks(rows: Iterable[Row], plan: Plan, done: set[str]) -> Iterator[list[Row] | list[Result]]:
+    """Rows to build, in chunks; a row an earlier run wrote comes alone as its finished result, in order."""
+    chunk: list[Row] = []
+    for row in rows:
+        finished = _done(row, plan, done)
+        if finished is None:
+            chunk.append(row)
+            if len(chunk) == _CHUNK:
+                yield chunk
+                chunk = []
+            continue
+        if chunk:
+            yield chunk
+            chunk = []
+        yield finished
+    if chunk:
+        yield chunk
 
 
 def _key_prefix(table: Path, key_prefix: str | None) -> str:
     """The given prefix (checked), or ``<input name>-<8 hex digits>_`` hashing the input's absolute path and
-    content: two inputs differ in one or the other (equal tables elsewhere may name other images)."""
+    content: two inputs differ in one or the other (equal tables elsewhere may name other files)."""
     if key_prefix is not None:
         if "." in key_prefix or "/" in key_prefix:
             raise ConfigError(f"--key-prefix {key_prefix!r}: must not contain '.' or '/' (webdataset splits "
                               f"keys at the first dot of the file name)")
         return key_prefix
     if not table.exists():
-        raise DataError(f"{table}: no such table or image folder")
+        raise DataError(f"{table}: no such table, folder or file")
     digest = hashlib.sha1(f"{table}\0".encode())
     if table.is_dir():  # names and sizes: the same folder written twice gets the same keys
         for p in sorted(table.rglob("*")):
@@ -267,169 +401,3 @@ def _key_prefix(table: Path, key_prefix: str | None) -> str:
                 digest.update(block)
     name = re.sub(r"[^A-Za-z0-9_-]+", "_", table.name.split(".")[0]) or "data"
     return f"{name}-{digest.hexdigest()[:8]}_"
-
-
-def _members(path: Any, caption: Any, extra: dict | bytes, root: Path) -> dict[str, bytes]:
-    if isinstance(caption, _Skip):  # the source already knows why this row cannot be used
-        raise caption
-    caption = "" if caption is None else str(caption).strip()
-    if not caption:
-        raise _Skip("empty caption")
-    data = _read_image(path, root)
-    members = {_image_ext(data): data, "txt": caption.encode("utf-8")}
-    if isinstance(extra, bytes):  # a folder sample's sidecar .json, kept verbatim
-        members["json"] = extra
-    elif extra:
-        members["json"] = json.dumps(extra, ensure_ascii=False, sort_keys=True, default=str).encode("utf-8")
-    return members
-
-
-def _read_image(path: Any, root: Path) -> bytes:
-    text = "" if path is None else str(path).strip()
-    if not text:
-        raise _Skip("empty path")
-    if text.startswith("file://"):
-        text = text[len("file://"):]
-    elif "://" in text:
-        raise _Skip("remote url (download first)")
-    file = root / Path(text).expanduser()
-    try:
-        data = file.read_bytes()
-    except FileNotFoundError:
-        raise _Skip("missing file") from None
-    except OSError:
-        raise _Skip("unreadable file") from None
-    if not data:
-        raise _Skip("empty file")
-    return data
-
-
-def _image_ext(data: bytes) -> str:
-    for magic, ext in _MAGIC:
-        if data.startswith(magic):
-            return ext
-    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
-        return "webp"
-    raise _Skip("not a jpg/png/webp image")
-
-
-def _table_source(table: Path, path_column: str | None, caption_column: str | None) -> _Source:
-    suffix = table.suffix.lower()
-    readers = {".csv": _read_csv, ".tsv": _read_csv, ".parquet": _read_parquet, ".pq": _read_parquet,
-               ".jsonl": _read_jsonl, ".ndjson": _read_jsonl}
-    if not table.is_file():
-        raise DataError(f"{table}: no such table or image folder")
-    if suffix not in readers:
-        raise DataError(f"{table}: unsupported table type {suffix!r} "
-                        f"(use .csv, .tsv, .parquet, .jsonl or an image folder)")
-    columns, records, total = readers[suffix](table)
-    path_col = _pick_column(table, columns, path_column, PATH_COLUMNS, "path", "--path-column")
-    caption_col = _pick_column(table, columns, caption_column, CAPTION_COLUMNS, "caption", "--caption-column")
-    typed = _number if suffix in (".csv", ".tsv") else (lambda v: v)  # Parquet and JSON keep their own types
-
-    def rows() -> Iterator[tuple[int, Any, Any, dict]]:
-        for index, record in enumerate(records()):
-            extra = {k: typed(v) for k, v in record.items() if k not in (path_col, caption_col)}
-            yield index, record.get(path_col), record.get(caption_col), extra
-
-    return _Source(rows, total, table.parent)
-
-
-def _pick_column(table: Path, columns: list[str], wanted: str | None, candidates: tuple[str, ...], role: str,
-                 option: str) -> str:
-    if wanted is not None:
-        if wanted not in columns:
-            raise DataError(f"{table}: no {role} column {wanted!r} ({option}); "
-                            f"available columns: {', '.join(columns) or '(none)'}")
-        return wanted
-    by_lower = {c.lower(): c for c in columns}
-    for name in candidates:
-        if name in by_lower:
-            return by_lower[name]
-    raise DataError(f"{table}: no {role} column found (looked for {', '.join(candidates)}); "
-                    f"available columns: {', '.join(columns) or '(none)'}; name it with {option}")
-
-
-_INT = re.compile(r"-?(0|[1-9][0-9]*)")
-_FLOAT = re.compile(r"-?(0|[1-9][0-9]*)(\.[0-9]+)?([eE][-+]?[0-9]+)?|-?\.[0-9]+([eE][-+]?[0-9]+)?")
-
-
-def _number(value: Any) -> Any:
-    """A CSV cell as int or float when it is written as one; anything else (``007``, ``nan``, ``""``) as is."""
-    if not isinstance(value, str):
-        return value
-    if _INT.fullmatch(value):
-        return int(value)
-    return float(value) if _FLOAT.fullmatch(value) else value
-
-
-def _read_csv(table: Path) -> tuple[list[str], Callable[[], Iterator[dict]], int]:
-    delimiter = "\t" if table.suffix.lower() == ".tsv" else ","
-
-    def records() -> Iterator[dict]:
-        # utf-8-sig: spreadsheet exports often start with a byte-order mark that would rename column 1.
-        with open(table, newline="", encoding="utf-8-sig") as f:
-            yield from csv.DictReader(f, delimiter=delimiter)
-
-    with open(table, newline="", encoding="utf-8-sig") as f:
-        reader = csv.reader(f, delimiter=delimiter)
-        header = next(reader, [])
-        total = sum(1 for _ in reader)
-    return header, records, total
-
-
-def _read_jsonl(table: Path) -> tuple[list[str], Callable[[], Iterator[dict]], int]:
-    def records() -> Iterator[dict]:
-        with open(table, encoding="utf-8") as f:
-            for line in f:
-                if line.strip():
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError:
-                        record = None
-                    # A broken line still yields a row, so it is counted as skipped and keys stay row numbers.
-                    yield record if isinstance(record, dict) else {}
-
-    columns: list[str] = []
-    total = 0
-    for record in records():
-        if not columns:
-            columns = list(record)
-        total += 1
-    return columns, records, total
-
-
-def _read_parquet(table: Path) -> tuple[list[str], Callable[[], Iterator[dict]], int]:
-    import pyarrow.parquet as pq
-
-    def records() -> Iterator[dict]:
-        with pq.ParquetFile(table) as file:
-            for batch in file.iter_batches(batch_size=1024):
-                yield from batch.to_pylist()
-
-    return list(pq.read_schema(table).names), records, pq.read_metadata(table).num_rows
-
-
-def _folder_source(folder: Path) -> _Source:
-    suffixes = IMAGE_SUFFIXES + _OTHER_IMAGE_SUFFIXES
-    images = sorted(p for p in folder.rglob("*") if p.suffix.lower() in suffixes and p.is_file())
-
-    def rows() -> Iterator[tuple[int, Any, Any, dict | bytes]]:
-        for index, image in enumerate(images):
-            if image.suffix.lower() not in IMAGE_SUFFIXES:
-                yield index, image, _Skip(f"unsupported format {image.suffix.lower()}"), {}
-                continue
-            caption = _read_sidecar(image.with_suffix(".txt"))
-            meta = image.with_suffix(".json")
-            yield index, image, caption, meta.read_bytes() if meta.is_file() else {}
-
-    return _Source(rows, len(images), folder)
-
-
-def _read_sidecar(path: Path) -> str | _Skip:
-    try:
-        return path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        return _Skip("missing caption file")
-    except (OSError, UnicodeDecodeError):
-        return _Skip("unreadable caption file")

@@ -81,10 +81,13 @@ def test_column_flags(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
     image_folder(tmp_path / "img")
     table = csv_table(tmp_path / "t.csv", [{"picture": "img/im0.jpg", "label": "red"}])
     out = str(tmp_path / "o" / "s-%03d.tar")
-    assert main(["data", "write", str(table), "--out", out]) == 2
-    assert "--path-column" in one_line_error(capsys)
+    assert main(["data", "write", str(table), "--out", out]) == 2  # "picture" is found by its values' extension
+    assert "--caption-column" in one_line_error(capsys)
     assert main(["data", "write", str(table), "--out", out, "--path-column", "picture"]) == 2
     assert "--caption-column" in one_line_error(capsys)
+    bare = csv_table(tmp_path / "bare.csv", [{"picture": "img/im0", "label": "red"}])
+    assert main(["data", "write", str(bare), "--out", out]) == 2
+    assert "--path-column" in one_line_error(capsys)
     assert main(["data", "write", str(table), "--out", out, "--path-column", "picture",
                  "--caption-column", "label"]) == 0
     (sample,) = read_samples(str(tmp_path / "o" / "s-*.tar")).values()

@@ -164,7 +164,9 @@ def test_write_shards_from_table(tmp_path: Path, suffix: str) -> None:
     assert samples["000000003"]["txt"] == b"a blue square"
     assert json.loads(samples["000000001"]["json"])["width"] == 8  # a number in every table type
     text = str(summary)
-    assert "wrote 3 samples to 2 shard(s)" in text and "missing file: 1" in text and "\n" not in text
+    # a headline, then one line per reason naming its first keys
+    assert text.splitlines()[0].startswith("wrote 3 samples to 2 shard(s)") and text.count("\n") == 1
+    assert text.splitlines()[1].strip() == "skipped missing file: 1 (first: 000000002)"
 
 
 def test_write_shards_auto_detects_other_column_names(tmp_path: Path) -> None:
@@ -179,13 +181,16 @@ def test_write_shards_auto_detects_other_column_names(tmp_path: Path) -> None:
 
 def test_write_shards_column_errors_name_file_and_columns(tmp_path: Path) -> None:
     table = tmp_path / "pairs.csv"
-    write_table(table, [{"picture": "a.jpg", "caption": "x"}])
+    write_table(table, [{"picture": "a", "caption": "x"}])  # no name or extension says what "picture" holds
     with pytest.raises(ValueError, match=r"pairs\.csv.*picture, caption"):
         write_shards(table, str(tmp_path / "s-%06d.tar"), progress=False)
     with pytest.raises(ValueError, match=r"pairs\.csv.*'label'.*picture, caption"):
         write_shards(table, str(tmp_path / "s-%06d.tar"), path_column="picture", caption_column="label", progress=False)
-    with pytest.raises(DataError, match=r"pairs\.csv.*0 samples.*missing file: 1"):
+    with pytest.raises(ValueError, match=r"pairs\.csv.*'picture'.*--column MODALITY=picture"):
         write_shards(table, str(tmp_path / "s-%06d.tar"), path_column="picture", progress=False)
+    with pytest.raises(DataError, match=r"pairs\.csv.*0 samples.*missing file: 1"):
+        write_shards(table, str(tmp_path / "s-%06d.tar"), columns={"image": "picture", "text": "caption"},
+                     progress=False)
 
 
 def test_write_shards_counts_bad_files_by_reason(tmp_path: Path) -> None:
@@ -198,7 +203,7 @@ def test_write_shards_counts_bad_files_by_reason(tmp_path: Path) -> None:
     write_table(table, rows + [{"path": "https://example.com/x.jpg", "text": "c"}, {"path": "", "text": "c"}])
     summary = write_shards(table, str(tmp_path / "out" / "s-%06d.tar"), progress=False)
     assert summary.written == 1
-    assert summary.skipped == {"empty file": 1, "not a jpg/png/webp image": 1, "missing file": 1,
+    assert summary.skipped == {"empty file": 1, "unsupported_format_image": 1, "missing file": 1,
                                "remote url (download first)": 1, "empty path": 1}
     (_, sample), = read_shards(summary.shards)
     assert "png" in sample  # stored under the extension its bytes have, not its file name
