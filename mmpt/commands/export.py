@@ -134,14 +134,24 @@ def tokenizer_metadata(cfg: Config) -> dict[str, str]:
 
 def load(path: str | Path, device: str | torch.device = "cpu", *,
          allow_nonfinite: bool = False) -> tuple[Pretrainer, dict[str, Any], Any]:
-    """Rebuild ``(model, transforms, tokenizer)`` from an exported file or a run directory.
+    """Rebuild ``(model, transforms, tokenizer)`` from an exported file, a model folder or a run directory.
 
     model: the Pretrainer in eval mode (``model.encode("image", images)``); transforms: modality ->
     data side (``transforms["image"].prepare([pil_image])``); tokenizer: that of the natural-language data side
     (``ModalityData.natural_language``), or None.
     """
+    from mmpt.formats.model_folder import is_model_folder, read_model_folder
+
     path = Path(path)
-    if path.is_dir():  # a run directory is data, like an export: the same rules for its stored config
+    if is_model_folder(path):  # `export --format folder`: its files stand in for an export's header
+        from safetensors.torch import load_file
+
+        meta, weights = read_model_folder(path)
+        model = build_checked(build_pretrainer, export_config(path, meta), read_header(weights)[1], path)
+        state = load_file(str(weights))
+        check_finite(state, path, allow_nonfinite)
+        load_weights(model, state, path)
+    elif path.is_dir():  # a run directory is data, like an export: the same rules for its stored config
         state, _, ckpt = consolidate(path)
         raw, source = checkpoint_config(ckpt)
         model = build_checked(build_pretrainer, data_config(raw, source), {k: tuple(v.shape) for k, v in state.items()},
