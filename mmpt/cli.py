@@ -203,19 +203,29 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
     dd.add_argument("--image-size", type=int, default=64)
     dd.add_argument("--seed", type=int, default=0)
     add_modalities_argument(dd)
-    dw = dsub.add_parser("write", help="write shards from a CSV/Parquet/JSONL table or an image folder",
-                         description="Each sample gets the image (jpg/png/webp, by its bytes), its caption (txt) "
-                         "and a json member with every other column of its row (CSV numbers kept as numbers) "
-                         "or the image's sidecar .json. Writing no sample at all is an error.")
-    dw.add_argument("input", help="table of (file path, caption) rows, or a folder of images with .txt sidecars")
+    dw = dsub.add_parser("write", help="write shards of any modality from a table, a folder or a FASTA file",
+                         description="Each sample gets its files as their data sides store them (an image by its "
+                         "bytes, PLY as npy, a FASTA record as seq), its caption (txt) and a json member with "
+                         "every other column of its row (CSV numbers kept as numbers), the file's sidecar .json, "
+                         "a class folder's label or a FASTA header. Every sample is decoded as training will, "
+                         "under the same byte budget; what fails is skipped and counted per reason. Re-running "
+                         "keeps the shards already finished. Writing no sample at all is an error.")
+    dw.add_argument("input", help="a CSV/Parquet/JSONL table (a path or value column per modality), a folder of "
+                    "files with .txt/.json sidecars (or class folders with --caption-template), or a FASTA file")
     dw.add_argument("--out", required=True, help="output pattern, e.g. shards/train-%%06d.tar")
     dw.add_argument("--max-size", type=float, default=256, help="target shard size in MB")
     dw.add_argument("--max-count", type=int, default=10000, help="samples per shard at most")
-    dw.add_argument("--path-column", help="table column with the image paths (default: found by name: file, path, "
-                    "image, url, ...)")
+    dw.add_argument("--column", action="append", default=[], metavar="MODALITY=COLUMN",
+                    help="table column of a modality (repeatable: --column image=img --column audio=wav "
+                    "--column text=caption); default: found by name and by the extensions of the values")
+    dw.add_argument("--path-column", help="table column with the file paths (default: found by name: file, path, "
+                    "url, <modality>, <modality>_path, ..., or by its values' extensions)")
     dw.add_argument("--caption-column", help="table column with the captions (default: caption, text or title)")
+    dw.add_argument("--caption-template", help="class folders <input>/<class>/<file>: caption each file with this "
+                    "template, {} standing for the class name, e.g. 'a photo of a {}'; json gets {\"label\": class}")
     dw.add_argument("--key-prefix", help="sample keys are PREFIX + row number; default: the input's name and a "
                     "hash of its path and content (train-1a2b3c4d_000000012): separate tables never collide")
+    dw.add_argument("--workers", type=int, help="processes decoding samples to validate them (default: CPU count)")
     di = dsub.add_parser("inspect", help="count samples, keys, modalities and decode errors of shards")
     di.add_argument("shards", help="path, glob, brace list or pipe: URL")
     di.add_argument("--decode", action="store_true", help="also decode every member to find bad ones")
@@ -455,9 +465,17 @@ def _data(args: argparse.Namespace) -> None:
               f"modalities {', '.join(info.modalities)}; train: {info.train_pattern}, eval: {info.eval_pattern}")
     elif args.data_command == "write":
         from mmpt.data.writer import write_shards
+        from mmpt.registry import ConfigError
 
+        columns = {}
+        for item in args.column:
+            modality, sep, column = item.partition("=")
+            if not sep or not modality or not column:
+                raise ConfigError(f"--column {item!r}: expected MODALITY=COLUMN, e.g. --column audio=wav_path")
+            columns[modality.strip()] = column.strip()
         print(write_shards(args.input, args.out, path_column=args.path_column, caption_column=args.caption_column,
-                           key_prefix=args.key_prefix, max_size=int(args.max_size * 2**20), max_count=args.max_count))
+                           columns=columns, caption_template=args.caption_template, key_prefix=args.key_prefix,
+                           max_size=int(args.max_size * 2**20), max_count=args.max_count, workers=args.workers))
     elif args.data_command == "inspect":
         from mmpt.data.inspect import inspect_shards
 
