@@ -6,6 +6,7 @@ GradCache call the two phases separately.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 from typing import Any
 
@@ -15,13 +16,23 @@ from torch import Tensor, nn
 from mmpt.config import Config
 from mmpt.contracts import Batch, EncoderOutput, ModalityData, Objective
 from mmpt.model import MultimodalModel
+from mmpt.registry import ConfigError
 from mmpt.registry import encoders as encoder_registry
 from mmpt.registry import modalities as modality_registry
 from mmpt.registry import objectives as objective_registry
 
 
 class Pretrainer(nn.Module):
-    """Model + objectives; returns ``{"loss", "losses", "metrics"}``."""
+    """Model + objectives; returns ``{"loss", "losses", "metrics"}``.
+
+    Mixed precision (:meth:`set_autocast`, ``train.precision: bf16``): the towers run under ``torch.autocast``
+    with fp32 weights; objectives that read encoder outputs get them in fp32 and compute with autocast off
+    (an autocast matmul would give bf16 logits whatever the objective casts to); objectives that run a tower
+    themselves (``uses_model``) keep autocast for it (their losses are autocast's fp32 ops: cross-entropy, MSE).
+    """
+
+    autocast_device: str = "cpu"
+    autocast_dtype: torch.dtype | None = None  # None: no autocast (fp32, or DeepSpeed's fp16 parameters)
 
     def __init__(self, model: MultimodalModel, objectives: dict[str, Objective], weights: dict[str, float] | None = None):
         super().__init__()
@@ -31,17 +42,30 @@ class Pretrainer(nn.Module):
         self.needed = encoded_modalities(model, objectives.values())
         self.token_needed = tuple(dict.fromkeys(m for obj in objectives.values() for m in obj.token_modalities))
 
+    def set_autocast(self, device_type: str, dtype: torch.dtype | None) -> None:
+        """Compute the towers in ``dtype`` under ``torch.autocast(device_type)`` (None: off, the default)."""
+        self.autocast_device, self.autocast_dtype = device_type, dtype
+
+    def _autocast(self, enabled: bool = True) -> Any:
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.autocast_device, dtype=self.autocast_dtype, enabled=enabled)
+
     def embed(self, batch: Batch) -> dict[str, EncoderOutput]:
         """Encode the modalities the objectives read (per token too where an objective asks)."""
-        return self.model(batch.fields, self.needed, self.token_needed)
+        with self._autocast():
+            return self.model(batch.fields, self.needed, self.token_needed)
 
     def loss(self, outputs: dict[str, EncoderOutput], batch: Batch) -> dict[str, Any]:
         """Weighted sum of objective losses plus per-objective losses and metrics (all tensors)."""
         losses: dict[str, Tensor] = {}
         metrics: dict[str, Tensor] = {}
         total: Tensor | None = None
+        if self.autocast_dtype is not None:
+            outputs = to_fp32(outputs)
         for name, obj in self.objectives.items():
-            out = obj(outputs, batch, self.model) if obj.uses_model else obj(outputs, batch)
+            with self._autocast(enabled=obj.uses_model):
+                out = obj(outputs, batch, self.model) if obj.uses_model else obj(outputs, batch)
             losses[name] = out.loss.detach()
             metrics.update({f"{name}/{k}": v for k, v in out.metrics.items()})
             term = self.weights[name] * out.loss
@@ -70,6 +94,19 @@ class Pretrainer(nn.Module):
             fn = getattr(obj, "no_weight_decay", None)
             names |= {f"objectives.{k}.{n}" for n in (fn() if fn else ())}
         return names
+
+
+def to_fp32(x: Any) -> Any:
+    """A copy of nested dicts/lists/tuples (dict subclasses kept) with every bf16/fp16 tensor cast to fp32."""
+    if isinstance(x, Tensor):
+        return x.float() if x.dtype in (torch.bfloat16, torch.float16) else x
+    if isinstance(x, dict):
+        out = dict.__new__(type(x))  # EncoderOutput and other records: same class, no __init__
+        dict.update(out, {k: to_fp32(v) for k, v in x.items()})
+        return out
+    if isinstance(x, (list, tuple)):
+        return type(x)(to_fp32(v) for v in x)
+    return x
 
 
 def encoded_modalities(model: MultimodalModel, objectives: Any) -> list[str]:
@@ -136,6 +173,10 @@ def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = 
     objs, weights = {}, {}
     for name, obj in cfg.objectives.items():
         kwargs = {k: v for k, v in obj.items() if k not in ("name", "weight")}
+        cls = objective_registry.get(obj.get("name", name), path=f"objectives.{name}.name")
+        for key in cls.frozen_models:
+            if kwargs.get(key):
+                kwargs[key] = frozen_models(kwargs[key], f"objectives.{name}.{key}")
         objs[name] = objective_registry.build(obj.get("name", name), path=f"objectives.{name}", **kwargs)
         if init is not None:
             init.load(f"objectives.{name}.", objs[name])
@@ -144,6 +185,32 @@ def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = 
     pretrainer = Pretrainer(model, objs, weights)
     pretrainer.init_report = init.finish() if init is not None else None
     return pretrainer
+
+
+def frozen_models(paths: str | list[str], key: str) -> list[Pretrainer]:
+    """The frozen models of an objective's ``frozen_models`` key: each export file loaded (checked as untrusted
+    data), in inference mode, without gradients."""
+    from pathlib import Path
+
+    from mmpt.parts.checked_load import load_export_file
+
+    models = []
+    for i, path in enumerate([paths] if isinstance(paths, str) else list(paths)):
+        if not isinstance(path, str) or not Path(path).is_file():
+            raise ConfigError(f"{key}[{i}]: {path!r} is not a file; expected an mmpt export (.safetensors)")
+        model = load_export_file(path, build_pretrainer)
+        models.append(model.requires_grad_(False).eval())
+    return models
+
+
+def borrowed_prefixes(cfg: Config) -> tuple[str, ...]:
+    """State-dict key prefixes of the frozen models objectives borrow (not part of the model, see
+    ``Objective.frozen_models``)."""
+    out = []
+    for name, obj in cfg.objectives.items():
+        cls = objective_registry.get(obj.get("name", name), path=f"objectives.{name}.name")
+        out += [f"objectives.{name}.{key}." for key in cls.frozen_models]
+    return tuple(out)
 
 
 def count_parameters(module: nn.Module) -> int:

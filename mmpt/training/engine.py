@@ -5,17 +5,20 @@ Accumulation, clipping, precision, ZeRO stage and offload are DeepSpeed config, 
 
 from __future__ import annotations
 
+import dataclasses
 import datetime
 import logging
 import math
 import os
 import socket
+import warnings
 from dataclasses import dataclass
 from typing import Any
 
 import torch
 
 from mmpt.config import Config
+from mmpt.nn.precision import native_bf16
 from mmpt.parts.build import build_module, share_fp32_master
 from mmpt.pretrainer import Pretrainer, build_pretrainer
 from mmpt.registry import ConfigError
@@ -70,15 +73,35 @@ def init_distributed(timeout_s: int | None = None) -> DistInfo:
     return DistInfo(dist.get_rank(), dist.get_world_size(), local_rank, device)
 
 
-def resolve_precision(precision: str) -> str:
-    """'auto' -> bf16 on CUDA with bf16 support, fp16 on older GPUs, fp32 on CPU."""
-    if precision != "auto":
-        if precision in ("bf16", "fp16") and not torch.cuda.is_available():
-            raise ConfigError(f"train.precision: {precision} needs a CUDA device; use fp32 or auto on CPU")
-        return precision
-    if not torch.cuda.is_available():
-        return "fp32"
-    return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+def resolve_precision(precision: str, device: torch.device | str | None = None) -> str:
+    """What ``train.precision`` means on ``device`` (default: CUDA when present, else CPU). 'auto' -> 'bf16'
+    where the device computes bfloat16 natively (CUDA with bf16, CPUs with AVX512-BF16 or AMX), 'fp16' on
+    older GPUs, 'fp32' elsewhere. 'bf16' is autocast with fp32 weights (:meth:`Pretrainer.set_autocast`);
+    asked for on a CPU without native bf16 it runs, emulated, with a warning; 'fp16' needs CUDA."""
+    kind = torch.device(device).type if device is not None else ("cuda" if torch.cuda.is_available() else "cpu")
+    if precision == "auto":
+        if native_bf16(kind):
+            return "bf16"
+        return "fp16" if kind == "cuda" else "fp32"
+    if precision == "fp16" and kind != "cuda":
+        raise ConfigError(f"train.precision: fp16 needs a CUDA device; use bf16, fp32 or auto on {kind}")
+    if precision == "bf16" and kind == "cpu" and not native_bf16(kind):
+        warnings.warn("train.precision: bf16 on a CPU without native bfloat16 (no AVX512-BF16 or AMX): it is "
+                      "emulated and usually slower than fp32; use train.precision=auto or fp32", stacklevel=1)  # once a process
+    return precision
+
+
+def with_resolved_precision(cfg: Config, device: torch.device) -> tuple[Config, str]:
+    """``cfg`` with ``train.precision`` resolved on ``device`` (the run config, its checkpoints and a resume's
+    comparison record what ran, not 'auto'), and the words the run's first line states it in."""
+    asked = cfg.train.precision
+    ran = resolve_precision(asked, device)
+    how = {"bf16": "bf16 autocast, fp32 weights", "fp16": "fp16 (DeepSpeed loss scaling)"}.get(ran, "fp32")
+    if asked == "auto":
+        native = "native" if ran == "bf16" else "no native"
+        how += f" (auto: {native} bf16 on this {device.type.upper()}{'; train.precision=fp32 turns it off' if ran == 'bf16' else ''})"
+    resolved = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, precision=ran))
+    return resolved, how
 
 
 # ZeRO-3 is chosen to save memory: DeepSpeed's defaults (buckets of 5e8 elements, every parameter kept
@@ -113,7 +136,9 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
         "train_batch_size": cfg.data.batch_size * t.grad_accum * world,
         "gradient_clipping": t.grad_clip,
         "zero_optimization": zero,
-        "bf16": {"enabled": precision == "bf16"},
+        # bf16 is torch.autocast around the forward with fp32 weights and optimizer (Pretrainer.set_autocast),
+        # not DeepSpeed's bf16 mode, which casts the parameters themselves to bf16.
+        "bf16": {"enabled": False},
         "fp16": {"enabled": precision == "fp16", "initial_scale_power": 16},
         "steps_per_print": 10**9,
         "wall_clock_breakdown": False,
@@ -183,6 +208,8 @@ def build_engine(cfg: Config, dist_info: DistInfo, total_steps: int):
 
     ds = deepspeed_config(cfg, dist_info.world)
     module = build_module(lambda on_part: build_pretrainer(cfg, on_part), ds, dist_info.device)
+    bf16 = resolve_precision(cfg.train.precision, dist_info.device) == "bf16"
+    module.set_autocast(dist_info.device.type, torch.bfloat16 if bf16 else None)
     o = cfg.optim
     # fused: one kernel per step over all tensors instead of ~10 passes per tensor (same update within
     # float rounding, tests/train/test_speed.py); the CPU has the kernel too.

@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from mmpt.contracts import Batch
+from mmpt.pretrainer import to_fp32
 
 
 class GradCacheStep:
@@ -85,7 +86,8 @@ class GradCacheStep:
                 outputs = engine(c, phase=_embed)
                 if self.unread is None:
                     self.unread = unread_outputs(engine.module.loss, outputs, c)
-                cached.append(_map(outputs, lambda path, t: None if path in self.unread else t))
+                # fp32 (under bf16 autocast the towers return bf16): the loss's gradient is cached unrounded
+                cached.append(to_fp32(_map(outputs, lambda path, t: None if path in self.unread else t)))
         merged = merge_chunks(cached)
         del cached
         loss_state = RngState.capture(_device(batch))

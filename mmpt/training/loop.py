@@ -20,7 +20,7 @@ from mmpt.nn.padding import trim_padding, trimmed_modalities
 from mmpt.parts.init_from import record_init
 from mmpt.pretrainer import build_data_specs, count_parameters, set_seed
 from mmpt.training import checkpoint
-from mmpt.training.engine import DistInfo, build_engine, init_distributed
+from mmpt.training.engine import DistInfo, build_engine, init_distributed, with_resolved_precision
 from mmpt.training.loader_check import resume_loader_state
 from mmpt.training.lock import RunLock
 from mmpt.training.logger import RunLogger, StepRecords
@@ -79,6 +79,7 @@ def train(cfg: Config, resume: str | None = None) -> RunSummary:
 
 def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
     set_seed(cfg.seed + d.rank)
+    cfg, precision = with_resolved_precision(cfg, d.device)  # 'auto' -> what runs here, recorded as such
     run_dir, t = Path(cfg.train.out_dir), cfg.train
     specs = build_data_specs(cfg)
     ckpt = checkpoint.prepare_resume(resume, run_dir) if resume else None  # verified, on every rank
@@ -105,7 +106,7 @@ def _train(cfg: Config, resume: str | None, d: DistInfo) -> RunSummary:
             logger.log(start, {"changed": changed}, kind="resume")
         (run_dir / "deepspeed.json").write_text(json.dumps(ds_config, indent=1))
         print(f"mmpt: {cfg.name}: {count_parameters(engine.module) / 1e6:.2f} M params, {d.world} rank(s), "
-              f"ZeRO {t.zero_stage}, {ds_config['train_batch_size']} samples/step, steps {start}->{steps}", flush=True)
+              f"ZeRO {t.zero_stage}, {precision}, {ds_config['train_batch_size']} samples/step, steps {start}->{steps}", flush=True)
     keys_log = StepRecords(run_dir / f"keys_rank{d.rank}.jsonl", t.log_sample_keys, start)
     bar = _progress(d.is_main and t.progress, start, steps)
     it, last_ckpt, meter, step_fn = iter(loader), ckpt, _Meter(time.perf_counter()), step_strategy(cfg)
