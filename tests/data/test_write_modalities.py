@@ -95,7 +95,7 @@ def ply_bytes(xyz: np.ndarray, fmt: str, dtype: str = "float", normals: bool = T
     n = len(xyz)
     props = ["x", "y", "z"] + (["nx", "ny", "nz"] if normals else [])
     values = np.concatenate([xyz, np.ones_like(xyz)], 1) if normals else xyz
-    header = [f"ply", f"format {fmt} 1.0", "comment made by a test", f"element vertex {n}"]
+    header = ["ply", f"format {fmt} 1.0", "comment made by a test", f"element vertex {n}"]
     header += [f"property {dtype} {p}" for p in props]
     header += ["element face 1", "property list uchar int vertex_indices", "end_header"]
     head = ("\n".join(header) + "\n").encode()
