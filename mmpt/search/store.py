@@ -1,0 +1,137 @@
+"""An opened INDEX_DIR (see :mod:`mmpt.search.build`): search with an optional modality filter, metadata
+rows by id, and a hit's tar members read back by their recorded offsets."""
+
+from __future__ import annotations
+
+import bisect
+import json
+import threading
+from collections import OrderedDict
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from mmpt.registry import ConfigError
+from mmpt.search.members import MemberGone, read_member
+
+MEDIA_LIMIT = 64 << 20  # the largest member the server sends back
+
+
+class IndexStore:
+    """The index, its manifest and its metadata parts (an LRU of parsed parts: a 100M-row index never
+    holds all its metadata in memory)."""
+
+    def __init__(self, index_dir: str, cached_parts: int = 64):
+        import faiss
+
+        from mmpt.search.build import INDEX_FORMAT
+
+        self.root = Path(index_dir)
+        path = self.root / "manifest.json"
+        if not path.exists():
+            unfinished = (self.root / ".build").exists()
+            raise ConfigError(f"{index_dir}: no manifest.json ("
+                              + ("an unfinished build: rerun `mmpt index` to resume it)" if unfinished
+                                 else "expected an `mmpt index --out` folder)"))
+        self.manifest = json.loads(path.read_text())
+        if self.manifest.get("format") != INDEX_FORMAT:
+            raise ConfigError(f"{path}: format {self.manifest.get('format')!r}, expected {INDEX_FORMAT!r}")
+        self.index = faiss.read_index(str(self.root / "index.faiss"))
+        if self.index.ntotal != self.manifest["count"]:
+            raise ConfigError(f"{self.root / 'index.faiss'}: {self.index.ntotal} vectors, manifest says "
+                              f"{self.manifest['count']}")
+        self.parts = self.manifest["parts"]
+        self.starts = [p["start"] for p in self.parts]
+        self.nprobe = self.manifest["index"].get("nprobe")
+        self._cache: OrderedDict[int, dict[str, list[Any]]] = OrderedDict()
+        self._cached_parts = cached_parts
+        self._lock = threading.Lock()
+        self._selectors: dict[str, Any] = {}
+        for m in self.manifest["modalities"]:
+            self._selectors[m] = self._selector([(p["start"], p["start"] + p["count"]) for p in self.parts
+                                                 if p["modality"] == m])
+
+    @property
+    def modalities(self) -> dict[str, int]:
+        """Vectors per modality in the index."""
+        return dict(self.manifest["modalities"])
+
+    @property
+    def dim(self) -> int:
+        """Vector dimension."""
+        return int(self.manifest["dim"])
+
+    @staticmethod
+    def _selector(ranges: list[tuple[int, int]]) -> Any:
+        import faiss
+
+        merged: list[list[int]] = []
+        for lo, hi in sorted(ranges):
+            if merged and merged[-1][1] == lo:
+                merged[-1][1] = hi
+            else:
+                merged.append([lo, hi])
+        sel = faiss.IDSelectorRange(*merged[0])
+        keep = [sel]  # the SWIG objects must outlive the combined selector
+        for lo, hi in merged[1:]:
+            other = faiss.IDSelectorRange(lo, hi)
+            sel = faiss.IDSelectorOr(sel, other)
+            keep += [other, sel]
+        sel.keep_alive = keep
+        return sel
+
+    def search(self, vectors: np.ndarray, k: int, modality: str | None = None) -> tuple[np.ndarray, np.ndarray]:
+        """(scores, ids) of the top ``k`` for each row of ``vectors``, only among ``modality`` when given
+        (ids -1 where fewer exist)."""
+        import faiss
+
+        if modality is not None and modality not in self._selectors:
+            raise KeyError(modality)
+        sel = self._selectors.get(modality) if modality is not None else None
+        if self.nprobe is not None:
+            params = faiss.SearchParametersIVF(nprobe=int(self.nprobe))
+            if sel is not None:
+                params.sel = sel
+        else:
+            params = faiss.SearchParameters(sel=sel) if sel is not None else None
+        x = np.ascontiguousarray(vectors, dtype=np.float32)
+        return self.index.search(x, k, params=params) if params is not None else self.index.search(x, k)
+
+    def _part(self, j: int) -> dict[str, list[Any]]:
+        with self._lock:
+            if j in self._cache:
+                self._cache.move_to_end(j)
+                return self._cache[j]
+        import pyarrow.parquet as pq
+
+        table = pq.read_table(self.root / self.parts[j]["file"]).to_pydict()
+        with self._lock:
+            self._cache[j] = table
+            while len(self._cache) > self._cached_parts:
+                self._cache.popitem(last=False)
+        return table
+
+    def row(self, id_: int) -> dict[str, Any]:
+        """The metadata of index id ``id_`` (KeyError when out of range)."""
+        if not 0 <= id_ < self.manifest["count"]:
+            raise KeyError(id_)
+        j = bisect.bisect_right(self.starts, id_) - 1
+        table = self._part(j)
+        i = id_ - self.parts[j]["start"]
+        out = {name: values[i] for name, values in table.items()}
+        out["members"] = json.loads(out["members"]) if out.get("members") else {}
+        return out
+
+    def member(self, id_: int, ext: str) -> bytes:
+        """The bytes of member ``ext`` of the sample behind id ``id_``, read by offset from its shard
+        (KeyError: no such id or member; :class:`MemberGone`: the shard cannot be read back)."""
+        row = self.row(id_)
+        if ext not in row["members"]:
+            raise KeyError(ext)
+        offset, size = row["members"][ext]
+        j = bisect.bisect_right(self.starts, id_) - 1
+        return read_member(self.parts[j]["shard"], int(offset), int(size), MEDIA_LIMIT)
+
+
+__all__ = ["IndexStore", "MemberGone", "MEDIA_LIMIT"]
