@@ -24,7 +24,7 @@ from mmpt.config import Config, dump_config, load_config
 from mmpt.config.from_export import data_config, data_yaml, export_config  # noqa: F401 - re-exported
 from mmpt.formats.export_file import FORMAT, MAX_TOKENIZER_BYTES, TOKENIZER_FILES, TOKENIZER_META, read_header
 from mmpt.parts.checked_load import build_checked, check_finite, check_shapes, load_export_file, load_weights  # noqa: F401
-from mmpt.pretrainer import Pretrainer, build_pretrainer
+from mmpt.pretrainer import Pretrainer, borrowed_prefixes, build_pretrainer
 from mmpt.registry import ConfigError
 from mmpt.training import checkpoint
 
@@ -53,7 +53,9 @@ def consolidate(path: str | Path) -> tuple[dict[str, torch.Tensor], Config, Path
             state = get_fp32_state_dict_from_zero_checkpoint(str(ckpt.parent), tag=ckpt.name)
         else:
             state = safe_torch_load(ckpt / "mp_rank_00_model_states.pt", map_location="cpu")["module"]
-    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()}, cfg, ckpt
+    borrowed = borrowed_prefixes(cfg)  # at ZeRO-2/3 DeepSpeed saves every frozen tensor, a teacher's too
+    return {k: v.float() if v.is_floating_point() else v for k, v in state.items()
+            if not k.startswith(borrowed)}, cfg, ckpt
 
 
 def checkpoint_config(ckpt: Path) -> tuple[dict[str, Any], Path]:

@@ -29,6 +29,14 @@ class Objective(nn.Module):
     uses_model: bool = False
     # Keyword sets that build this objective in milliseconds, for the ZeRO-3 init test (see Encoder).
     tiny_configs: tuple[dict, ...] = ()
+    # Keyword arguments naming mmpt export files of frozen models the objective borrows (a distillation
+    # teacher): the pretrainer builder loads each file (a path or a list of paths) and passes the frozen
+    # Pretrainer(s) instead. Their tensors live under ``objectives.<name>.<key>.`` and are not part of the
+    # model: state dicts, checkpoints' consolidation and exports leave them out.
+    frozen_models: tuple[str, ...] = ()
+    # Keys that read weights or other files at construction, with their off values: reset when a model
+    # is rebuilt from a file (data reads no other file), as ``Encoder.weight_sources``.
+    weight_sources: dict = {}
 
     def forward(self, outputs: dict[str, EncoderOutput], batch: Batch) -> ObjectiveOutput:  # pragma: no cover
         raise NotImplementedError

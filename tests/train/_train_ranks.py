@@ -83,6 +83,9 @@ def main() -> None:
     masked_tokens_runs(shards, out)
     itm_runs(shards, out)
     coca_runs(shards, out)
+    cleanclip_runs(shards, out)
+    distill_runs(shards, out)
+    matryoshka_runs(shards, out)
     dist.barrier()
     dist.destroy_process_group()
 
@@ -122,10 +125,13 @@ def zero0_then_zero3(out: Path, name: str, make_raw: Callable[[Path, int], dict]
     ``crash_at_step`` and resumed, when given); yields (stage, names of the weights that moved, consolidated
     state) on rank 0 and (stage, None, None) elsewhere. Per-step losses are in the runs' key logs."""
     from mmpt.commands.export import consolidate
+    from mmpt.pretrainer import borrowed_prefixes
 
     for stage in (0, 3):
         raw = make_raw(out / f"{name}_zero{stage}", stage)
-        before = initial_weights(raw, stage, seed_offset=dist.get_rank())
+        borrowed = borrowed_prefixes(load_config(raw))  # a teacher is not part of the model
+        before = {n: t for n, t in initial_weights(raw, stage, seed_offset=dist.get_rank()).items()
+                  if not n.startswith(borrowed)}
         if stage == 3 and crash_at_step:
             crash_then_resume(raw, crash_at_step=crash_at_step)
         else:
@@ -194,6 +200,36 @@ def itm_runs(shards: list[str], out: Path) -> None:
     report = {stage: moved for stage, moved, _ in zero0_then_zero3(out, "itm", make_raw)}
     if dist.get_rank() == 0:
         (out / "itm.json").write_text(json.dumps(report))
+
+
+def distill_runs(shards: list[str], out: Path) -> None:
+    """A half-width student (clip + distill from a frozen teacher export) at ZeRO 0 and at ZeRO 3 (the teacher
+    partitioned like any frozen part; crashed after step 3 and resumed); rank 0 writes which weights moved
+    and the consolidated keys, which must hold no teacher tensor."""
+    from mmpt.commands.export import write_export
+    from mmpt.pretrainer import build_pretrainer, set_seed
+    from mmpt.training.engine import init_distributed
+
+    init_distributed()
+    teacher = out / "distill_teacher.safetensors"
+    if dist.get_rank() == 0:
+        cfg = load_config(config(shards, out / "unused", 0))
+        set_seed(123)
+        write_export(build_pretrainer(cfg).state_dict(), cfg, teacher)
+    dist.barrier()
+
+    def make_raw(run: Path, stage: int) -> dict:
+        raw = config(shards, run, stage)
+        for modality in ("image", "text"):
+            raw["model"]["encoders"][modality]["width"] = 16
+        raw["objectives"]["distill"] = {"name": "distill", "teachers": [str(teacher)], "pairs": [["image", "text"]],
+                                        "feature_weight": 0.5}
+        return raw
+
+    report = {stage: {"moved": moved, "keys": sorted(state or {})}
+              for stage, moved, state in zero0_then_zero3(out, "distill", make_raw, crash_at_step=3)}
+    if dist.get_rank() == 0:
+        (out / "distill.json").write_text(json.dumps(report))
 
 
 def coca_runs(shards: list[str], out: Path) -> None:
@@ -363,7 +399,60 @@ def multinode(shards: list[str], out: Path) -> None:
     crash_then_resume(raw, crash_at_step=3)
 
 
-SCENARIOS = {"sharded_eval": sharded_eval, "itm": itm_runs, "coca": coca_runs, "multinode": multinode}
+def matryoshka_runs(shards: list[str], out: Path) -> None:
+    """Nested sizes at ZeRO 0 and 3 on 2-block towers: clip with Starbucks (layer, dim) pairs (the towers run
+    again, stopped after block 1) + siglip with Matryoshka dims; and mlm with Starbucks pairs sampled per step
+    (crashed after step 3 and resumed: the draws continue from the checkpointed counter). Rank 0 writes which
+    weights moved."""
+    from mmpt.training.engine import init_distributed
+
+    init_distributed()  # also launched on its own (SCENARIOS), before anything joined the group
+
+    def towers(raw: dict, **text: object) -> dict:
+        for enc in raw["model"]["encoders"].values():
+            enc["depth"] = 2
+        raw["model"]["encoders"]["text"].update(text)
+        return raw
+
+    def pairs(run: Path, stage: int) -> dict:
+        raw = towers(config(shards, run, stage))
+        raw["objectives"] = {"clip": {"name": "clip", "pairs": [["image", "text"]], "starbucks": [[1, 16], [2, 32]]},
+                             "siglip": {"name": "siglip", "pairs": [["image", "text"]], "matryoshka_dims": [8, 32],
+                                        "matryoshka_weights": [1.0, 0.5]}}
+        return raw
+
+    def mlm(run: Path, stage: int) -> dict:
+        raw = mlm_config(shards, run, stage)
+        raw["objectives"]["mlm"].update(starbucks=[[1, 8], [1, 16], [2, 32]], starbucks_sample=True)
+        return towers(raw)
+
+    report = {"pairs": {stage: moved for stage, moved, _ in zero0_then_zero3(out, "nested", pairs)},
+              "mlm": {stage: moved for stage, moved, _ in zero0_then_zero3(out, "nested_mlm", mlm, crash_at_step=3)}}
+    if dist.get_rank() == 0:
+        (out / "matryoshka.json").write_text(json.dumps(report))
+
+
+def cleanclip_runs(shards: list[str], out: Path) -> None:
+    """cleanclip (clip + in-modality terms on the data sides' second views, encoded by the objective through
+    the towers) at ZeRO 0 and 3; rank 0 writes which weights moved."""
+    from mmpt.training.engine import init_distributed
+
+    init_distributed()  # also launched on its own (SCENARIOS)
+
+    def make_raw(run: Path, stage: int) -> dict:
+        raw = config(shards, run, stage)
+        for m in ("image", "text"):
+            raw["model"]["encoders"][m]["train_views"] = 2
+        raw["objectives"] = {"clip": {"name": "cleanclip", "pairs": [["image", "text"]]}}
+        return raw
+
+    report = {stage: moved for stage, moved, _ in zero0_then_zero3(out, "cleanclip", make_raw)}
+    if dist.get_rank() == 0:
+        (out / "cleanclip.json").write_text(json.dumps(report))
+
+
+SCENARIOS = {"cleanclip": cleanclip_runs, "matryoshka": matryoshka_runs, "sharded_eval": sharded_eval, "itm": itm_runs, "coca": coca_runs, "multinode": multinode,
+             "distill": distill_runs}
 
 if __name__ == "__main__":
     main()
