@@ -60,6 +60,8 @@ def _parser() -> argparse.ArgumentParser:
 # (``mmpt --help`` imports every one of them).
 COMMAND_MODULES: tuple[str, ...] = (
     "mmpt.commands.soup",
+    "mmpt.commands.index",
+    "mmpt.commands.serve",
 )
 # ``mmpt data ACTION`` actions living in a module of their own, same contract.
 DATA_ACTION_MODULES: tuple[str, ...] = (
