@@ -91,6 +91,7 @@ class CleanCLIP(CLIP):
             raise ConfigError(f"cleanclip: clip_weight and inmodal_weight must be >= 0 and not both 0, got "
                               f"{clip_weight}, {inmodal_weight}")
         self.clip_weight, self.inmodal_weight = float(clip_weight), float(inmodal_weight)
+        self.uses_model = True  # after CLIP's __init__, which sets its own
         if self.anchor is None:
             self.modalities = tuple(dict.fromkeys([*self.modalities, *self.inmodal]))
 
@@ -99,7 +100,7 @@ class CleanCLIP(CLIP):
         """clip_weight x the clip loss + inmodal_weight x the mean in-modality loss (view 0 against view 1)."""
         if model is None:
             raise ValueError("cleanclip: forward needs the model (it encodes the augmented views)")
-        clip_out = super().forward(outputs, batch)
+        clip_out = super().forward(outputs, batch, model)
         scale = bounded_log_scale(self.logit_scale.float(), math.log(self.max_logit_scale)).exp()[0]
         metrics = dict(clip_out.metrics)
         terms = []

@@ -36,9 +36,9 @@ from mmpt.registry import ConfigError, closest, tasks
 class Backdoor(ZeroShot):
     """Attack success rate of a patch backdoor: triggered samples of another class classified as ``target``.
 
-    target: the attacked class name (one of the classnames). patch_size / trigger / location / trigger_seed:
-    the trigger as ``mmpt data poison`` pasted it (pixels; 'noise' or 'checkerboard'; 'fixed' or 'random';
-    its --seed, which draws the noise pattern). The zero-shot keys (label_key, classnames, templates,
+    target: the attacked class name (one of the classnames). patch_size: trigger side in pixels, as
+    ``mmpt data poison --patch-size``. trigger: 'noise' or 'checkerboard' (``--trigger``). location: 'fixed'
+    or 'random' (``--location``). trigger_seed: the poisoning ``--seed`` (it draws the noise pattern). The zero-shot keys (label_key, classnames, templates,
     label_type, modality, text_modality) are ``zero_shot``'s. Metrics: ``asr`` (share of triggered non-target
     samples classified as the target), ``clean_target_rate`` (the same share without the trigger),
     ``triggered_top1`` / ``clean_top1`` (accuracy over every labelled sample), ``n`` (non-target samples).
