@@ -50,12 +50,12 @@ def train_recipe(recipe: str, run_dir: Path, data: Path, steps: int, overrides: 
     return {"wall_s": round(wall, 1), "summary": summary[-1]["summary"] if summary else ""}
 
 
-def demo_eval(model: Any, transforms: dict, data: Path) -> tuple[dict[str, float], dict[str, float]]:
+def demo_eval(model: Any, transforms: dict, data: Path, **task_keys: Any) -> tuple[dict[str, float], dict[str, float]]:
     """Held-out zero-shot top-1 (colour, shape) and retrieval R@1 (both directions) of a loaded model,
-    and the chance level of each."""
+    and the chance level of each; ``task_keys`` are set on every task (e.g. ``dim=32, layer=2``)."""
     tasks = [{"name": "zero_shot", "data": str(data / "eval"), "label_key": k, "classnames": str(data / "classes" / f"{k}.txt"),
-              "templates": str(data / "templates" / f"{k}.txt")} for k in DEMO_TASKS]
-    tasks.append({"name": "retrieval", "data": str(data / "eval")})
+              "templates": str(data / "templates" / f"{k}.txt"), **task_keys} for k in DEMO_TASKS]
+    tasks.append({"name": "retrieval", "data": str(data / "eval"), **task_keys})
     res = run_tasks(model.model, transforms, tasks, device="cpu", progress=False)
     out = {f"{k}_top1": res[f"zero_shot/{k}"]["top1"] for k in DEMO_TASKS}
     out.update(i2t_r1=res["retrieval"]["i2t_r1"], t2i_r1=res["retrieval"]["t2i_r1"])

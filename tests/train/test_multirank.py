@@ -197,6 +197,22 @@ def test_masked_tokens_and_flip_zero3_match_zero0(ranks_out: Path) -> None:
 
 
 @pytest.mark.timeout(600)
+def test_matryoshka_and_starbucks_zero3_match_zero0(ranks_out: Path) -> None:
+    """Nested sizes on 2 ranks: clip with Starbucks (layer, dim) pairs (the towers run again, stopped after block 1)
+    + siglip with Matryoshka dims, and mlm sampling a Starbucks pair per step (crashed after step 3, resumed): ZeRO-3
+    gives ZeRO-0's per-step losses, both blocks of each tower move, and the draw counter resumed."""
+    assert_zero3_steps_match_zero0(ranks_out, "nested")
+    assert_zero3_steps_match_zero0(ranks_out, "nested_mlm")
+    report = json.loads((ranks_out / "matryoshka.json").read_text())
+    for stage in ("0", "3"):
+        assert {"model.encoders.image.trunk.blocks.0.mlp.2.weight", "model.encoders.text.trunk.blocks.1.mlp.2.weight",
+                "objectives.clip.logit_scale", "objectives.siglip.logit_bias"} <= set(report["pairs"][stage])
+        assert {"objectives.mlm.transform.0.weight", "model.encoders.text.trunk.blocks.1.attn.qkv.weight"} <= set(
+            report["mlm"][stage]["moved"])
+        assert report["mlm"][stage]["draws"] == 6
+
+
+@pytest.mark.timeout(600)
 def test_distill_zero3_matches_zero0_and_leaves_the_teacher_out(ranks_out: Path) -> None:
     """clip + distill from a frozen teacher export on 2 ranks: ZeRO-3, where the teacher is partitioned like any
     frozen part (crashed after step 3, resumed), gives ZeRO-0's per-step losses; the student's towers and KD
