@@ -217,7 +217,10 @@ def export_hf_clip(src: str | Path, out: str | Path) -> Path:
 
     model = load_merged(src)
     tokenizer = getattr(model.model.data.get("text"), "tokenizer", None)
-    oc_state, _, model_cfg = openclip_state(model)
+    oc_state, _, model_cfg = openclip_state(
+        model, "Hugging Face CLIP export (--format hf-clip)",
+        alternative="; CLIPModel holds OpenCLIP's ViT towers only: export with --format openclip (it also maps "
+                    "image/timm + text/transformer towers, e.g. clip-tiny) or --format folder")
     kwargs = hf_config(model_cfg, tokenizer)
     hf_model = CLIPModel(CLIPConfig(**kwargs))
     state = openclip_to_hf(oc_state, {k: kwargs[k] for k in ("vision_config", "text_config")})
