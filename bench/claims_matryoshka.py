@@ -28,7 +28,15 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from claims_common import CLIP_TWIN, add_run_args, demo_eval, ensure_demo_data, print_table, train_recipe, write_json  # noqa: E402
+from claims_common import (  # noqa: E402
+    CLIP_TWIN,
+    add_run_args,
+    demo_eval,
+    ensure_demo_data,
+    print_table,
+    train_recipe,
+    write_json,
+)
 from common import RESULTS  # noqa: E402
 
 NAME = "claims_matryoshka"

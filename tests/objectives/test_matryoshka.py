@@ -217,3 +217,34 @@ def test_task_keys_dim_layer_are_checked() -> None:
 
     with pytest.raises(ConfigError, match="dim: expected a positive integer or null"):
         build_tasks([{"name": "zero_shot", "data": __file__, "label_key": "color", "dim": 0}])
+
+
+def test_embed_dim_and_layer(color_shards: list[str], tmp_path) -> None:
+    """``mmpt embed --dim 8`` writes the normalised first 8 dims of the full embeddings; ``--layer 1`` those of
+    the towers stopped after block 1 (2-block towers); the manifest records both; a dim above the size fails."""
+    import json
+
+    import numpy as np
+    from exportkit import train_and_export
+
+    from mmpt.commands.embed import embed
+    from mmpt.commands.export import load
+    from mmpt.data.loader import eval_loader
+
+    path = train_and_export(color_shards[:1], tmp_path, image={"depth": 2}, text={"depth": 2})
+    runs = {name: tmp_path / name for name in ("full", "dim", "layer")}
+    for name, kw in (("full", {}), ("dim", {"dim": 8}), ("layer", {"dim": 8, "layer": 1})):
+        embed(str(path), color_shards[0], "image", str(runs[name]), batch_size=16, workers=0, progress=False,
+              dtype="float32", precision="fp32", **kw)
+    full, dim, layer = (np.load(runs[n] / "img_emb" / "img_emb_0.npy") for n in ("full", "dim", "layer"))
+    assert full.shape == (40, 32) and dim.shape == layer.shape == (40, 8)
+    np.testing.assert_allclose(dim, full[:, :8] / np.linalg.norm(full[:, :8], axis=1, keepdims=True), atol=1e-5)
+    assert json.loads((runs["layer"] / "img_manifest.json").read_text())["settings"]["layer"] == 1
+    model, transforms, _ = load(str(path))
+    batch = next(iter(eval_loader(color_shards[:1], {"image": transforms["image"]}, 40, workers=0)))
+    with torch.no_grad(), layer_exit(model.model.encoders["image"], 1):
+        ref = F.normalize(model.model.encode_fields("image", batch.fields["image"]).embedding[:, :8], dim=-1)
+    np.testing.assert_allclose(layer, ref.numpy(), atol=1e-5)
+    assert not np.allclose(layer, dim, atol=1e-3)
+    with pytest.raises(ConfigError, match="--dim 64: expected 1 <= dim <= 32"):
+        embed(str(path), color_shards[0], "image", str(tmp_path / "bad"), progress=False, dim=64)
