@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import csv
 import json
+import os
 import re
+import stat
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -35,15 +37,15 @@ class Skip(Exception):
 
 @dataclass
 class Row:
-    """One input row: ``cells`` maps a modality to a path (``Path``: a file; ``str``: a table cell, a path or
+    """One input row: ``cells`` maps a modality to a file (:class:`FileRef`), a table cell (``str``: a path, or
     the value itself), a :class:`SourceSample` already made, or a :class:`Skip`; ``caption`` likewise (None:
-    take the caption a source sample carries, else the row lacks one); ``extra`` is the json member's dict, a
-    sidecar ``.json`` path, or nothing."""
+    take the caption a source sample carries, else skip the row as ``caption_missing`` unless that is empty);
+    ``extra`` is the json member's dict, a sidecar ``.json`` file (:class:`FileRef`, kept verbatim), or None."""
 
     index: int
     cells: dict[str, Any]
     caption: Any = None
-    extra: dict | Path | None = None
+    extra: dict | str | None = None
     caption_missing: str = "missing caption file"
 
 
@@ -106,26 +108,55 @@ def file_source(path: Path, specs: dict[str, ModalityData]) -> Source:
 # ----------------------------------------------------------------------------------------------- folders
 
 
-def folder_source(folder: Path, specs: dict[str, ModalityData], caption_template: str | None = None) -> Source:
+class FileRef(str):
+    """An absolute path of a file found in a folder (a plain string: a folder of a million files makes a
+    million of these, and ``pathlib`` costs ~10x more)."""
+
+
+def list_folder(folder: Path) -> list[tuple[str, int]]:
+    """(path relative to ``folder``, size) of every file under it, in ``pathlib``'s order (by path parts)."""
+    out = []
+    for top, dirs, names in os.walk(folder):
+        dirs.sort()
+        rel = os.path.relpath(top, folder)
+        for name in names:
+            entry = os.path.join(top, name)
+            try:
+                st = os.stat(entry)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                out.append((name if rel == "." else f"{rel}/{name}", st.st_size))
+    out.sort(key=lambda item: item[0].split("/"))
+    return out
+
+
+def folder_source(folder: Path, specs: dict[str, ModalityData], caption_template: str | None = None,
+                  files: list[tuple[str, int]] | None = None) -> Source:
     """A folder of files grouped by name (``x.wav`` + ``x.txt`` caption + ``x.json`` metadata, any modality);
     with ``caption_template``, a class-folder layout ``folder/<class>/...`` whose caption is the template
-    filled with the class name (underscores as spaces) and whose json holds ``{"label": <class>}``."""
+    filled with the class name (underscores as spaces) and whose json holds ``{"label": <class>}``.
+    ``files``: the folder's :func:`list_folder`, when the caller has it already."""
     caption = caption_modality(specs)
     owners = suffix_owners(specs, caption)
     caption_exts = set(specs[caption].source_suffixes()) if caption else set()
-    groups: dict[Path, dict[str, Path]] = {}
-    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
-        groups.setdefault(path.with_suffix(""), {})[path.suffix.lower().lstrip(".")] = path
+    groups: dict[str, dict[str, FileRef]] = {}
+    root = str(folder)
+    for rel, _ in list_folder(folder) if files is None else files:
+        slash = rel.rfind("/")
+        dot = rel.rfind(".")
+        stem, ext = (rel[:dot], rel[dot + 1:].lower()) if dot > slash + 1 else (rel, "")
+        groups.setdefault(stem, {})[ext] = FileRef(f"{root}/{rel}")
     samples = []
-    for stem, files in sorted(groups.items(), key=lambda kv: str(kv[0])):
-        primary = {ext: p for ext, p in files.items() if ext in owners}
-        other = sorted(ext for ext in files if ext not in owners and ext not in caption_exts and ext != "json")
-        sidecar = bool(set(files) & (caption_exts | {"json"}))
+    for stem, found in sorted(groups.items(), key=lambda kv: kv[0].split("/")):
+        primary = {ext: p for ext, p in found.items() if ext in owners}
+        other = sorted(ext for ext in found if ext not in owners and ext not in caption_exts and ext != "json")
+        sidecar = bool(set(found) & (caption_exts | {"json"}))
         if primary or (other and (sidecar or caption_template)):
-            samples.append((stem, files, primary, other))
+            samples.append((stem, found, primary, other))
 
     def rows() -> Iterator[Row]:
-        for index, (stem, files, primary, other) in enumerate(samples):
+        for index, (stem, found, primary, other) in enumerate(samples):
             if not primary:
                 yield Row(index, {}, caption=Skip(f"unsupported format .{other[0]}"))
                 continue
@@ -135,18 +166,16 @@ def folder_source(folder: Path, specs: dict[str, ModalityData], caption_template
                     cells[owners[ext]] = Skip(f"several {owners[ext]} files for one sample")
                 else:
                     cells[owners[ext]] = path
-            extra: dict | Path | None = files.get("json")
             if caption_template is not None:
-                relative = stem.relative_to(folder)
-                if len(relative.parts) < 2:
+                if "/" not in stem:
                     yield Row(index, cells, caption=Skip("file outside a class folder"))
                     continue
-                label = relative.parts[0]
+                label = stem.split("/", 1)[0]
                 text = caption_template.replace("{}", label.replace("_", " "))
                 yield Row(index, cells, caption=text, extra={"label": label})
                 continue
-            text_file = next((files[e] for e in caption_exts if e in files), None)
-            yield Row(index, cells, caption=text_file, extra=extra)
+            text_file = next((found[e] for e in caption_exts if e in found), None)
+            yield Row(index, cells, caption=text_file, extra=found.get("json"))
 
     return Source(rows, len(samples), folder, specs)
 
@@ -343,6 +372,6 @@ def _read_parquet(table: Path) -> tuple[list[str], Callable[[], Iterator[dict]],
     return list(pq.read_schema(table).names), records, pq.read_metadata(table).num_rows
 
 
-__all__ = ["CAPTION_COLUMNS", "PATH_COLUMNS", "TABLE_SUFFIXES", "Row", "Skip", "Source", "SourceSample",
-           "caption_modality", "data_sides", "file_source", "folder_source", "pick_columns", "suffix_owners",
+__all__ = ["CAPTION_COLUMNS", "PATH_COLUMNS", "TABLE_SUFFIXES", "FileRef", "Row", "Skip", "Source", "SourceSample",
+           "caption_modality", "data_sides", "file_source", "folder_source", "list_folder", "pick_columns", "suffix_owners",
            "table_source"]

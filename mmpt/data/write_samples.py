@@ -15,7 +15,7 @@ from typing import Any
 
 from mmpt.contracts import ModalityData, SourceSample
 from mmpt.data.budget import decode_within_budget, skip_reason
-from mmpt.data.sources import Row, Skip
+from mmpt.data.sources import FileRef, Row, Skip
 
 # (key, members or None, skip reason or None)
 Result = tuple[str, "dict[str, bytes] | None", "str | None"]
@@ -75,7 +75,7 @@ def _source_samples(modality: str, spec: ModalityData, value: Any, root: Path) -
     if isinstance(value, SourceSample):
         return [value]
     suffixes = spec.source_suffixes()
-    if isinstance(value, str) and spec.inline_ext is not None and not _names_file(value, suffixes):
+    if isinstance(value, str) and not isinstance(value, FileRef) and spec.inline_ext is not None and not _names_file(value, suffixes):
         return [SourceSample(spec.inline_members(value))]
     data, ext = read_file(value, root)
     if ext and ext not in suffixes:
@@ -92,6 +92,16 @@ def _names_file(value: str, suffixes: tuple[str, ...]) -> bool:
 
 def read_file(value: Any, root: Path) -> tuple[bytes, str]:
     """The bytes of the file a path or ``file://`` URL names (relative to ``root``) and its extension."""
+    if isinstance(value, FileRef):  # found in a folder: no parsing
+        try:
+            with open(value, "rb") as f:
+                data = f.read()
+        except OSError:
+            raise Skip("unreadable file") from None
+        if not data:
+            raise Skip("empty file")
+        dot = value.rfind(".")
+        return data, value[dot + 1:].lower() if dot > value.rfind("/") else ""
     text = "" if value is None else str(value).strip()
     if not text:
         raise Skip("empty path")
@@ -113,11 +123,12 @@ def read_file(value: Any, root: Path) -> tuple[bytes, str]:
 
 def _caption_text(value: Any, plan: Plan) -> str:
     spec = plan.specs[plan.caption] if plan.caption else None
-    if isinstance(value, str) and (spec is None or not _names_file(value, spec.source_suffixes())):
+    if isinstance(value, str) and not isinstance(value, FileRef) and (spec is None or not _names_file(value, spec.source_suffixes())):
         return value
     try:
-        path = value if isinstance(value, Path) else plan.root / Path(str(value).removeprefix("file://"))
-        return path.read_bytes().decode("utf-8")
+        path = value if isinstance(value, FileRef) else plan.root / Path(str(value).removeprefix("file://"))
+        with open(path, "rb") as f:
+            return f.read().decode("utf-8")
     except FileNotFoundError:
         raise Skip("missing caption file") from None
     except (OSError, UnicodeDecodeError):
@@ -154,9 +165,10 @@ def _members(sample: dict[str, SourceSample], caption: str | None, row: Row, pla
             members["txt"] = caption.encode("utf-8")
     elif row.caption_missing:
         raise Skip(row.caption_missing)
-    if isinstance(row.extra, Path):  # a folder sample's sidecar .json, kept verbatim
+    if isinstance(row.extra, str):  # a folder sample's sidecar .json, kept verbatim
         try:
-            members["json"] = row.extra.read_bytes()
+            with open(row.extra, "rb") as f:
+                members["json"] = f.read()
         except OSError:
             raise Skip("unreadable json file") from None
     elif meta or row.extra:
