@@ -4,8 +4,11 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= runs/demo
+# CLIP_benchmark's own environment (tests/interop/test_clip_benchmark.py): its pins never enter mmpt's.
+CLIPBENCH ?= .venv-clipbench
+CLIPBENCH_STAMP := $(CLIPBENCH)/.installed
 
-.PHONY: setup demo test smoke lint bench clean
+.PHONY: setup clipbench demo test smoke lint bench clean
 
 $(STAMP): pyproject.toml
 	$(PY) -m venv $(VENV)
@@ -15,12 +18,23 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install -q --no-build-isolation -e '.[dev]'
 	touch $(STAMP)
 
-setup: $(STAMP)
+# A venv layered on $(VENV) (its site-packages added after this env's own, so the numpy pinned here wins)
+# with CLIP_benchmark 1.6.2 and what it needs beyond its declared dependencies: `requests` (imported, not
+# declared) and numpy < 2.4 (its accuracy() converts a 1-element array with float()). Install time only.
+$(CLIPBENCH_STAMP): $(STAMP)
+	$(BIN)/python -m venv $(CLIPBENCH)
+	$(BIN)/python -c "import sysconfig, pathlib; pathlib.Path('$(CLIPBENCH)/lib/python' + sysconfig.get_python_version() + '/site-packages/_mmpt_base.pth').write_text('import site; site.addsitedir(' + repr(sysconfig.get_paths()['purelib']) + ')\\n')"
+	$(CLIPBENCH)/bin/pip install -q clip-benchmark==1.6.2 requests==2.34.2 numpy==2.3.5
+	touch $(CLIPBENCH_STAMP)
+
+clipbench: $(CLIPBENCH_STAMP)
+
+setup: $(STAMP) $(CLIPBENCH_STAMP)
 
 demo: $(STAMP)
 	$(BIN)/mmpt demo --out $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) $(CLIPBENCH_STAMP)
 	$(BIN)/python -m ruff check .
 	$(BIN)/python tests/lint_imports.py  # import-linter layer contracts + no import cycles
 	OMP_NUM_THREADS=1 $(BIN)/python -m pytest -q tests
