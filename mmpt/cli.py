@@ -502,8 +502,13 @@ def _info(args: argparse.Namespace) -> None:
     from importlib import resources
 
     recipes = sorted(f.name[:-5] for f in resources.files("mmpt.recipes").iterdir() if f.name.endswith(".yaml"))
+    verbs, actions = argparse.ArgumentParser().add_subparsers(), argparse.ArgumentParser().add_subparsers()
+    _add_plugged(verbs, COMMAND_MODULES)
+    _add_plugged(actions, DATA_ACTION_MODULES)
+    plugged = [*verbs.choices, *(f"data {a}" for a in actions.choices)]  # `mmpt VERB --help`: their options
     for title, names in (("encoders", encoders.names()), ("modalities", modalities.names()),
-                         ("objectives", objectives.names()), ("eval tasks", tasks.names()), ("recipes", recipes)):
+                         ("objectives", objectives.names()), ("eval tasks", tasks.names()), ("recipes", recipes),
+                         ("plugged verbs", plugged)):
         print(f"{title:16s} {', '.join(names)}")
 
 
