@@ -248,3 +248,30 @@ def test_embed_dim_and_layer(color_shards: list[str], tmp_path) -> None:
     assert not np.allclose(layer, dim, atol=1e-3)
     with pytest.raises(ConfigError, match="--dim 64: expected 1 <= dim <= 32"):
         embed(str(path), color_shards[0], "image", str(tmp_path / "bad"), progress=False, dim=64)
+
+
+def test_siglip_nested_sizes_on_two_ranks_equal_one_process(objective_ranks) -> None:
+    """SigLIP with Matryoshka sizes on 2 gloo ranks (each size through the chunked bidirectional ring, one sample
+    absent) equals the per-size loop on the concatenated batch in one process: loss, feature and parameter grads
+    as ranks that average gradients see them."""
+    import _clip_ranks as worker
+
+    res = [r["siglip/module_nested"] for r in objective_ranks("siglip")]
+    w = len(res)
+    got = (torch.stack([r["loss"] for r in res]).mean(), torch.cat([r["grad_a"] for r in res]) / w,
+           torch.cat([r["grad_b"] for r in res]) / w, torch.stack([r["grad_scale"] for r in res]).mean(0),
+           torch.stack([r["grad_bias"] for r in res]).mean(0))
+    a_glob, b_glob = worker.global_inputs()
+    some = worker.global_masks()["some"]
+    a, b = a_glob.clone().requires_grad_(True), b_glob.clone().requires_grad_(True)
+    log_scale = torch.tensor([math.log(10.0)], requires_grad=True)
+    bias = torch.tensor([-10.0], requires_grad=True)
+    loss = torch.zeros(())
+    for d, weight in ((4, 1.0), (worker.DIM, 0.5)):  # the naive loop: dense sigmoid loss over present pairs
+        x, y = F.normalize(a[:, :d], dim=-1)[some], F.normalize(b[:, :d], dim=-1)[some]
+        z = 2 * torch.eye(len(x)) - 1
+        loss = loss + weight * -F.logsigmoid(z * (log_scale.exp() * x @ y.T + bias)).sum() / len(x)
+    loss.backward()
+    for name, g, ref in zip(("loss", "grad a", "grad b", "grad scale", "grad bias"), got,
+                            (loss.detach(), a.grad, b.grad, log_scale.grad, bias.grad), strict=True):
+        torch.testing.assert_close(g, ref, rtol=1e-5, atol=1e-6, msg=lambda m, n=name: f"{n}: {m}")
