@@ -7,7 +7,8 @@ Two towers have an OpenCLIP equivalent, so their weights travel by name with not
   ``forward_head(pre_logits=True)`` gives mmpt) and ``timm_proj: linear`` (``visual.head.proj``). OpenCLIP
   passes no constructor arguments to timm, so a trunk built with ``model_kwargs`` (clip-tiny's half-width
   ResNet) is described by a timm ``config.json`` (architecture + ``model_args``, timm's own writer) in the
-  export folder and named ``local-dir:<that folder>``: timm >= 1.0.20 builds it offline, without weights.
+  export folder and named ``local-dir:<that folder>``: timm (1.0.31 here; older releases may lack local-dir:
+  models) builds it offline, without weights.
 - ``text/transformer`` (causal, EOT or first-token pooling, OpenCLIP's BPE) + a bias-free linear head ->
   OpenCLIP's ``TextTransformer``: one name table (``attn.qkv`` is ``in_proj_weight`` packed q, k, v as
   ``nn.MultiheadAttention`` packs them; ``pos_embed`` (1, L, W) is ``positional_embedding`` (L, W); the
