@@ -124,8 +124,9 @@ def test_refusals(tmp_path: Path, search_env) -> None:  # noqa: ANN001
     with pytest.raises(ConfigError, match="other embeddings"):  # a finished index of other inputs
         build_index([str(tmp_path / "a")], str(search_env.index), progress=False)
     # serving with another model is refused, naming both digests
-    from mmpt.search.app import open_service
     from searchkit import tiny_model
+
+    from mmpt.search.app import open_service
 
     other = tiny_model(tmp_path / "other.safetensors", seed=1)
     with pytest.raises(ConfigError, match="not the model that embedded"):
