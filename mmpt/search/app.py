@@ -178,6 +178,11 @@ def create_app(searcher: Searcher, *, max_upload_bytes: int = 20 << 20, k_max: i
         """The model's query modalities and the index."""
         return info
 
+    @app.get("/api/stats")
+    async def api_stats() -> dict[str, int]:
+        """Queries answered and model batches run since start (micro-batching at work under load)."""
+        return {"queries": searcher.batcher.done, "batches": searcher.batcher.batches}
+
     @app.post("/api/search")
     async def api_search(modality: Annotated[str, Form(description="query modality (a tower of the model)")],
                          text: Annotated[str | None, Form(description="typed query (modalities with text input)")] = None,

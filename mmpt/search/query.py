@@ -101,7 +101,7 @@ class MicroBatcher:
                  max_pending: int = 512):
         self.run, self.max_batch, self.max_wait = run, max_batch, max_wait
         self.jobs: queue.Queue[tuple[Job, Future] | None] = queue.Queue(max_pending)
-        self.batches = 0
+        self.batches = self.done = 0
         self.thread = threading.Thread(target=self._loop, name="mmpt-search-batcher", daemon=True)
         self.thread.start()
 
@@ -140,6 +140,7 @@ class MicroBatcher:
                 results = self.run([j for j, _ in batch])
                 for (_, fut), res in zip(batch, results, strict=True):
                     fut.set_result(res)
+                self.done += len(batch)
             except Exception as exc:  # every waiting request hears it
                 for _, fut in batch:
                     if not fut.done():
