@@ -180,8 +180,8 @@ def _embed_batch(model: Any, modality: str, fields: dict[str, torch.Tensor], pre
         if normalize:
             vec = prefix(model.model.encode_fields(modality, inputs).embedding, dim)
         else:
-            vec = model.model.heads[modality](model.model.encoders[modality](inputs).pooled).float()
-            vec = vec if dim is None else vec[:, :dim]
+            vec = prefix(model.model.heads[modality](model.model.encoders[modality](inputs).pooled).float(), dim,
+                         normalize=False)
     if not bool(present.all()):  # present is a CPU tensor: no device sync
         vec = vec.index_select(0, present.nonzero().flatten().to(dev))
     return vec

@@ -99,7 +99,8 @@ def parse_exits(objective: str, dims: Any = None, weights: Any = None, pairs: An
 
 
 def prefix(x: Tensor, dim: int | None, normalize: bool = True) -> Tensor:
-    """The first ``dim`` features of ``x`` (..., E), L2-normalised again (``dim`` None: ``x`` unchanged)."""
+    """The first ``dim`` features of ``x`` (..., E), L2-normalised again unless ``normalize`` is False (``dim``
+    None: ``x`` unchanged)."""
     if dim is None:
         return x
     if dim > x.shape[-1]:
@@ -144,10 +145,6 @@ class Nesting(nn.Module):
             self.step += 1
         drawn = int(torch.randint(len(self.exits) - 1, (1,), generator=g))
         return [self.exits[drawn], self.exits[-1]]
-
-    def layers(self, exits: list[Exit]) -> list[int | None]:
-        """The distinct layers of ``exits``, in order."""
-        return list(dict.fromkeys(e.layer for e in exits))
 
     def check_dims(self, size: int, what: str) -> None:
         """A ConfigError when a nested size exceeds ``size`` (the embedding or hidden width)."""
