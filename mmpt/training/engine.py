@@ -119,8 +119,11 @@ def deepspeed_config(cfg: Config, world: int) -> dict[str, Any]:
     precision = resolve_precision(t.precision)
     zero: dict[str, Any] = {"stage": t.zero_stage}
     if t.zero_stage == 3:
+        # memory_efficient_linear off: on, zero.Init swaps torch.nn.functional.linear process-wide for DeepSpeed's
+        # Function, which under bf16 autocast rounds x @ W.T before adding the bias, so stage-3 losses left
+        # stage 0's from step 2 (tests/train/test_zero3_linear.py)
         zero.update(stage3_param_persistence_threshold=t.stage3_param_persistence_threshold,
-                    stage3_gather_16bit_weights_on_model_save=True, **STAGE3_MEMORY)
+                    stage3_gather_16bit_weights_on_model_save=True, memory_efficient_linear=False, **STAGE3_MEMORY)
     if t.offload_optimizer:
         zero["offload_optimizer"] = {"device": "cpu", "pin_memory": torch.cuda.is_available()}
     if t.offload_param:
