@@ -52,6 +52,12 @@ def test_uniform_soup_is_the_average(base: Path, tmp_path: Path) -> None:
     assert model is not None
 
 
+def test_weights_digest_reads_every_tensor_kind() -> None:
+    state = {"w": torch.ones(2, 3), "steps": torch.tensor(7), "half": torch.zeros(4, dtype=torch.bfloat16)}
+    assert weights_digest(state) == weights_digest({k: v.clone() for k, v in reversed(state.items())})
+    assert weights_digest(state) != weights_digest({**state, "steps": torch.tensor(8)})
+
+
 def test_greedy_picks_by_metric() -> None:
     # scores: -|w - 1.4|; sorted 1 (-0.4), 2 (-0.6), 0 (-1.4), 10: {1, 2} -> 1.5 (-0.1) kept; + 0 -> 1.0 worse; + 10 worse
     states = [{"w": torch.tensor([w])} for w in (0.0, 1.0, 10.0, 2.0)]
