@@ -8,7 +8,7 @@ those backgrounds), then scores every model on a held-out test split of the same
 split whose backgrounds the fine-tunes never saw (zero-shot colour and shape top-1, their mean). Prints a table,
 draws ``bench/results/claims_soups.png`` and writes the JSON next to it.
 
-    .venv/bin/python bench/claims_soups.py                      # ~10 min on 2 busy cores
+    .venv/bin/python bench/claims_soups.py                      # ~25 min on 2 cores under load 15
     .venv/bin/python bench/claims_soups.py --base-steps 200 --steps 80
 """
 
@@ -109,7 +109,8 @@ def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--work", default="runs/claims/soups", help="folder for data and runs")
     p.add_argument("--base-steps", type=int, default=400, help="pretraining steps of the shared init")
-    p.add_argument("--steps", type=int, default=150, help="steps of each fine-tune")
+    p.add_argument("--steps", type=int, default=100, help="steps of each fine-tune")
+    p.add_argument("--reuse", action="store_true", help="keep the exports already in --work (base and fine-tunes)")
     p.add_argument("--batch", type=int, default=64)
     p.add_argument("--train-samples", type=int, default=12000)
     p.add_argument("--eval-samples", type=int, default=3000)
@@ -125,13 +126,18 @@ def main() -> int:
     splits = split_data(data)
     common = [f"data.batch_size={a.batch}", "data.shuffle_buffer=1000"]
     base_run = work / "base"
-    base = train_recipe("clip-tiny", base_run, data, a.base_steps,
-                        [*common, f"optim.warmup_steps={max(1, a.base_steps // 10)}"], a.threads)
-    base_file = export(base_run, work / "base.safetensors")
-    print(f"base: {a.base_steps} steps in {base['wall_s']:.0f} s", flush=True)
+    base_file = work / "base.safetensors"
+    if not (a.reuse and base_file.exists()):
+        base = train_recipe("clip-tiny", base_run, data, a.base_steps,
+                            [*common, f"optim.warmup_steps={max(1, a.base_steps // 10)}"], a.threads)
+        export(base_run, base_file)
+        print(f"base: {a.base_steps} steps in {base['wall_s']:.0f} s", flush=True)
     parts = []
     for lr, seed in FINETUNES:
         run = work / f"ft-lr{lr:g}-s{seed}"
+        if a.reuse and (work / f"{run.name}.safetensors").exists():
+            parts.append(work / f"{run.name}.safetensors")
+            continue
         r = train_recipe("clip-tiny", run, data, a.steps,
                          [*common, f"model.init_from={base_file}", f"data.sources=[{splits['finetune']}]",
                           f"optim.lr={lr}", f"seed={seed}", f"optim.warmup_steps={max(1, a.steps // 10)}"], a.threads)

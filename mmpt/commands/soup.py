@@ -241,10 +241,10 @@ def soup(paths: Sequence[str | Path], out: str | Path, *, greedy_by: str | Path 
     states = [i.state for i in ings]
     scores = soup_score = None
     if tasks is not None:
-        import mmpt
+        from mmpt.commands.export import load
         from mmpt.eval import run_tasks
 
-        model, transforms, _ = mmpt.load(ings[0].path)
+        model, transforms, _ = load(ings[0].path)
 
         def evaluate(state: dict[str, torch.Tensor]) -> float:
             model.load_state_dict(state)
