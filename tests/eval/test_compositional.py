@@ -91,3 +91,29 @@ def test_bad_settings_and_triplets(tmp_path: Path, monkeypatch: pytest.MonkeyPat
                                                "rules": "dem"}], "cpu", False)
     with pytest.raises(ConfigError, match="each triplet is"):
         comp.json_triplets({"triplets": [{"positives": ["only one"], "negative": "n"}]}, "triplets")
+
+
+def test_dim_and_layer_reach_compositional_and_backdoor(tmp_path: Path) -> None:
+    """The Task keys ``dim``/``layer`` apply to both tasks (every embedding goes through eval's nested size):
+    a 2-block model scored at dim 4, layer 1 equals an independent copy cut to 1 block and a 4-row head."""
+    from mmpt.model import MultimodalModel
+    from mmpt.registry import encoders, modalities
+
+    info = generate_demo(tmp_path / "demo", train_samples=0, eval_samples=24, image_size=16, progress=False)
+    kw = {"image": ("image/vit", {"image_size": 16, "patch_size": 8, "width": 16, "heads": 2}),
+          "text": ("text/transformer", {"context_length": 24, "width": 16, "heads": 2})}
+    torch.manual_seed(0)
+    full = MultimodalModel({m: encoders.build(n, **a, depth=2) for m, (n, a) in kw.items()}, embed_dim=8)
+    cut = MultimodalModel({m: encoders.build(n, **a, depth=1) for m, (n, a) in kw.items()}, embed_dim=4)
+    cut.load_state_dict({k: v[:4] if k.startswith("heads.") else v for k, v in full.state_dict().items()
+                         if ".trunk.blocks.1." not in k})
+    specs = {"image": modalities.get("image")(image_size=16), "text": modalities.get("text")(context_length=24)}
+    tasks = [{"name": "compositional", "data": info.eval_pattern},
+             {"name": "backdoor", "data": info.eval_pattern, "label_key": "shape", "classnames": str(info.classes["shape"]),
+              "templates": str(info.templates["shape"]), "target": "star", "patch_size": 4}]
+    got = run_tasks(full, specs, [{**t, "dim": 4, "layer": 1} for t in tasks], "cpu", False)
+    want = run_tasks(cut, specs, tasks, "cpu", False)
+    plain = run_tasks(full, specs, tasks, "cpu", False)
+    for name in want:
+        assert got[name] == pytest.approx(want[name]), name
+    assert got != plain
