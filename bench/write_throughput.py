@@ -6,9 +6,10 @@ shards of ``--max-count``. Two peer variants: ``peer-raw`` stores the bytes unre
 writer's cost) and ``peer-decode`` also decodes each image to learn its size, as img2dataset's resizer does
 even with ``resize_mode=no``. mmpt decodes every image as its loader will (validation) in worker processes.
 
-Each tool runs as its own command (a fresh interpreter: imports and start-up included), one after the
-other, ``--repeats`` times in alternating order; medians, ratios mmpt/peer, settings and the machine's load
-go to ``bench/results/write_throughput.json``.
+Each tool runs as its own command (a fresh interpreter), one after the other, ``--repeats`` times in
+alternating order; each reports the seconds of the write alone (after its imports: mmpt's import torch), and
+the whole command is timed too. Medians, ratios mmpt/peer for both, settings and the machine's load go to
+``bench/results/write_throughput.json``.
 
     .venv/bin/python bench/write_throughput.py [--images 10000] [--size 64] [--repeats 3]
 """
@@ -73,13 +74,37 @@ def peer(folder: str, pattern: str, max_count: int, decode: bool) -> None:
         writer.close()
 
 
-def timed(argv: list[str], env: dict[str, str]) -> float:
+def run_tool(tool: str, folder: str, pattern: str, max_count: int) -> None:
+    """One measured run in this (fresh) interpreter: imports first, then the timed write; prints its seconds."""
+    if tool.startswith("mmpt"):
+        from mmpt.data.sources import data_sides
+        from mmpt.data.writer import write_shards
+
+        data_sides()  # registers and builds every data side, as the command does before writing
+        workers = {"mmpt-w0": 0, "mmpt-w2": 2}.get(tool)
+        start = time.perf_counter()
+        write_shards(folder, pattern, max_count=max_count, workers=workers, progress=False)
+    else:
+        import webdataset  # noqa: F401
+        from PIL import Image  # noqa: F401
+
+        start = time.perf_counter()
+        peer(folder, pattern, max_count, decode=tool == "peer-decode")
+    print(json.dumps({"work_s": time.perf_counter() - start}))
+
+
+def timed(argv: list[str], env: dict[str, str]) -> tuple[float, float]:
+    """(wall seconds of the whole command, seconds of its write alone)."""
     start = time.perf_counter()
     done = subprocess.run(argv, env=env, capture_output=True, text=True)
     elapsed = time.perf_counter() - start
     if done.returncode:
         raise SystemExit(f"{' '.join(argv)} failed:\n{done.stdout[-2000:]}\n{done.stderr[-2000:]}")
-    return elapsed
+    return elapsed, json.loads(done.stdout.strip().splitlines()[-1])["work_s"]
+
+
+TOOLS = ("mmpt", "mmpt-w0", "mmpt-w2", "peer-raw", "peer-decode")
+MMPT = TOOLS[:3]
 
 
 def main() -> None:
@@ -88,51 +113,54 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=64, help="image side in pixels")
     ap.add_argument("--max-count", type=int, default=1000, help="samples per shard")
     ap.add_argument("--repeats", type=int, default=3)
-    ap.add_argument("--workers", type=int, default=None, help="mmpt's validation processes (default: CPU count)")
-    ap.add_argument("--peer", nargs=3, metavar=("FOLDER", "PATTERN", "DECODE"), help=argparse.SUPPRESS)
+    ap.add_argument("--run", nargs=3, metavar=("TOOL", "FOLDER", "PATTERN"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.peer:
-        peer(args.peer[0], args.peer[1], args.max_count, args.peer[2] == "1")
+    if args.run:
+        run_tool(args.run[0], args.run[1], args.run[2], args.max_count)
         return
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    wall: dict[str, list[float]] = {t: [] for t in TOOLS}
+    work: dict[str, list[float]] = {t: [] for t in TOOLS}
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(tmp) / "images"
         make_images(folder, args.images, args.size)
-        commands = {
-            "mmpt": lambda out: [sys.executable, "-m", "mmpt", "data", "write", str(folder), "--out", out,
-                                 "--max-count", str(args.max_count)]
-            + ([] if args.workers is None else ["--workers", str(args.workers)]),
-            "peer-raw": lambda out: [sys.executable, __file__, "--max-count", str(args.max_count), "--peer",
-                                     str(folder), out, "0"],
-            "peer-decode": lambda out: [sys.executable, __file__, "--max-count", str(args.max_count), "--peer",
-                                        str(folder), out, "1"],
-        }
-        times: dict[str, list[float]] = {name: [] for name in commands}
         for r in range(args.repeats):
-            order = list(commands) if r % 2 == 0 else list(commands)[::-1]
-            for name in order:
-                out = Path(tmp) / f"{name}-{r}"
-                times[name].append(timed(commands[name](str(out / "s-%06d.tar")), env))
+            for tool in TOOLS if r % 2 == 0 else TOOLS[::-1]:
+                out = Path(tmp) / f"{tool}-{r}"
+                argv = [sys.executable, __file__, "--max-count", str(args.max_count), "--run", tool, str(folder),
+                        str(out / "s-%06d.tar")]
+                w, k = timed(argv, env)
+                wall[tool].append(w)
+                work[tool].append(k)
                 shutil.rmtree(out)
-    rates = {name: args.images / statistics.median(t) for name, t in times.items()}
+    rate = {t: args.images / statistics.median(v) for t, v in work.items()}
+    rate_wall = {t: args.images / statistics.median(v) for t, v in wall.items()}
     result = {
-        "what": "samples/s writing local images + captions to webdataset shards (end-to-end command, median)",
-        "settings": {"images": args.images, "size": args.size, "max_count": args.max_count,
-                     "repeats": args.repeats, "workers": args.workers or os.cpu_count()},
-        "seconds": times, "samples_per_s": rates,
-        "ratio_vs_peer_raw": rates["mmpt"] / rates["peer-raw"],
-        "ratio_vs_peer_decode": rates["mmpt"] / rates["peer-decode"],
-        "peer": "minimal img2dataset-style writer (read bytes + webdataset.TarWriter); img2dataset itself downloads "
-                "URLs only",
+        "what": "samples/s writing N local JPEGs + captions to webdataset shards; work = the write alone in a fresh "
+                "interpreter after its imports, wall = the whole command; medians",
+        "peer": "img2dataset-style writer on local files (read bytes + webdataset.TarWriter; peer-decode also "
+                "decodes each image for its size as img2dataset's resizer does); img2dataset itself only downloads "
+                "URLs, so the equivalent minimal writer was run",
+        "mmpt": "mmpt data write (write_shards): every image decoded as the loader will, under its byte budget; "
+                "'mmpt' with its default worker processes (CPUs - 1: none on 2 CPUs), 'mmpt-w0' in-process, "
+                "'mmpt-w2' with 2",
+        "settings": {"images": args.images, "size": args.size, "max_count": args.max_count, "repeats": args.repeats,
+                     "threads": 1},
+        "work_s": work, "wall_s": wall, "samples_per_s": rate, "samples_per_s_wall": rate_wall,
+        "ratio_vs_peer_raw": {t: rate[t] / rate["peer-raw"] for t in MMPT},
+        "ratio_vs_peer_decode": {t: rate[t] / rate["peer-decode"] for t in MMPT},
+        "ratio_wall_vs_peer_raw": {t: rate_wall[t] / rate_wall["peer-raw"] for t in MMPT},
         "machine": {"cpus": os.cpu_count(), "loadavg": os.getloadavg(), "python": sys.version.split()[0]},
         "date": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     OUT.parent.mkdir(parents=True, exist_ok=True)
     OUT.write_text(json.dumps(result, indent=1) + "\n")
-    print(f"{'tool':12s} {'samples/s':>10s} {'median s':>9s}")
-    for name, t in times.items():
-        print(f"{name:12s} {rates[name]:10.0f} {statistics.median(t):9.2f}")
-    print(f"mmpt / peer-raw {result['ratio_vs_peer_raw']:.2f}, mmpt / peer-decode {result['ratio_vs_peer_decode']:.2f}")
+    print(f"{'tool':12s} {'work/s':>9s} {'wall/s':>9s}   (samples per second, medians of {args.repeats})")
+    for t in TOOLS:
+        print(f"{t:12s} {rate[t]:9.0f} {rate_wall[t]:9.0f}")
+    for t in MMPT:
+        print(f"{t} / peer-raw: work {result['ratio_vs_peer_raw'][t]:.2f}, wall "
+              f"{result['ratio_wall_vs_peer_raw'][t]:.2f}; / peer-decode: work {result['ratio_vs_peer_decode'][t]:.2f}")
 
 
 if __name__ == "__main__":

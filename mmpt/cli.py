@@ -227,7 +227,7 @@ def _data_parser(sub: argparse._SubParsersAction) -> None:
                     "template, {} standing for the class name, e.g. 'a photo of a {}'; json gets {\"label\": class}")
     dw.add_argument("--key-prefix", help="sample keys are PREFIX + row number; default: the input's name and a "
                     "hash of its path and content (train-1a2b3c4d_000000012): separate tables never collide")
-    dw.add_argument("--workers", type=int, help="processes decoding samples to validate them (default: CPU count)")
+    dw.add_argument("--workers", type=int, help="processes decoding samples to validate them (default: CPUs - 1, at most 8)")
     di = dsub.add_parser("inspect", help="count samples, keys, modalities and decode errors of shards")
     di.add_argument("shards", help="path, glob, brace list or pipe: URL")
     di.add_argument("--decode", action="store_true", help="also decode every member to find bad ones")
