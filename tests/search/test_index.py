@@ -131,3 +131,18 @@ def test_refusals(tmp_path: Path, search_env) -> None:  # noqa: ANN001
     other = tiny_model(tmp_path / "other.safetensors", seed=1)
     with pytest.raises(ConfigError, match="not the model that embedded"):
         open_service(str(other), str(search_env.index))
+
+
+def test_cli_index_and_one_line_errors(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    from mmpt.cli import main
+
+    _fake_embed(tmp_path / "emb", 500, 16, shards=2)
+    assert main(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx"), "--no-progress"]) == 0
+    assert "indexed 500 vectors (flat: Flat)" in capsys.readouterr().out
+    assert main(["index", str(tmp_path / "nothing"), "--out", str(tmp_path / "idx2")]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("mmpt: error:") and "no such folder" in err and "\n" not in err
+    assert main(["index", str(tmp_path / "emb"), "--out", str(tmp_path / "idx3"), "--memory-budget", "lots"]) == 2
+    assert "--memory-budget lots" in capsys.readouterr().err
+    assert main(["serve", str(tmp_path / "m.safetensors"), str(tmp_path / "emb")]) == 2  # not an index folder
+    assert "no manifest.json" in capsys.readouterr().err
