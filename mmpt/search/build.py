@@ -232,6 +232,11 @@ def _metadata_part(part: Part, ids_start: int) -> Any:
     return pa.table(columns)
 
 
+def _save_npz(path: str, **arrays: np.ndarray) -> None:
+    with open(path, "wb") as f:  # a file object: np.savez would append .npz to a name
+        np.savez(f, **arrays)
+
+
 def _write_atomic(path: Path, write: Any) -> None:
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
     write(str(tmp))
@@ -310,7 +315,7 @@ def build_index(emb_dirs: list[str] | str, out: str, *, memory_budget: str | int
     def checkpoint(k: int) -> None:
         _write_atomic(build / "partial.faiss", lambda p: faiss.write_index(index, p))
         if truth is not None:
-            _write_atomic(build / "truth.npz", lambda p: np.savez(open(p, "wb"), scores=truth.scores, ids=truth.ids))
+            _write_atomic(build / "truth.npz", lambda p: _save_npz(p, scores=truth.scores, ids=truth.ids))
         _write_atomic(state_path, lambda p: Path(p).write_text(json.dumps(
             {"plan": plan, "parts_done": k, "rows_done": int(index.ntotal)})))
 
