@@ -112,7 +112,7 @@ class Distill(Objective):
     the feature term (cosine distance between the student's and each teacher's embedding of every pair
     modality; needs the same model.embed_dim). teacher_weights: one weight per teacher (default equal).
     teacher_logit_scale: the teachers' scale (default: each teacher's own contrastive objective's).
-    init_logit_scale / max_logit_scale / learn_logit_scale: the student's KD scale, as clip's. gather and
+    init_logit_scale / max_logit_scale / learn_logit_scale: the student's KD scale, as clip's. gather /
     local_loss: how features cross ranks, as clip's (default: with_grad + local_loss, the gradients of the
     whole batch at every world size).
     """

@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import Any
 
 from mmpt.data.shards import DataError, ShardEvent, expand_urls, iter_samples
-from mmpt.data.writer import ShardWriter
 from mmpt.registry import ConfigError
 
 
@@ -85,6 +84,7 @@ def poison_shards(pattern: str, out: str, *, fraction: float, target: str | None
     goes (default ``poisoned.json`` in the output folder)."""
     import numpy as np
 
+    from mmpt.data.writer import ShardWriter  # torch-heavy: `mmpt --help` imports this module
     from mmpt.registry import modalities
 
     ShardWriter.check_pattern(out)
