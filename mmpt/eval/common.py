@@ -179,10 +179,13 @@ def embedding_width(model: MultimodalModel) -> int:
 
 def _forward(model: MultimodalModel, modality: str, fields: dict[str, Tensor], device: torch.device | str) -> EncoderOutput:
     dim, layer = _NESTED.get()
+    fields = {k: v.to(device, non_blocking=True) for k, v in fields.items()}
+    if dim is None and layer is None:
+        return model.encode_fields(modality, fields)
     if dim is not None and dim > model.embed_dim:
         raise ConfigError(f"dim={dim}: larger than the model's embedding size {model.embed_dim}")
     with layer_exit(model.encoders[modality], layer):
-        out = model.encode_fields(modality, {k: v.to(device, non_blocking=True) for k, v in fields.items()})
+        out = model.encode_fields(modality, fields)
     out.embedding = prefix(out.embedding, dim)
     return out
 
