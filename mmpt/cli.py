@@ -165,10 +165,11 @@ def _export_parser(sub: argparse._SubParsersAction) -> None:
     x.add_argument("run_dir", help="run directory or checkpoint folder (--format openclip|hf-clip|folder|hf-text: "
                                    "or an export)")
     x.add_argument("--out", required=True, help="output .safetensors path (hf-clip, folder, hf-text: a folder; "
-                                                "openclip: a file, or a folder in OpenCLIP's local-dir: format)")
+                                                "openclip: a folder in OpenCLIP's local-dir: format, or a file for models with OpenCLIP towers)")
     x.add_argument("--format", default="mmpt", choices=["mmpt", "openclip", "hf-clip", "folder", "hf-text"],
-                   help="mmpt (default); openclip: a checkpoint open_clip.create_model(NAME, pretrained=OUT) "
-                        "loads; hf-clip: a folder CLIPModel.from_pretrained loads; folder: a hub-style model folder "
+                   help="mmpt (default); openclip: what open_clip.create_model_and_transforms('local-dir:OUT') "
+                        "loads (timm image towers and OpenCLIP-layout text towers map; others are refused "
+                        "naming what is missing); hf-clip: a folder CLIPModel.from_pretrained loads; folder: a hub-style model folder "
                         "(config.json, model.safetensors, tokenizer files, README.md model card) mmpt.load reads; "
                         "hf-text: an MLM-trained text or protein tower as a folder "
                         "AutoModelForMaskedLM.from_pretrained loads")
