@@ -178,6 +178,9 @@ def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = 
             if kwargs.get(key):
                 kwargs[key] = frozen_models(kwargs[key], f"objectives.{name}.{key}")
         objs[name] = objective_registry.build(obj.get("name", name), path=f"objectives.{name}", **kwargs)
+        if objs[name].copied_modalities:
+            objs[name].adopt_copies(*tower_copies(cfg, objs[name].copied_modalities, f"objectives.{name}"),
+                                    cfg.train.grad_accum)
         if init is not None:
             init.load(f"objectives.{name}.", objs[name])
         objs[name] = built(objs[name])
@@ -185,6 +188,25 @@ def build_pretrainer(cfg: Config, on_part: Callable[[nn.Module], None] | None = 
     pretrainer = Pretrainer(model, objs, weights)
     pretrainer.init_report = init.finish() if init is not None else None
     return pretrainer
+
+
+def tower_copies(cfg: Config, modalities: tuple[str, ...], key: str) -> tuple[dict[str, nn.Module], dict[str, nn.Module]]:
+    """Fresh towers and heads of ``modalities`` built from their config sections as the students are (adapters
+    included, so names and shapes match), drawing nothing from the run's RNG (the copy's values come from the
+    student later); for an objective's ``copied_modalities``."""
+    from mmpt.model import build_head
+    from mmpt.parts.adapt import adapt_tower
+
+    towers, heads = {}, {}
+    with torch.random.fork_rng(devices=[]):
+        for m in modalities:
+            if m not in cfg.model.encoders:
+                raise ConfigError(f"{key}: no encoder for modality {m!r} (have {', '.join(cfg.model.encoders)})")
+            enc = cfg.model.encoders[m]
+            towers[m] = encoder_registry.build(enc["name"], path=f"model.encoders.{m}", **tower_kwargs(enc))
+            adapt_tower(towers[m], cfg.model.adapt.get(m), f"model.adapt.{m}")
+            heads[m] = build_head(cfg.model.head, towers[m].width, cfg.model.embed_dim)
+    return towers, heads
 
 
 def frozen_models(paths: str | list[str], key: str) -> list[Pretrainer]:
@@ -205,11 +227,11 @@ def frozen_models(paths: str | list[str], key: str) -> list[Pretrainer]:
 
 def borrowed_prefixes(cfg: Config) -> tuple[str, ...]:
     """State-dict key prefixes of the frozen models objectives borrow (not part of the model, see
-    ``Objective.frozen_models``)."""
+    ``Objective.frozen_models``) and of what they keep out of exports (``Objective.export_excludes``)."""
     out = []
     for name, obj in cfg.objectives.items():
         cls = objective_registry.get(obj.get("name", name), path=f"objectives.{name}.name")
-        out += [f"objectives.{name}.{key}." for key in cls.frozen_models]
+        out += [f"objectives.{name}.{key}." for key in (*cls.frozen_models, *cls.export_excludes)]
     return tuple(out)
 
 

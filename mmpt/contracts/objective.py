@@ -34,6 +34,12 @@ class Objective(nn.Module):
     # Pretrainer(s) instead. Their tensors live under ``objectives.<name>.<key>.`` and are not part of the
     # model: state dicts, checkpoints' consolidation and exports leave them out.
     frozen_models: tuple[str, ...] = ()
+    # Modalities whose tower and head the objective keeps a copy of (an EMA teacher), set in ``__init__``: the
+    # pretrainer builder builds each again from the model's config and calls ``adopt_copies(towers, heads,
+    # micro_batches)`` before the objective is partitioned, so ZeRO-3 shards every copy as its student.
+    copied_modalities: tuple[str, ...] = ()
+    # Submodule names under the objective that checkpoints keep (a resumed run needs them) and exports leave out.
+    export_excludes: tuple[str, ...] = ()
     # Keys that read weights or other files at construction, with their off values: reset when a model
     # is rebuilt from a file (data reads no other file), as ``Encoder.weight_sources``.
     weight_sources: dict = {}

@@ -25,7 +25,8 @@ from mmpt.registry import ConfigError
 def check_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], path: str | Path) -> None:
     """Refuse a file whose tensors do not match the model the config declares (names and shapes)."""
     expected = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    missing = [k for k in expected if k not in shapes]
+    left_out = export_excluded(model)
+    missing = [k for k in expected if k not in shapes and not k.startswith(left_out)]
     unexpected = [k for k in shapes if k not in expected]
     wrong = [k for k in expected if k in shapes and shapes[k] != expected[k]]
     if missing or unexpected or wrong:
@@ -33,6 +34,12 @@ def check_shapes(model: torch.nn.Module, shapes: dict[str, tuple[int, ...]], pat
                  else f"missing {missing[:3]}" if missing else f"unexpected {unexpected[:3]}")
         raise ConfigError(f"{path}: the embedded config does not match the file's tensors ({len(wrong)} shapes "
                           f"differ, {len(missing)} missing, {len(unexpected)} unexpected; {first})")
+
+
+def export_excluded(model: nn.Module) -> tuple[str, ...]:
+    """State-dict prefixes an export leaves out (each objective's ``export_excludes``, an EMA teacher)."""
+    objs = getattr(model, "objectives", None) or {}
+    return tuple(f"objectives.{n}.{k}." for n, o in objs.items() for k in getattr(o, "export_excludes", ()))
 
 
 def check_finite(state: dict[str, torch.Tensor], path: str | Path, allow: bool) -> None:

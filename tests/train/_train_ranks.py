@@ -85,6 +85,7 @@ def main() -> None:
     coca_runs(shards, out)
     cleanclip_runs(shards, out)
     distill_runs(shards, out)
+    siglip2_runs(shards, out)
     matryoshka_runs(shards, out)
     dist.barrier()
     dist.destroy_process_group()
@@ -453,7 +454,33 @@ def cleanclip_runs(shards: list[str], out: Path) -> None:
         (out / "cleanclip.json").write_text(json.dumps(report))
 
 
-SCENARIOS = {"cleanclip": cleanclip_runs, "matryoshka": matryoshka_runs, "sharded_eval": sharded_eval, "itm": itm_runs, "coca": coca_runs, "multinode": multinode,
+def siglip2_runs(shards: list[str], out: Path) -> None:
+    """siglip2-tiny's objective mix (siglip + caption + self_distill: an EMA teacher of the image tower, SILC on two
+    local crops, TIPS on masked patches) with 2 micro-batches a step, at ZeRO 0 and at ZeRO 3 (the teacher sharded
+    like its student, updated on the shards; crashed after step 3 and resumed); rank 0 writes which weights moved."""
+    from mmpt.training.engine import init_distributed
+
+    init_distributed()  # also launched on its own (SCENARIOS)
+
+    def make_raw(run: Path, stage: int) -> dict:
+        raw = config(shards, run, stage, grad_accum=2)
+        raw["model"]["encoders"]["image"].update(train_views=3, view_crop_scale=[0.1, 0.4])
+        raw["objectives"] = {
+            "siglip": {"name": "siglip", "pairs": [["image", "text"]]},
+            "caption": {"name": "caption", "context_length": 16, "width": 32, "depth": 1, "heads": 2,
+                        "memory_width": 32},
+            "self_distill": {"name": "self_distill", "modality": "image", "width": 32, "embed_dim": 32,
+                             "momentum": 0.9, "prototypes": 16, "head_hidden": 16, "decoder_width": 16,
+                             "decoder_depth": 1, "decoder_heads": 2}}
+        return raw
+
+    report = {stage: {"moved": moved, "keys": sorted(state or {})}
+              for stage, moved, state in zero0_then_zero3(out, "siglip2", make_raw, crash_at_step=3)}
+    if dist.get_rank() == 0:
+        (out / "siglip2.json").write_text(json.dumps(report))
+
+
+SCENARIOS = {"siglip2": siglip2_runs, "cleanclip": cleanclip_runs, "matryoshka": matryoshka_runs, "sharded_eval": sharded_eval, "itm": itm_runs, "coca": coca_runs, "multinode": multinode,
              "distill": distill_runs}
 
 if __name__ == "__main__":
