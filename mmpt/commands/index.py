@@ -20,6 +20,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--recall-target", type=float, default=0.95,
                    help="recall@10 vs exact search the approximate index is tuned to (default: 0.95; if the codes cannot reach it, nprobe stops within 0.005 of what probing every list gives)")
     p.add_argument("--factory", help="a FAISS index_factory string instead of the automatic choice")
+    p.add_argument("--no-rerank", action="store_true",
+                   help="rank an approximate index's hits by its codes alone (default: re-rank its shortlist by exact "
+                        "scores from the embedding files, which must then stay where they are)")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     p.set_defaults(handler=run)
 
@@ -29,5 +32,6 @@ def run(args: argparse.Namespace) -> int:
     from mmpt.search.build import build_index
 
     print(build_index(args.emb_dirs, args.out, memory_budget=args.memory_budget, exact_below=args.exact_below,
-                      recall_target=args.recall_target, factory=args.factory, progress=not args.no_progress))
+                      recall_target=args.recall_target, factory=args.factory, progress=not args.no_progress,
+                      rerank=not args.no_rerank))
     return 0

@@ -12,7 +12,8 @@ Which index: exact (``IndexFlatIP``) below ``exact_below`` vectors when the full
 budget; above it an inverted file (IVF, ~sqrt(N) lists, k-means trained on a sample) whose codes are the
 richest the budget allows: fp16 or 8-bit scalar quantisation (recall close to exact), 4-bit, or OPQ+PQ
 (a warning says recall drops). ``nprobe`` is then tuned on held-out queries against exact neighbours
-computed while streaming, until recall@10 reaches ``recall_target`` (measured figure in the manifest).
+computed while streaming, until recall@10 reaches ``recall_target`` (measured figure in the manifest). At query
+time the shortlist is re-ranked by exact scores read from the embed files (``rerank``; see store.py).
 
 Vectors are streamed from the memory-mapped ``.npy`` files in chunks; the quantiser trains on a sample.
 A build checkpoints (partial index + progress) every ``checkpoint_seconds`` under ``INDEX_DIR/.build``;
@@ -244,13 +245,14 @@ def _write_atomic(path: Path, write: Any) -> None:
 
 
 def build_index(emb_dirs: list[str] | str, out: str, *, memory_budget: str | int = "4G",
-                exact_below: int = 500_000, factory: str | None = None, recall_target: float = 0.95,
+                exact_below: int = 500_000, factory: str | None = None, recall_target: float = 0.95, rerank: bool = True,
                 chunk_rows: int = 65536, checkpoint_seconds: float = 300.0, progress: bool = True,
                 seed: int = 0, stop_after_parts: int | None = None) -> IndexSummary:
     """Build INDEX_DIR ``out`` from the embed folders ``emb_dirs`` (see the module docstring).
 
     ``factory``: a FAISS factory string that replaces the automatic choice. ``stop_after_parts``: checkpoint
-    and stop (SystemExit) after that many parts, as an interrupted build would (tests)."""
+    and stop (SystemExit) after that many parts, as an interrupted build would (tests). ``rerank``: an approximate
+    index orders its shortlist by exact scores from the embed files at query time (see mmpt.search.store)."""
     import faiss
     import pyarrow.parquet as pq
     from tqdm import tqdm
@@ -350,7 +352,8 @@ def build_index(emb_dirs: list[str] | str, out: str, *, memory_budget: str | int
     manifest = {"format": INDEX_FORMAT, "model": header["model"], "settings": header["settings"], "dim": dim,
                 "count": n, "modalities": modalities,
                 "index": {"kind": choice.kind, "factory": choice.factory, "nlist": choice.nlist, "nprobe": nprobe,
-                          "recall": recall, "reason": choice.reason, "memory_budget": budget},
+                          "recall": recall, "reason": choice.reason, "memory_budget": budget,
+                          "rerank": rerank and choice.kind != "flat"},
                 "parts": [{"file": f"metadata/part_{j:06d}.parquet", "start": p.start, "count": p.count,
                            "modality": p.modality, "shard": p.shard} for j, p in enumerate(parts)],
                 "plan": plan}

@@ -1,5 +1,9 @@
 """An opened INDEX_DIR (see :mod:`mmpt.search.build`): search with an optional modality filter, metadata
-rows by id, and a hit's tar members read back by their recorded offsets."""
+rows by id, and a hit's tar members read back by their recorded offsets.
+
+An approximate index built with re-ranking shortlists max(4k, k+16) candidates from its codes and orders
+them by their exact scores, read from the memory-mapped embed files (paged from disk, outside the
+memory budget); if those files are gone or changed, it warns and ranks by the codes alone."""
 
 from __future__ import annotations
 
@@ -44,6 +48,8 @@ class IndexStore:
         self.parts = self.manifest["parts"]
         self.starts = [p["start"] for p in self.parts]
         self.nprobe = self.manifest["index"].get("nprobe")
+        self.rerank = bool(self.manifest["index"].get("rerank")) and self._embeddings_unchanged()
+        self._maps: OrderedDict[int, np.ndarray] = OrderedDict()
         self._cache: OrderedDict[int, dict[str, list[Any]]] = OrderedDict()
         self._cached_parts = cached_parts
         self._lock = threading.Lock()
@@ -51,6 +57,42 @@ class IndexStore:
         for m in self.manifest["modalities"]:
             self._selectors[m] = self._selector([(p["start"], p["start"] + p["count"]) for p in self.parts
                                                  if p["modality"] == m])
+
+    def _embeddings_unchanged(self) -> bool:
+        """Whether every embeddings file the index was built from is still there as it was (re-ranking
+        reads them); a warning names the first that is not."""
+        import os
+        import warnings
+
+        for p in self.manifest["plan"]["parts"]:
+            ident = p["npy_identity"]
+            try:
+                st = os.stat(ident["path"])
+            except OSError:
+                st = None
+            if st is None or (st.st_size, st.st_mtime_ns) != (ident["size"], ident["mtime_ns"]):
+                warnings.warn(f"{self.root}: {ident['path']} is gone or changed since indexing: hits come from the "
+                              "compressed codes alone (no exact re-ranking)", stacklevel=3)
+                return False
+        return True
+
+    def _vectors(self, ids: np.ndarray) -> np.ndarray:
+        """float32 embeddings of index ids, read from the memory-mapped embed files (an LRU of 128 maps)."""
+        where = np.searchsorted(self.starts, ids, side="right") - 1
+        out = np.empty((len(ids), self.dim), np.float32)
+        for j in np.unique(where):
+            with self._lock:
+                arr = self._maps.get(int(j))
+                if arr is None:
+                    arr = np.load(self.manifest["plan"]["parts"][j]["npy"], mmap_mode="r", allow_pickle=False)
+                    self._maps[int(j)] = arr
+                    while len(self._maps) > 128:
+                        self._maps.popitem(last=False)
+                else:
+                    self._maps.move_to_end(int(j))
+            sel = where == j
+            out[sel] = arr[ids[sel] - self.parts[j]["start"]]
+        return out
 
     @property
     def modalities(self) -> dict[str, int]:
@@ -96,7 +138,19 @@ class IndexStore:
         else:
             params = faiss.SearchParameters(sel=sel) if sel is not None else None
         x = np.ascontiguousarray(vectors, dtype=np.float32)
-        return self.index.search(x, k, params=params) if params is not None else self.index.search(x, k)
+        wide = min(max(4 * k, k + 16), self.index.ntotal) if self.rerank else k
+        scores, ids = self.index.search(x, wide, params=params) if params is not None else self.index.search(x, wide)
+        if not self.rerank:
+            return scores, ids
+        # exact scores of the candidates from the embeddings themselves: the codes only shortlist
+        out_s = np.full((len(x), k), -np.inf, np.float32)
+        out_i = np.full((len(x), k), -1, np.int64)
+        for r in range(len(x)):
+            cand = ids[r][ids[r] >= 0]
+            exact = self._vectors(cand) @ x[r]
+            top = np.argsort(-exact, kind="stable")[:k]
+            out_s[r, :len(top)], out_i[r, :len(top)] = exact[top], cand[top]
+        return out_s, out_i
 
     def _part(self, j: int) -> dict[str, list[Any]]:
         with self._lock:

@@ -99,6 +99,12 @@ def test_approximate_recall_and_resume(tmp_path: Path) -> None:
     assert resumed.resumed_rows == 1500 and resumed.nprobe == summary.nprobe
     np.testing.assert_array_equal(IndexStore(str(tmp_path / "ivf2")).search(q, 10)[1], found)
     assert not (tmp_path / "ivf2" / ".build").exists()
+    # the shortlist is re-ranked from the embed files; without them, the codes alone rank (with a warning)
+    assert store.rerank and np.allclose(store.search(q[:5], 10)[0], np.sort(q[:5] @ x.T, 1)[:, ::-1][:, :10], atol=1e-4)
+    (tmp_path / "emb").rename(tmp_path / "moved")
+    with pytest.warns(UserWarning, match="gone or changed"):
+        codes_only = IndexStore(str(tmp_path / "ivf"))
+    assert not codes_only.rerank and recall_at(codes_only.search(q, 10)[1], exact, None, 10) >= 0.8
 
 
 def test_choice_follows_count_and_budget() -> None:
