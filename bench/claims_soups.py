@@ -85,7 +85,8 @@ def plot(rows: list[dict], out: Path) -> Path:
     import matplotlib.pyplot as plt
     import numpy as np
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8), sharey=True)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    best = max((r for r in rows if r["kind"] == "fine-tune"), key=lambda r: r["val"])
     for ax, split in zip(axes, ("test", "shifted"), strict=True):
         names = [r["model"] for r in rows]
         values = [r[split] for r in rows]
@@ -95,9 +96,10 @@ def plot(rows: list[dict], out: Path) -> Path:
         ax.bar(np.arange(len(rows)), values, yerr=errs, color=colors, capsize=3)
         ax.set_xticks(np.arange(len(rows)), names, rotation=35, ha="right", fontsize=8)
         ax.set_title(f"{split} split (mean of colour and shape zero-shot top-1)", fontsize=9)
+        ax.axhline(best[split], color="black", linestyle="--", linewidth=1, label=f"best single by val ({best['model']})")
         ax.grid(axis="y", alpha=0.3)
-        lo = min(values) - 0.1
-        ax.set_ylim(max(0, lo), min(1, max(values) + 0.08))
+        ax.set_ylim(0, min(1, max(values) + 0.08))
+        ax.legend(fontsize=7, loc="upper right")
     fig.suptitle("Model soups of clip-tiny fine-tunes (error bars: binomial s.e. of the mean of the two tasks)",
                  fontsize=10)
     fig.tight_layout()
