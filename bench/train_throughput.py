@@ -44,19 +44,20 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import (  # noqa: E402
-    MMPT,
     OC_MODEL_NAME,
     RESULTS,
     add_model_args,
     brace,
     demo_data,
     machine,
+    main_python,
     medians,
     model_from_args,
     run_logged,
     steady_rate,
     thread_env,
 )
+from flops import MMPT_DRIVER, OPENCLIP_DRIVER, peak_share  # noqa: E402
 from peer_env import ensure_peer_env, versions  # noqa: E402
 
 # OpenCLIP 3.3, open_clip_train/train.py:
@@ -64,9 +65,6 @@ from peer_env import ensure_peer_env, versions  # noqa: E402
 # Data (t) / Batch (t) are averages over the window since the previous line; the "/s" figure is
 # the last step alone, so the window averages are used here.
 OC_LINE = re.compile(r"Train Epoch: (\d+) \[\s*(\d+)/(\d+) \(\s*\d+%\)\] Data \(t\): ([\d.]+) Batch \(t\): ([\d.]+),")
-
-OC_DRIVER = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
-             "from open_clip_train.main import main; main(sys.argv[2:])")
 
 PARAMS_OC = ("import sys, open_clip; open_clip.add_model_config(sys.argv[1]); "
              "m = open_clip.create_model(sys.argv[2], pretrained=None); "
@@ -141,18 +139,21 @@ def caption_stats(shards: list[Path], ctx: int, batch: int) -> dict:
 OC_PRECISION = {"fp32": "fp32", "bf16": "amp_bf16"}
 
 
-def run_mmpt(data: Path, model, a, work: Path, tag: str, steps: int | None = None,
+def run_mmpt(data: Path, model, a, work: Path, tag: str, precision: str, steps: int | None = None,
              train_dir: Path | None = None) -> dict | None:
-    """One mmpt training run; ``steps`` set: an untimed warm-up run of that many steps (returns None)."""
+    """One mmpt training run (``bench/flops.py``'s driver around ``mmpt train``: matmul peak before, step FLOPs
+    after); ``steps`` set: an untimed warm-up run of that many steps (returns None)."""
     out = work / f"mmpt-{tag}"
     n_steps = steps or a.steps
     sets = model.mmpt_overrides() + [
         f"data.sources=[{train_dir or data / 'train'}]", f"data.batch_size={a.batch_size}", f"data.workers={a.workers}",
         f"data.shuffle_buffer={a.shuffle_buffer}", f"train.steps={n_steps}", f"train.log_every={a.log_every}",
         f"train.checkpoint_every={n_steps}", "train.eval_every=0", "train.progress=false", "train.zero_stage=0",
-        f"train.precision={a.precision}", "train.grad_accum=1", f"train.grad_clip={a.grad_clip}", f"train.out_dir={out}",
+        f"train.precision={precision}", "train.grad_accum=1", f"train.grad_clip={a.grad_clip}", f"train.out_dir={out}",
         f"optim.lr={a.lr}", f"optim.warmup_steps={a.warmup}", f"optim.weight_decay={a.wd}", "optim.schedule=cosine"]
-    cmd = [str(MMPT), "train", "clip-tiny"] + [x for s in sets for x in ("--set", s)]
+    probe_path = work / f"probe-mmpt-{tag}.json"
+    cmd = [main_python(), "-c", MMPT_DRIVER, str(probe_path), precision, str(Path(__file__).parent), "clip-tiny",
+           str(len(sets)), *sets, "train", "clip-tiny"] + [x for s in sets for x in ("--set", s)]
     env = thread_env(a.threads, MMPT_DEMO_DATA=str(data), MMPT_RUN_DIR=str(out),
                      **({"CUDA_VISIBLE_DEVICES": ""} if a.device == "cpu" else {}))  # mmpt takes a GPU when it sees one
     for k in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):  # one rank, no launcher
@@ -175,19 +176,21 @@ def run_mmpt(data: Path, model, a, work: Path, tag: str, steps: int | None = Non
     rate = steady_rate(windows, a.skip_steps, a.batch_size)
     kept = [(s, w) for first, s, w in waits if first > a.skip_steps]
     params = re.search(r"([\d.]+) M params", log.read_text(errors="replace"))
-    return {**rate, "wall_s": wall, "steps": train[-1]["step"],
+    probe = json.loads(probe_path.read_text())
+    return {**rate, "wall_s": wall - probe["probe_s"], "probe": probe, "steps": train[-1]["step"],
             "data_wait_frac": sum(w for _, w in kept) / sum(s for s, _ in kept),
             "params_m": float(params.group(1)) if params else None, "log": str(log)}
 
 
-def run_openclip(peer_py: Path, pattern: str, cfg_dir: Path, a, work: Path, tag: str,
+def run_openclip(peer_py: Path, pattern: str, cfg_dir: Path, a, work: Path, tag: str, precision: str,
                  steps: int | None = None) -> dict | None:
-    """One OpenCLIP trainer run; ``steps`` set: an untimed warm-up run of that many steps (returns None)."""
+    """One OpenCLIP trainer run (``bench/flops.py``'s driver: matmul peak before, step FLOPs after); ``steps``
+    set: an untimed warm-up run of that many steps (returns None)."""
     logs = work / f"oc-logs-{tag}"
     argv = ["--model", OC_MODEL_NAME, "--train-data", pattern, "--dataset-type", "webdataset",
             "--train-num-samples", str((steps or a.steps) * a.batch_size), "--batch-size", str(a.batch_size),
             "--workers", str(a.workers), "--epochs", "1", "--lr", str(a.lr), "--warmup", str(a.warmup),
-            "--wd", str(a.wd), "--lr-scheduler", "cosine", "--precision", OC_PRECISION[a.precision],
+            "--wd", str(a.wd), "--lr-scheduler", "cosine", "--precision", OC_PRECISION[precision],
             "--device", a.device,
             "--save-frequency", "0", "--zeroshot-frequency", "0", "--val-frequency", "0",
             "--logs", str(logs), "--name", "bench", "--log-every-n-steps", str(a.log_every),
@@ -195,7 +198,10 @@ def run_openclip(peer_py: Path, pattern: str, cfg_dir: Path, a, work: Path, tag:
     if a.grad_clip:
         argv += ["--grad-clip-norm", str(a.grad_clip)]
     log = work / f"openclip-{tag}.log"
-    wall, _ = run_logged([str(peer_py), "-c", OC_DRIVER, str(cfg_dir), *argv], log, thread_env(a.threads), cwd=work)
+    probe_path = work / f"probe-openclip-{tag}.json"
+    driver = [str(peer_py), "-c", OPENCLIP_DRIVER, str(probe_path), precision, str(Path(__file__).parent), str(cfg_dir),
+              OC_MODEL_NAME, str(a.batch_size), OC_PRECISION[precision]]
+    wall, _ = run_logged([*driver, *argv], log, thread_env(a.threads), cwd=work)
     if steps:
         return None
     out_log = logs / "bench" / "out.log"
@@ -214,7 +220,8 @@ def run_openclip(peer_py: Path, pattern: str, cfg_dir: Path, a, work: Path, tag:
                          f"\n--- {log} (tail) ---\n{text[-3000:]}")
     rate = steady_rate(windows, a.skip_steps, a.batch_size)
     kept = [(d, b) for first, d, b in data_t if first > a.skip_steps]
-    return {**rate, "wall_s": wall, "steps": prev, "data_wait_frac": sum(d for d, _ in kept) / sum(b for _, b in kept),
+    probe = json.loads(probe_path.read_text())
+    return {**rate, "wall_s": wall - probe["probe_s"], "probe": probe, "steps": prev, "data_wait_frac": sum(d for d, _ in kept) / sum(b for _, b in kept),
             "log": str(out_log if out_log.exists() else log)}
 
 
@@ -223,8 +230,9 @@ def warm(peer_py: Path, data: Path, pattern: str, cfg_dir: Path, model, a, work:
     shm comm op into ~/.cache/torch_extensions on the first run after a change, ~30 s on 2 cores),
     must not land in either tool's measured wall time."""
     print("warm-up: 2 untimed steps of each tool", flush=True)
-    run_mmpt(data, model, a, work, "warmup", steps=2)
-    run_openclip(peer_py, pattern, cfg_dir, a, work, "warmup", steps=2)
+    for precision in a.precisions:
+        run_mmpt(data, model, a, work, f"warmup-{precision}", precision, steps=2)
+        run_openclip(peer_py, pattern, cfg_dir, a, work, f"warmup-{precision}", precision, steps=2)
 
 
 @dataclasses.dataclass
@@ -233,6 +241,7 @@ class Setup:
 
     name: str
     model: object
+    precision: str
     train: list[Path]
     cfg_dir: Path
     captions: dict
@@ -277,12 +286,16 @@ def main() -> None:
     p.add_argument("--out", type=Path, default=RESULTS / "train_throughput.json")
     p.add_argument("--keep-dirs", action="store_true", help="keep the temporary shards, run dirs and logs")
     p.add_argument("--device", choices=("cpu", "cuda"), default="cpu", help="where both tools train (default cpu)")
-    p.add_argument("--precision", choices=tuple(OC_PRECISION), default="fp32",
-                   help="mmpt train.precision; OpenCLIP gets the matching --precision (bf16: amp_bf16)")
+    p.add_argument("--precision", default="fp32,bf16",
+                   help="comma list of fp32|bf16: mmpt train.precision, OpenCLIP the matching --precision (bf16: "
+                        "amp_bf16); each context runs at each (default fp32,bf16)")
     p.add_argument("--dry-run", action="store_true", help="check the arguments, print the plan, run nothing")
     a = p.parse_args()
+    a.precisions = [x.strip() for x in a.precision.split(",") if x.strip()]
+    if not a.precisions or any(x not in OC_PRECISION for x in a.precisions):
+        raise SystemExit(f"--precision {a.precision}: expected a comma list of {', '.join(OC_PRECISION)}")
     if a.dry_run:
-        print(f"train_throughput: {a.device} {a.precision}, {a.steps} steps of {a.batch_size}, configs {a.configs}, "
+        print(f"train_throughput: {a.device} {','.join(a.precisions)}, {a.steps} steps of {a.batch_size}, configs {a.configs}, "
               f"model {model_from_args(a)}, {a.repeats} repeat(s) -> {a.out}")
         return
     a.log_every = a.log_every or max(1, a.steps // 20)
@@ -301,12 +314,11 @@ def main() -> None:
             raise SystemExit(f"{len(shards['train'])} train shards < {a.workers} workers (OpenCLIP needs one each)")
         setups = []
         for ctx, kind in configs:
-            name = f"ctx{ctx}-{kind}"
             train = shards["train"] if kind == "demo" else web_shards(shards["train"], work / "data-web" / "train")
             model = dataclasses.replace(base, ctx=ctx)
-            setups.append(Setup(name, model, train, model.write_openclip_config(work / f"oc-config-{name}"),
-                                caption_stats(train, ctx, a.batch_size)))
-            print(f"{name}: captions {setups[-1].captions}", flush=True)
+            cfg_dir, captions = model.write_openclip_config(work / f"oc-config-ctx{ctx}-{kind}"), caption_stats(train, ctx, a.batch_size)
+            print(f"ctx{ctx}-{kind}: captions {captions}", flush=True)
+            setups += [Setup(f"ctx{ctx}-{kind}-{prec}", model, prec, train, cfg_dir, captions) for prec in a.precisions]
         oc_params = {s.name: int(subprocess.run(
             [str(peer_py), "-c", PARAMS_OC, str(s.cfg_dir), OC_MODEL_NAME], check=True, capture_output=True,
             text=True, env=thread_env(a.threads)).stdout.split()[-1]) for s in setups}
@@ -320,13 +332,14 @@ def main() -> None:
                 for tool in order:
                     tag = f"{s.name}-{i}"
                     print(f"run {i + 1}/{a.repeats} {s.name}: {tool} ({a.steps} steps of {a.batch_size})", flush=True)
-                    r = (run_mmpt(work / "data", s.model, a, work, tag, train_dir=s.train[0].parent)
-                         if tool == "mmpt" else run_openclip(peer_py, brace(s.train), s.cfg_dir, a, work, tag))
+                    r = (run_mmpt(work / "data", s.model, a, work, tag, s.precision, train_dir=s.train[0].parent)
+                         if tool == "mmpt" else run_openclip(peer_py, brace(s.train), s.cfg_dir, a, work, tag, s.precision))
                     print(f"  {r['samples_per_s']:.1f} samples/s steady, {r['wall_s']:.1f} s wall, "
-                          f"data wait {100 * r['data_wait_frac']:.1f}%", flush=True)
+                          f"data wait {100 * r['data_wait_frac']:.1f}%, peak {r['probe']['peak_flops'] / 1e9:.0f} "
+                          f"GFLOP/s, {r['probe']['flops_per_sample'] / 1e9:.3f} GFLOP/sample", flush=True)
                     runs[s.name][tool].append(r)
         settings = {"steps": a.steps, "batch_size": a.batch_size, "workers": a.workers, "threads": a.threads,
-                    "precision": a.precision, "device": a.device, "lr": a.lr, "warmup": a.warmup, "wd": a.wd, "grad_clip": a.grad_clip,
+                    "precisions": a.precisions, "device": a.device, "lr": a.lr, "warmup": a.warmup, "wd": a.wd, "grad_clip": a.grad_clip,
                     "log_every": a.log_every, "steady_from_step": a.skip_steps + 1, "train_samples": train_samples,
                     "repeats": a.repeats, "order": "alternating per repeat (mmpt first on odd repeats)"}
         report(setups, runs, oc_params, settings, a)
@@ -339,29 +352,37 @@ def main() -> None:
 
 def report(setups: list[Setup], runs: dict, oc_params: dict, settings: dict, a) -> None:
     """Print one table per configuration with the ratio of the medians, and write the JSON."""
-    keys = ("samples_per_s", "wall_s", "data_wait_frac")
+    keys = ("samples_per_s", "wall_s", "data_wait_frac", "peak_flops", "achieved_flops", "peak_fraction",
+            "model_peak_fraction")
     configs = {}
     print()
     print(f"train_throughput  ({', '.join(f'{k}={v}' for k, v in settings.items())})")
     for s in setups:
+        # one work unit for both tools: OpenCLIP's FLOPs per sample (the full context it always runs)
+        unit = statistics.median(r["probe"]["flops_per_sample"] for r in runs[s.name]["openclip"])
+        for rs in runs[s.name].values():
+            for r in rs:
+                r.update(peak_share(r, r["probe"], unit))
         res = medians(runs[s.name], keys, a.keep_dirs)
         res["openclip"]["params_m"] = round(oc_params[s.name] / 1e6, 2)
         res["mmpt"]["params_m"] = runs[s.name]["mmpt"][0].get("params_m")
         ratio = res["mmpt"]["samples_per_s"] / res["openclip"]["samples_per_s"]
         m_lo, m_hi = res["mmpt"]["spread"]["samples_per_s"]
         o_lo, o_hi = res["openclip"]["spread"]["samples_per_s"]
-        configs[s.name] = {"model": dataclasses.asdict(s.model), "captions": s.captions,
+        configs[s.name] = {"model": dataclasses.asdict(s.model), "precision": s.precision, "captions": s.captions,
                            "openclip_model_config": s.model.openclip_config(),
                            "mmpt_overrides": s.model.mmpt_overrides(), "results": res,
                            "ratio_mmpt_over_openclip": ratio, "ratio_range": [m_lo / o_hi, m_hi / o_lo],
                            "wall_speed_ratio_mmpt_over_openclip": res["openclip"]["wall_s"] / res["mmpt"]["wall_s"]}
-        print(f"\n{s.name}: context {s.model.ctx}, captions mean {s.captions['mean_tokens']} tokens, "
+        print(f"\n{s.name}: context {s.model.ctx}, {s.precision}, captions mean {s.captions['mean_tokens']} tokens, "
               f"longest per batch {s.captions['mean_longest_per_batch']} (mean)")
-        print(f"{'tool':10s} {'samples/s median':>17s} {'[min, max]':>16s} {'wall s':>8s} {'data wait':>10s}")
+        print(f"{'tool':10s} {'samples/s median':>17s} {'[min, max]':>16s} {'wall s':>8s} {'data wait':>10s} "
+              f"{'peak GFLOP/s':>13s} {'of peak':>8s} {'model/peak':>11s}")
         for tool, v in res.items():
             lo, hi = v["spread"]["samples_per_s"]
             print(f"{tool:10s} {v['samples_per_s']:17.1f} {f'[{lo:.1f}, {hi:.1f}]':>16s} {v['wall_s']:8.1f} "
-                  f"{100 * v['data_wait_frac']:9.1f}%")
+                  f"{100 * v['data_wait_frac']:9.1f}% {v['peak_flops'] / 1e9:13.0f} {100 * v['peak_fraction']:7.1f}% "
+                  f"{100 * v['model_peak_fraction']:10.1f}%")
         print(f"ratio mmpt/OpenCLIP (median samples/s): {ratio:.3f}  (range {m_lo / o_hi:.3f}-{m_hi / o_lo:.3f}); "
               f"params mmpt {res['mmpt']['params_m']} M, OpenCLIP {res['openclip']['params_m']} M")
     payload = {"benchmark": "train_throughput", "settings": settings, "configurations": configs,

@@ -18,6 +18,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from mmpt.nn.precision import attention
 from mmpt.registry import ConfigError
 
 
@@ -91,7 +92,7 @@ class Attention(nn.Module):
             # causal + padding: a padded key sits after the last real token, so causality already
             # hides it from every real query; padded queries are ignored downstream.
             attn_mask = None
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)
+        out = attention(q, k, v, attn_mask=attn_mask, is_causal=self.causal)  # fp32 when training under CPU bf16
         return self.proj(out.transpose(1, 2).reshape(b, t, d))
 
     def _cached(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor | None, entry: AttentionCache) -> Tensor:

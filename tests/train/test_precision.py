@@ -118,3 +118,21 @@ def test_bf16_losses_track_fp32_over_a_few_hundred_steps(tiny_cfg: dict, tmp_pat
     assert (gap <= BOUND).all() and (gap / ref <= REL_BOUND).all() and gap[-1] <= LAST_BOUND, \
         f"window means fp32 {ref}, bf16 {got}"
     assert ref[-1] < ref[0] - 0.3 and got[-1] < got[0] - 0.3  # both learn
+
+
+def test_training_attention_under_cpu_bf16_runs_in_fp32() -> None:
+    """torch's CPU flash kernel is 2-3x slower in bf16: training attention runs it in fp32 (same result as fp32
+    attention on the bf16 projections); inference and fp32 keep plain SDPA."""
+    from torch.nn import functional as F
+
+    from mmpt.nn.precision import attention
+
+    q, k, v = (torch.randn(2, 3, 7, 16).bfloat16().requires_grad_() for _ in range(3))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = attention(q, k, v, is_causal=True)
+        with torch.no_grad():
+            inference = attention(q, k, v, is_causal=True)
+    assert out.dtype == torch.float32 and inference.dtype == torch.bfloat16
+    assert torch.equal(out, F.scaled_dot_product_attention(q.float(), k.float(), v.float(), is_causal=True))
+    out.sum().backward()
+    assert q.grad is not None and q.grad.dtype == torch.bfloat16
