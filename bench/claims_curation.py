@@ -10,7 +10,7 @@ zero-shot colour on the balanced held-out demo split: mean per-class top-1 over 
 over the head colours, and shape top-1. Prints a table, draws ``bench/results/claims_curation.png`` and writes
 the JSON next to it.
 
-    .venv/bin/python bench/claims_curation.py                 # ~8 min on 2 busy cores
+    .venv/bin/python bench/claims_curation.py                 # ~20 min on 2 cores under load 15
     .venv/bin/python bench/claims_curation.py --seeds 0 1 --steps 200
 """
 
@@ -155,6 +155,7 @@ def main() -> int:
     p.add_argument("--train-samples", type=int, default=40000, help="demo samples the skewed pool is drawn from")
     p.add_argument("--workers", type=int, default=2, help="curation processes")
     p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--reuse", action="store_true", help="keep training runs already in --work")
     a = p.parse_args()
     import shutil
 
@@ -177,12 +178,16 @@ def main() -> int:
     for seed in a.seeds:
         for arm in runs:
             run = work / f"{arm}-s{seed}"
-            r = train_recipe("clip-tiny", run, data, a.steps,
-                             [f"data.sources=[{work / arm}]", f"data.batch_size={a.batch}", "data.shuffle_buffer=1000",
-                              f"seed={seed}", f"optim.warmup_steps={max(1, a.steps // 10)}"], a.threads)
+            if a.reuse and (run / "checkpoints").is_dir():  # the subsets are deterministic: the same run
+                r = {"wall_s": None}
+            else:
+                r = train_recipe("clip-tiny", run, data, a.steps,
+                                 [f"data.sources=[{work / arm}]", f"data.batch_size={a.batch}",
+                                  "data.shuffle_buffer=1000", f"seed={seed}",
+                                  f"optim.warmup_steps={max(1, a.steps // 10)}"], a.threads)
             runs[arm].append({"seed": seed, **evaluate(run, data), "wall_s": r["wall_s"]})
             print(f"{arm} seed {seed}: tail colour top-1 {runs[arm][-1]['tail_color_top1']:.3f} "
-                  f"({r['wall_s']:.0f} s)", flush=True)
+                  f"({r['wall_s'] or 0:.0f} s)", flush=True)
     keys = ("tail_color_top1", "head_color_top1", "color_top1", "shape_top1")
     print()
     print_table(["arm", "seed", "samples", "tail-colour samples", *keys],
@@ -193,15 +198,17 @@ def main() -> int:
     summary = {arm: {k: {"mean": statistics.mean(r[k] for r in rs),
                          "sd": statistics.stdev(r[k] for r in rs) if len(rs) > 1 else None} for k in keys}
                for arm, rs in runs.items()}
-    tail_n = runs["curated"][0]["n"] * (1 - len(HEAD) / 10)
+    tail_n = runs["curated"][0]["n"] * (1 - len(HEAD) / 10)  # the eval split is balanced over colours
+    se = {arm: (lambda p: (p * (1 - p) / tail_n) ** 0.5)(summary[arm]["tail_color_top1"]["mean"]) for arm in runs}
     wins = sum(c["tail_color_top1"] > r["tail_color_top1"] for c, r in zip(runs["curated"], runs["random"], strict=True))
     print(f"\ncurated > random on tail-colour zero-shot in {wins} of {len(a.seeds)} seed(s): "
           f"{summary['curated']['tail_color_top1']['mean']:.3f} vs {summary['random']['tail_color_top1']['mean']:.3f} "
-          f"(~{tail_n:.0f} tail-colour eval samples; binomial s.e. ~0.03-0.04 at these rates)")
+          f"(~{tail_n:.0f} tail-colour eval samples; binomial s.e. {se['curated']:.3f} / {se['random']:.3f}; "
+          f"seed sd {summary['curated']['tail_color_top1']['sd']} / {summary['random']['tail_color_top1']['sd']})")
     result = {"settings": {"t": a.t, "steps": a.steps, "batch": a.batch, "seeds": a.seeds, "skew": SKEW, "head": HEAD,
                            "train_samples": a.train_samples, "data_seed": 0, "threads": a.threads},
               "pool_samples": cur.samples, "matched": cur.matched, "subset_size": cur.kept, "counts": counts,
-              "runs": runs, "summary": summary, "curated_wins": wins}
+              "runs": runs, "summary": summary, "curated_wins": wins, "tail_binomial_se": se}
     png = plot(result, RESULTS / f"{NAME}.png")
     shutil.copy(cur.plot_file, RESULTS / f"{NAME}_entries.png")
     out = write_json(NAME, result)
