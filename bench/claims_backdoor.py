@@ -120,7 +120,9 @@ def main() -> int:
     p.add_argument("--patch-size", type=int, default=8, help="trigger side in pixels of the 64-px demo images")
     p.add_argument("--strong", default="siglip", choices=sorted(STRONG), help="the stronger pre-training term")
     p.add_argument("--seeds", type=int, nargs="+", default=[0])
-    p.add_argument("--reuse", action="store_true", help="keep finished runs of an earlier invocation (same settings)")
+    p.add_argument("--tag", default="", help="suffix of the result files (claims_backdoor<TAG>.json/.png)")
+    p.add_argument("--reuse", action="store_true", help="keep finished runs and scores of an earlier invocation "
+                   "(same settings): add seeds without redoing the others")
     a = p.parse_args()
     from mmpt.commands.export import export
 
@@ -142,8 +144,14 @@ def main() -> int:
                             [f"model.init_from={init.resolve()}", f"seed={seed}"], a.threads)
             for stage, path, wall in (("pre-trained", init, run["wall_s"]),
                                       ("after CleanCLIP", work / f"{tag}-cleanclip", clean["wall_s"])):
+                cache = work / f"{tag}-{'after' if 'after' in stage else 'before'}.eval.json"
+                if a.reuse and cache.exists():
+                    scores = json.loads(cache.read_text())
+                else:
+                    scores = evaluate(path, data, a.target, a.patch_size)
+                    cache.write_text(json.dumps(scores))
                 row = {"pretrain": arm, "seed": seed, "stage": stage, "steps": a.steps, "clean_steps": a.clean_steps,
-                       "fraction": a.fraction, **evaluate(path, data, a.target, a.patch_size), "wall_s": wall}
+                       "fraction": a.fraction, **scores, "wall_s": wall}
                 print(f"{arm:12s} seed {seed} {stage:15s}: top1 {row['top1']:.3f}  ASR {row['asr']:.3f} "
                       f"(clean floor {row['clean_target_rate']:.3f})  train {wall:.0f} s", flush=True)
                 rows.append(row)
@@ -176,8 +184,8 @@ def main() -> int:
     print(f"\nASR after CleanCLIP: {weak} {after[weak]:.3f}, {strong} {after[strong]:.3f} (before: "
           f"{before[weak]:.3f}, {before[strong]:.3f}); the paper's direction (higher after the stronger "
           f"objective): {verdict}")
-    png = plot(rows, RESULTS / f"{NAME}.png")
-    out = write_json(NAME, {"settings": {"steps": a.steps, "clean_steps": a.clean_steps, "fraction": a.fraction,
+    png = plot(rows, RESULTS / f"{NAME}{a.tag}.png")
+    out = write_json(f"{NAME}{a.tag}", {"settings": {"steps": a.steps, "clean_steps": a.clean_steps, "fraction": a.fraction,
                                          "target": a.target, "patch_size": a.patch_size, "strong": STRONG[a.strong],
                                          "seeds": a.seeds, "threads": a.threads},
                             "poison": info, "rows": rows, "summary": summary, "verdict": verdict})
