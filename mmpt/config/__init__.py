@@ -146,7 +146,8 @@ class TrainConfig:
     out_dir: run directory (checkpoints, logs, config). steps: optimizer steps in total.
     epochs: alternatively, whole epochs (overrides steps). grad_accum: micro-batches per optimizer step
     (does not enlarge the contrastive batch: each micro-batch is its own softmax). grad_clip: max
-    gradient norm (0: off). precision: 'auto' (fp32 on CPU, bf16 on CUDA) | 'fp32' | 'bf16' | 'fp16'.
+    gradient norm (0: off). precision: 'auto' (bf16 autocast with fp32 weights where the CPU/GPU has native bf16, else fp32;
+    fp16 on older GPUs) | 'fp32' | 'bf16' | 'fp16'.
     zero_stage: DeepSpeed ZeRO stage 0-3. offload_optimizer / offload_param: CPU offload of optimizer
     states / parameters (parameters need stage 3). stage3_param_persistence_threshold: parameters smaller
     than this stay whole on every rank at stage 3. checkpoint_every: steps between checkpoints (and one
