@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -136,10 +137,18 @@ def main() -> None:
     p.add_argument("--batch-size", type=int, default=64)
     p.add_argument("--out", type=Path, default=RESULTS / "train_throughput_cpu_time.json")
     a = p.parse_args()
-    from train_throughput import caption_stats, web_shards
-
     peer_py, bench = ensure_peer_env(), str(Path(__file__).resolve().parent)
     work = Path(tempfile.mkdtemp(prefix="mmpt-bench-cpu-"))
+    try:
+        measure_all(a, peer_py, bench, work)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+
+
+def measure_all(a: argparse.Namespace, peer_py: Path, bench: str, work: Path) -> None:
+    """Both contexts, both tools, both precisions; write the JSON."""
+    from train_throughput import caption_stats, web_shards
+
     shards = demo_data(work / "data", 1000, 16, 64, 2)["train"]
     web = web_shards(shards, work / "web" / "train")
     configs, load = {}, {"before": machine()["load_avg_1_5_15"]}
