@@ -2,7 +2,7 @@
 
 Both tools train the same tiny CLIP (ViT with a patch stem and CLS pooling + causal text tower with
 EOT pooling, equal widths / depths / heads, linear projections) on the same freshly generated demo
-shards, fp32 on CPU by default (--device cuda, --precision bf16 for GPUs), one process, with the same batch size, step count, data workers, thread count
+shards, at fp32 and bf16 (--precision; OpenCLIP amp_bf16) on CPU by default (--device cuda for GPUs), one process, with the same batch size, step count, data workers, thread count
 (OMP_NUM_THREADS / MKL_NUM_THREADS), learning rate, warm-up, weight decay and gradient clipping.
 They run one after the other, never at the same time.
 
@@ -15,6 +15,7 @@ Steady-state samples/s comes from each tool's own log windows (mmpt: metrics.jso
 per `train.log_every` steps; OpenCLIP: the window average `Batch (t)` of its `Train Epoch:` lines),
 counting only the windows that start after the first --skip-frac of the steps, as total samples
 over total time. Wall time of each whole command (start-up, data start, checkpoint) is reported too.
+Each run also reports achieved FLOP/s over the matmul peak of its own process (bench/flops.py).
 
 Two configurations by default (--configs), each run --repeats times per tool in alternating order
 (median, min and max reported, and the ratio of the medians per configuration):
