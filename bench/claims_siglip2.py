@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import statistics
 import sys
 import time
@@ -181,7 +182,8 @@ def plot(rows: list[dict], out: Path) -> Path:
     fig, ax = plt.subplots(figsize=(10, 3.8))
     grouped_bars(ax, list(METRICS), {f"{r['variant']} ({r['steps']} st)": [r[m] for m in METRICS] for r in rows},
                  fontsize=8)
-    ax.set_title("siglip2-tiny vs siglip-tiny at equal wall time, with ablations (held-out demo split)")
+    equal = "equal steps" if all(r["equal"] == "steps" for r in rows) else "equal wall time"
+    ax.set_title(f"siglip2-tiny vs siglip-tiny at {equal} (held-out demo split)")
     fig.tight_layout()
     fig.savefig(out, dpi=110)
     return out
@@ -194,6 +196,8 @@ def main() -> int:
                    "(default: --steps)")
     p.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS))
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (results depend on steps only)")
+    p.add_argument("--equal-steps", type=int, default=None, help="instead: train the variants for this many steps "
+                   "each, no wall-time budget (writes claims_siglip2_equal_steps.*)")
     p.add_argument("--probe-samples", type=int, default=1000, help="images per patch-probe split")
     a = p.parse_args()
     import os
@@ -209,14 +213,19 @@ def main() -> int:
     test_patches = write_patch_shards(sorted((data / "eval").glob("*.tar")), work / "patches-eval", a.probe_samples)
     captions = demo_captions(sorted((data / "eval").glob("*.tar"))[0])
     sets_of = {v: [*VARIANTS[v][1], *(without(VARIANTS[v][0], DROP[v]) if v in DROP else [])] for v in a.variants}
-    seconds = {v: step_seconds(VARIANTS[v][0], sets_of[v], captions, a.threads) for v in a.variants}
-    budget = base * seconds.get("siglip", seconds[a.variants[0]])
-    steps = {v: max(20, round(budget / s)) for v, s in seconds.items()}
-    runs = [(v, steps[v], "wall") for v in a.variants]
-    if "siglip" in a.variants and "siglip2" in a.variants:
-        runs.append(("siglip", steps["siglip2"], "steps"))  # equal steps: what each step of siglip2 buys
-    print("step seconds: " + ", ".join(f"{v} {s:.2f}" for v, s in seconds.items())
-          + f"; budget {budget:.0f} s of compute per run", flush=True)
+    name = NAME
+    if a.equal_steps:
+        name, seconds, budget = f"{NAME}_equal_steps", {v: math.nan for v in a.variants}, math.nan
+        runs = [(v, a.equal_steps, "steps") for v in a.variants]
+    else:
+        seconds = {v: step_seconds(VARIANTS[v][0], sets_of[v], captions, a.threads) for v in a.variants}
+        budget = base * seconds.get("siglip", seconds[a.variants[0]])
+        steps = {v: max(20, round(budget / s)) for v, s in seconds.items()}
+        runs = [(v, steps[v], "wall") for v in a.variants]
+        if "siglip" in a.variants and "siglip2" in a.variants:
+            runs.append(("siglip", steps["siglip2"], "steps"))  # equal steps: what each step of siglip2 buys
+        print("step seconds: " + ", ".join(f"{v} {s:.2f}" for v, s in seconds.items())
+              + f"; budget {budget:.0f} s of compute per run", flush=True)
     def trained(job: tuple[str, int, str]) -> tuple[Path, dict]:
         variant, n, _ = job
         run_dir = work / f"{variant.replace(' ', '').replace('-', '_no_')}-{n}"
@@ -244,8 +253,8 @@ def main() -> int:
     print_table(["variant", "steps", "equal", *METRICS, "train s"],
                 [[r["variant"], r["steps"], r["equal"], *[r[k] for k in METRICS], f"{r['wall_s']:.0f}"] for r in rows])
     print(f"chance: {', '.join(f'{k} {v:.4f}' for k, v in chance.items())}; load {os.getloadavg()}")
-    png = plot(rows, RESULTS / f"{NAME}.png")
-    out = write_json(NAME, {"settings": {"base_steps": base, "variants": {v: VARIANTS[v] for v in a.variants},
+    png = plot(rows, RESULTS / f"{name}.png")
+    out = write_json(name, {"settings": {"base_steps": base, "variants": {v: VARIANTS[v] for v in a.variants},
                                          "drop": DROP, "threads": a.threads, "jobs": a.jobs, "probe_samples": a.probe_samples,
                                          "step_seconds": seconds, "budget_s": budget, "seed": 0},
                             "chance": chance, "rows": rows, "loadavg": os.getloadavg()})
