@@ -110,6 +110,7 @@ def test_settings_are_checked() -> None:
         SelfDistill(mask_ratio=1.0)
 
 
+@pytest.mark.slow
 def test_siglip2_trains_checkpoints_the_teacher_and_exports_without_it(color_shards: list[str],
                                                                        tmp_path: Path) -> None:
     """The recipe's mix trains; the teacher never takes a gradient, equals the EMA of the student's weights at the
@@ -137,6 +138,7 @@ def test_siglip2_trains_checkpoints_the_teacher_and_exports_without_it(color_sha
     assert int(model.objectives["self_distill"].teacher.updates) == 0  # restarts from the student if trained on
 
 
+@pytest.mark.slow
 def test_siglip2_resume_gives_the_same_losses(color_shards: list[str], tmp_path: Path) -> None:
     """Crash after step 3 (checkpoint at 2), resume: every step's loss equals the uninterrupted run's."""
     from mmpt.config import load_config
