@@ -104,7 +104,8 @@ def plot(rows: list[dict], out: Path) -> Path:
                 ax.scatter([i + j * width] * len(vals), vals, color="k", s=8, zorder=3)
         ax.set_title({"asr": "attack success rate (held-out)", "top1": "zero-shot shape top-1 (held-out)"}[metric],
                      fontsize=9)
-    fig.suptitle(f"backdoor ({rows[0]['fraction']:.0%} poisoned, {rows[0]['steps']} steps) then CleanCLIP "
+    fig.suptitle(f"backdoor ({rows[0]['fraction']:.0%} poisoned, {rows[0].get('patch_size', '?')}-px trigger, "
+                 f"{rows[0]['steps']} steps) then CleanCLIP "
                  f"({rows[0]['clean_steps']} steps)", fontsize=10)
     fig.tight_layout()
     fig.savefig(out, dpi=110)
@@ -151,7 +152,7 @@ def main() -> int:
                     scores = evaluate(path, data, a.target, a.patch_size)
                     cache.write_text(json.dumps(scores))
                 row = {"pretrain": arm, "seed": seed, "stage": stage, "steps": a.steps, "clean_steps": a.clean_steps,
-                       "fraction": a.fraction, **scores, "wall_s": wall}
+                       "fraction": a.fraction, "patch_size": a.patch_size, **scores, "wall_s": wall}
                 print(f"{arm:12s} seed {seed} {stage:15s}: top1 {row['top1']:.3f}  ASR {row['asr']:.3f} "
                       f"(clean floor {row['clean_target_rate']:.3f})  train {wall:.0f} s", flush=True)
                 rows.append(row)
