@@ -153,9 +153,9 @@ class SelfDistill(Objective):
     view_crop_scale: [0.05, 0.4]`` gives two). width: that tower's token width (the TIPS decoder's input and
     target size). embed_dim: the model's ``embed_dim`` (the projection head's input). momentum: EMA factor of
     the teacher, per optimizer step. local_weight: weight of the SILC term (0: off). masked_weight: weight of
-    the TIPS term (0: off; needs a tower with a stem/trunk split, e.g. image/vit). prototypes / head_hidden:
-    size of the projection head's output and hidden layer. student_temp / teacher_temp: DINO's softmax
-    temperatures. center_momentum: EMA factor of the teacher-logit centre (per training forward, over the global
+    the TIPS term (0: off; needs a tower with a stem/trunk split, e.g. image/vit). prototypes: size of the
+    projection head's output (DINO's prototypes). head_hidden: its hidden layer's size. student_temp: the
+    student's softmax temperature. teacher_temp: the teacher's (sharper, DINO's 0.04). center_momentum: EMA factor of the teacher-logit centre (per training forward, over the global
     batch). mask_ratio: share of patches the TIPS student does not see. decoder_width / decoder_depth /
     decoder_heads: the TIPS decoder.
     """
