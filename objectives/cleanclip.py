@@ -22,6 +22,7 @@ from torch import Tensor, nn
 
 from mmpt.contracts import Batch, EncoderOutput, ObjectiveOutput
 from mmpt.data.views import view_count, view_fields
+from mmpt.nn.precision import full_precision
 from mmpt.objectives.contrastive import (
     CLIP,
     GatherMode,
@@ -36,6 +37,7 @@ from mmpt.objectives.contrastive import (
 from mmpt.registry import ConfigError, objectives
 
 
+@full_precision
 def inmodal_loss(a: Tensor, b: Tensor, logit_scale: Tensor, *, gather: GatherMode,
                  valid: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:
     """CleanCLIP's in-modality term: cross-entropy of each row of ``a`` (B, E) against every row of ``b``, its

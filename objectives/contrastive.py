@@ -19,6 +19,7 @@ from torch import Tensor, nn
 
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
 from mmpt.nn.matryoshka import NESTING_KEYS_DOC, LayerViews, Nesting, nested_pair_losses
+from mmpt.nn.precision import full_precision
 from mmpt.registry import ConfigError, closest, objectives
 
 GATHER_MODES = ("local", "no_grad", "with_grad")
@@ -85,6 +86,7 @@ def gather_mask(valid: Tensor, world: int) -> Tensor:
     return torch.cat(parts).bool()
 
 
+@full_precision
 def clip_loss(
     a: Tensor,
     b: Tensor,

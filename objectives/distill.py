@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
+from mmpt.nn.precision import full_precision
 from mmpt.objectives.contrastive import (
     GatherMode,
     bounded_log_scale,
@@ -38,6 +39,7 @@ def soft_cross_entropy(student_logits: Tensor, teacher_logits: Tensor) -> Tensor
     return -(teacher_logits.softmax(dim=1) * student_logits.log_softmax(dim=1)).sum(dim=1)
 
 
+@full_precision
 def contrastive_kd(a: Tensor, b: Tensor, scale: Tensor, ta: Tensor, tb: Tensor, teacher_scale: Tensor, *,
                    gather: GatherMode, valid: Tensor | None = None) -> Tensor:
     """KD between the student's a<->b similarity softmaxes and the teacher's, both directions averaged.

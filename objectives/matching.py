@@ -26,6 +26,7 @@ from torch import Tensor, nn
 
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
 from mmpt.nn.layers import Block, CrossBlock, init_weights
+from mmpt.nn.precision import full_precision
 from mmpt.objectives.contrastive import (
     GatherMode,
     bounded_log_scale,
@@ -385,6 +386,7 @@ def _with_mask(tokens: Tensor, mask: Tensor | None) -> tuple[Tensor, Tensor]:
     return tokens, mask.to(torch.bool)
 
 
+@full_precision
 def momentum_itc_loss(a: Tensor, b: Tensor, a_m: Tensor, b_m: Tensor, queue_a: Tensor, queue_b: Tensor,
                       scale: Tensor, alpha: float, valid: Tensor | None = None,
                       queue_forbidden: Tensor | None = None) -> tuple[Tensor, dict[str, Tensor]]:

@@ -20,6 +20,7 @@ from torch.autograd.function import once_differentiable
 
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
 from mmpt.nn.matryoshka import NESTING_KEYS_DOC, LayerViews, Nesting, nested_pair_losses
+from mmpt.nn.precision import full_precision
 from mmpt.objectives.contrastive import (
     bounded_log_scale,
     check_pairs,
@@ -293,6 +294,7 @@ def blockwise_sigmoid_loss(
     return _score_all(a, b, scale, bias, valid_all, feed, rank, world)
 
 
+@full_precision
 def siglip_loss(
     a: Tensor,
     b: Tensor,

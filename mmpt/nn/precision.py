@@ -2,11 +2,18 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
+from typing import ParamSpec, TypeVar
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
 
 # torch's own CPU feature probes (cpuinfo): AVX512-BF16 (Intel Cooper Lake+, AMD Zen 4+) or AMX tiles (Sapphire Rapids+).
+P = ParamSpec("P")
+R = TypeVar("R")
+
 CPU_BF16_PROBES = ("_is_avx512_bf16_supported", "_is_amx_tile_supported")
 
 
@@ -36,3 +43,16 @@ def attention(q: Tensor, k: Tensor, v: Tensor, attn_mask: Tensor | None = None, 
             return F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=attn_mask,
                                                   is_causal=is_causal)
     return F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, is_causal=is_causal)
+
+
+def full_precision(fn: Callable[P, R]) -> Callable[P, R]:
+    """Run ``fn`` with autocast off (CPU and CUDA): for loss functions whose similarity logits must be fp32 even
+    when an objective that runs a tower itself (``uses_model``) calls them inside the towers' autocast region,
+    where a matmul of fp32 inputs would still give bf16 logits (and a float32-min fill would overflow them)."""
+
+    @functools.wraps(fn)
+    def run(*args: P.args, **kwargs: P.kwargs) -> R:
+        with torch.autocast("cpu", enabled=False), torch.autocast("cuda", enabled=False):
+            return fn(*args, **kwargs)
+
+    return run
