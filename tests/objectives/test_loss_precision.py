@@ -27,9 +27,7 @@ CASES = {
                                                    torch.tensor(50.0), 0.4)[0],
     "distill": lambda a, b: contrastive_kd(a, b, torch.tensor(20.0), a.flip(0), b.flip(0), torch.tensor(60.0),
                                            gather=LOCAL),
-    "cleanclip": lambda a, b: inmodal_loss(a, b, torch.tensor(50.0), gather=LOCAL)[0]
-    if isinstance(inmodal_loss(a, b, torch.tensor(50.0), gather=LOCAL), tuple)
-    else inmodal_loss(a, b, torch.tensor(50.0), gather=LOCAL),
+    "cleanclip": lambda a, b: inmodal_loss(a, b, torch.tensor(50.0), gather=LOCAL)[0],
 }
 
 
