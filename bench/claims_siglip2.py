@@ -24,6 +24,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import re
 import statistics
 import sys
 import time
@@ -198,6 +199,8 @@ def main() -> int:
     p.add_argument("--jobs", type=int, default=1, help="training runs at once (results depend on steps only)")
     p.add_argument("--equal-steps", type=int, default=None, help="instead: train the variants for this many steps "
                    "each, no wall-time budget (writes claims_siglip2_equal_steps.*)")
+    p.add_argument("--reuse", action="store_true", help="evaluate finished runs of the same variant and steps "
+                   "in --work instead of training them again")
     p.add_argument("--probe-samples", type=int, default=1000, help="images per patch-probe split")
     a = p.parse_args()
     import os
@@ -230,6 +233,10 @@ def main() -> int:
         variant, n, _ = job
         run_dir = work / f"{variant.replace(' ', '').replace('-', '_no_')}-{n}"
         sets = [*sets_of[variant], f"optim.warmup_steps={max(1, min(20, n // 10))}"]
+        log = run_dir.parent / f"{run_dir.name}.log"
+        if a.reuse and (run_dir / "checkpoints" / f"step_{n:08d}").is_dir() and log.is_file():
+            wall = re.search(r"done: \d+ steps in (\d+) s", log.read_text(errors="replace"))
+            return run_dir, {"wall_s": float(wall.group(1)) if wall else math.nan, "summary": "reused"}
         return run_dir, train_recipe(VARIANTS[variant][0], run_dir, data, n, sets, a.threads)
 
     # the runs' results depend on their step counts only, so they may share the machine (--jobs)
