@@ -33,6 +33,7 @@ from torch import Tensor, nn
 from mmpt.contracts import Batch, EncoderOutput, Objective, ObjectiveOutput
 from mmpt.data.views import view_count, view_fields
 from mmpt.nn.layers import init_weights
+from mmpt.nn.precision import full_precision
 from mmpt.nn.token_encoder import PrefixTokenEncoder, keep_count, random_keep
 from mmpt.objectives.contrastive import loss_world
 from mmpt.objectives.masked import MaskedDecoder, masked_mean_loss
@@ -122,11 +123,19 @@ def projection_head(embed_dim: int, hidden: int, prototypes: int) -> nn.Module:
     return head
 
 
+@full_precision
+def project(head: nn.Module, embedding: Tensor) -> Tensor:
+    """Prototype logits (B, K) of (B, E) embeddings, in fp32 even inside the towers' bf16 autocast: the teacher's
+    temperature (0.04) would multiply bf16's rounding of the logits by 25."""
+    return head(embedding.float()).float()
+
+
 class _L2Norm(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         return F.normalize(x.float(), dim=-1)
 
 
+@full_precision
 def silc_loss(student_logits: list[Tensor], teacher_logits: Tensor, center: Tensor, student_temp: float,
               teacher_temp: float, valid: Tensor | None = None) -> Tensor:
     """DINO cross-entropy of each local view's student softmax (``student_logits``: one (B, K) per view) against
@@ -138,6 +147,7 @@ def silc_loss(student_logits: list[Tensor], teacher_logits: Tensor, center: Tens
     return torch.stack(terms).mean()
 
 
+@full_precision
 def tips_loss(pred: Tensor, teacher_tokens: Tensor, weight: Tensor) -> Tensor:
     """Mean cosine distance between predicted (B, N, D) and teacher (B, N, D) patch features where ``weight``
     (B, N) is 1 (dropped patches of present samples)."""
@@ -228,14 +238,14 @@ class SelfDistill(Objective):
         parts = self.teacher.parts
         with torch.no_grad():
             t_out = parts["tower"](global_view)
-            t_logits = parts["proj"](F.normalize(parts["head"](t_out.pooled).float(), dim=-1)).float()
+            t_logits = project(parts["proj"], F.normalize(parts["head"](t_out.pooled).float(), dim=-1))
         terms, metrics = [], {}
         if self.local_weight:
             n_views = view_count(fields)
             if n_views < 2:
                 raise ConfigError(f"self_distill: the '{self.modality}' batch has no local crop: set train_views: 3 "
                                   f"and view_crop_scale: [0.05, 0.4] in model.encoders.{self.modality}")
-            s_logits = [self.proj(model.encode_fields(self.modality, view_fields(fields, k)).embedding)
+            s_logits = [project(self.proj, model.encode_fields(self.modality, view_fields(fields, k)).embedding)
                         for k in range(1, n_views)]
             silc = silc_loss(s_logits, t_logits, self.center, self.student_temp, self.teacher_temp, present)
             terms.append(self.local_weight * silc)
