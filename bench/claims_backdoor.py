@@ -141,11 +141,11 @@ def main() -> int:
             init = work / f"{tag}.safetensors"
             if not (a.reuse and init.exists()):
                 export(work / tag, init)
-            clean = trained(a.reuse, "cleanclip-tiny", work / f"{tag}-cleanclip", data, a.clean_steps,
+            cleaned = work / f"{tag}-cleanclip{a.clean_steps}"
+            clean = trained(a.reuse, "cleanclip-tiny", cleaned, data, a.clean_steps,
                             [f"model.init_from={init.resolve()}", f"seed={seed}"], a.threads)
-            for stage, path, wall in (("pre-trained", init, run["wall_s"]),
-                                      ("after CleanCLIP", work / f"{tag}-cleanclip", clean["wall_s"])):
-                cache = work / f"{tag}-{'after' if 'after' in stage else 'before'}.eval.json"
+            for stage, path, wall in (("pre-trained", init, run["wall_s"]), ("after CleanCLIP", cleaned, clean["wall_s"])):
+                cache = path.parent / f"{path.name}.eval.json"
                 if a.reuse and cache.exists():
                     scores = json.loads(cache.read_text())
                 else:
@@ -178,10 +178,13 @@ def main() -> int:
     after = {arm: summary[arm]["after CleanCLIP"]["asr"]["mean"] for arm in arms}
     before = {arm: summary[arm]["pre-trained"]["asr"]["mean"] for arm in arms}
     implanted = all(before[arm] > 2 * summary[arm]["pre-trained"]["clean_target_rate"]["mean"] + 0.05 for arm in arms)
-    direction = after[strong] > after[weak]
-    verdict = ("reproduced" if implanted and direction else
-               "not reproduced: the backdoor was not implanted in both models" if not implanted else
-               "not reproduced: CleanCLIP left less of the backdoor after the stronger pre-training")
+    # the paper's direction: CleanCLIP removes the backdoor from the clip-only model (ASR down by 0.1 or more)
+    # and leaves clearly more of it (0.05 or more) after the stronger pre-training
+    cleaned = after[weak] <= before[weak] - 0.1
+    verdict = ("not reproduced: the backdoor was not implanted in both models" if not implanted else
+               "not reproduced: CleanCLIP did not remove the backdoor from the clip-only model" if not cleaned else
+               "reproduced" if after[strong] >= after[weak] + 0.05 else
+               "not reproduced: CleanCLIP left as little of the backdoor after the stronger pre-training")
     print(f"\nASR after CleanCLIP: {weak} {after[weak]:.3f}, {strong} {after[strong]:.3f} (before: "
           f"{before[weak]:.3f}, {before[strong]:.3f}); the paper's direction (higher after the stronger "
           f"objective): {verdict}")
