@@ -91,27 +91,21 @@ def siglip_scenarios(rank: int, world: int) -> dict[str, dict[str, torch.Tensor]
 
     some = global_masks()["some"]
     assert some is not None
-    objective = SigLIP(pairs=[["image", "text"]])
-    a, b, _ = _leaves(a_glob[rows], b_glob[rows])
-    out = objective(
-        {"image": EncoderOutput(tokens=a[:, None], mask=None, pooled=a, embedding=a),
-         "text": EncoderOutput(tokens=b[:, None], mask=None, pooled=b, embedding=b)},
-        Batch(fields={}, present={"image": some[rows]}, keys=[str(i) for i in range(LOCAL_BATCH)]),
-    )
-    out.loss.backward()
-    results["siglip/module"] = {"loss": out.loss.detach(), "grad_a": a.grad, "grad_b": b.grad,
-                                "grad_scale": objective.logit_scale.grad, "grad_bias": objective.logit_bias.grad}
+    def module_run(objective: SigLIP) -> dict[str, torch.Tensor]:
+        a, b, _ = _leaves(a_glob[rows], b_glob[rows])
+        out = objective(
+            {"image": EncoderOutput(tokens=a[:, None], mask=None, pooled=a, embedding=a),
+             "text": EncoderOutput(tokens=b[:, None], mask=None, pooled=b, embedding=b)},
+            Batch(fields={}, present={"image": some[rows]}, keys=[str(i) for i in range(LOCAL_BATCH)]),
+        )
+        out.loss.backward()
+        return {"loss": out.loss.detach(), "grad_a": a.grad, "grad_b": b.grad,
+                "grad_scale": objective.logit_scale.grad, "grad_bias": objective.logit_bias.grad}
+
+    results["siglip/module"] = module_run(SigLIP(pairs=[["image", "text"]]))
     # Matryoshka sizes: each size's loss through the same chunked ring (tests/objectives/test_matryoshka.py)
-    objective = SigLIP(pairs=[["image", "text"]], matryoshka_dims=[4, DIM], matryoshka_weights=[1.0, 0.5])
-    a, b, _ = _leaves(a_glob[rows], b_glob[rows])
-    out = objective(
-        {"image": EncoderOutput(tokens=a[:, None], mask=None, pooled=a, embedding=a),
-         "text": EncoderOutput(tokens=b[:, None], mask=None, pooled=b, embedding=b)},
-        Batch(fields={}, present={"image": some[rows]}, keys=[str(i) for i in range(LOCAL_BATCH)]),
-    )
-    out.loss.backward()
-    results["siglip/module_nested"] = {"loss": out.loss.detach(), "grad_a": a.grad, "grad_b": b.grad,
-                                       "grad_scale": objective.logit_scale.grad, "grad_bias": objective.logit_bias.grad}
+    results["siglip/module_nested"] = module_run(
+        SigLIP(pairs=[["image", "text"]], matryoshka_dims=[4, DIM], matryoshka_weights=[1.0, 0.5]))
     return results
 
 
