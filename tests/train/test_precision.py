@@ -88,8 +88,8 @@ def test_towers_run_in_bf16_and_the_loss_in_fp32_on_fp32_weights(tiny_cfg: dict)
     # the same loss as the objective on fp32 copies of the embeddings with no autocast at all
     module.set_autocast("cpu", None)
     assert torch.equal(loss, module.loss(to_fp32(outputs), batch)["loss"])
-    with torch.autocast("cpu", dtype=torch.bfloat16):  # what a loss under autocast would give instead: bf16 logits
-        assert not torch.equal(loss, module.loss(to_fp32(outputs), batch)["loss"])
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # and inside autocast too: the loss turns it off itself
+        assert torch.equal(loss, module.loss(to_fp32(outputs), batch)["loss"])  # (nn.precision.full_precision)
     loss.backward()
     params = [p for p in module.parameters() if p.requires_grad]
     assert all(p.dtype == torch.float32 and p.grad is not None and p.grad.dtype == torch.float32 for p in params)
