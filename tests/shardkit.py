@@ -93,3 +93,16 @@ def fresh_env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if k not in RENDEZVOUS}
     env.update(extra)
     return env
+
+
+def read_shards(paths: list) -> list[tuple[str, dict[str, bytes]]]:
+    """Samples in order as (key, {ext: bytes}), grouped the way webdataset groups members."""
+    samples: list[tuple[str, dict[str, bytes]]] = []
+    for path in paths:
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key, ext = member.name.split(".", 1)
+                if not samples or samples[-1][0] != key:
+                    samples.append((key, {}))
+                samples[-1][1][ext] = tar.extractfile(member).read()
+    return samples

@@ -63,6 +63,22 @@ class ToyEncoder(Encoder):
 '''
 
 
+def toy_recipe(sources: list[str], run_dir: Path, batch_size: int) -> dict:
+    """A one-step recipe contrasting the plugin's toy modality with text."""
+    return {
+        "name": "toy-plugin", "seed": 0,
+        "model": {"embed_dim": 16, "encoders": {
+            "toy": {"name": "toy/linear", "width": 16},
+            "text": {"name": "text/transformer", "context_length": 8, "width": 16, "depth": 1, "heads": 2}}},
+        "objectives": {"clip": {"name": "clip", "pairs": [["toy", "text"]]}},
+        "data": {"sources": sources, "batch_size": batch_size, "workers": 0, "shuffle_buffer": 0,
+                 "required": ["toy", "text"]},
+        "optim": {"lr": 1e-3, "warmup_steps": 0},
+        "train": {"out_dir": str(run_dir), "steps": 1, "log_every": 1, "checkpoint_every": 1,
+                  "progress": False, "eval_every": 0},
+    }
+
+
 def make_plugin(site: Path) -> None:
     """The package and the dist-info record ``pip install`` would leave behind."""
     (site / "mmpt_toy_plugin").mkdir(parents=True)
@@ -80,17 +96,7 @@ def test_plugin_package_registers_a_modality_and_trains(tmp_path: Path) -> None:
     samples = [(f"s{i:03d}", {"toy": rng.normal(size=8).astype(np.float32).tobytes(),
                               "txt": f"sample number {i % 5}".encode()}) for i in range(16)]
     shard = write_tar(tmp_path / "toy-000.tar", samples)
-    recipe = {
-        "name": "toy-plugin", "seed": 0,
-        "model": {"embed_dim": 16, "encoders": {
-            "toy": {"name": "toy/linear", "width": 16},
-            "text": {"name": "text/transformer", "context_length": 8, "width": 16, "depth": 1, "heads": 2}}},
-        "objectives": {"clip": {"name": "clip", "pairs": [["toy", "text"]]}},
-        "data": {"sources": [shard], "batch_size": 8, "workers": 0, "shuffle_buffer": 0, "required": ["toy", "text"]},
-        "optim": {"lr": 1e-3, "warmup_steps": 0},
-        "train": {"out_dir": str(tmp_path / "run"), "steps": 1, "log_every": 1, "checkpoint_every": 1,
-                  "progress": False, "eval_every": 0},
-    }
+    recipe = toy_recipe([shard], tmp_path / "run", batch_size=8)
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(recipe))
     script = textwrap.dedent(f"""
         import sys

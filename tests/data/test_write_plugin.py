@@ -15,7 +15,7 @@ from pathlib import Path
 import numpy as np
 import yaml
 from shardkit import fresh_env
-from test_plugin import make_plugin
+from test_plugin import make_plugin, toy_recipe
 
 
 def test_plugin_modality_is_written_through_the_contract(tmp_path: Path) -> None:
@@ -29,18 +29,7 @@ def test_plugin_modality_is_written_through_the_contract(tmp_path: Path) -> None
         (folder / f"t{i:02d}.txt").write_text(f"sample number {i % 5}")
     (folder / "t12.toy").write_bytes(b"\0" * 5)  # not whole float32s: the plugin's own decode refuses it
     (folder / "t12.txt").write_text("broken")
-    recipe = {
-        "name": "toy-plugin", "seed": 0,
-        "model": {"embed_dim": 16, "encoders": {
-            "toy": {"name": "toy/linear", "width": 16},
-            "text": {"name": "text/transformer", "context_length": 8, "width": 16, "depth": 1, "heads": 2}}},
-        "objectives": {"clip": {"name": "clip", "pairs": [["toy", "text"]]}},
-        "data": {"sources": [str(tmp_path / "out" / "toy-000.tar")], "batch_size": 4, "workers": 0,
-                 "shuffle_buffer": 0, "required": ["toy", "text"]},
-        "optim": {"lr": 1e-3, "warmup_steps": 0},
-        "train": {"out_dir": str(tmp_path / "run"), "steps": 1, "log_every": 1, "checkpoint_every": 1,
-                  "progress": False, "eval_every": 0},
-    }
+    recipe = toy_recipe([str(tmp_path / "out" / "toy-000.tar")], tmp_path / "run", batch_size=4)
     (tmp_path / "toy.yaml").write_text(yaml.safe_dump(recipe))
     script = textwrap.dedent(f"""
         import sys

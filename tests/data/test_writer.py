@@ -12,22 +12,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 from PIL import Image
+from shardkit import read_shards
 
 from mmpt.data.shards import DataError
 from mmpt.data.writer import ShardWriter, WriteSummary, write_shards
-
-
-def read_shards(paths: list[Path]) -> list[tuple[str, dict[str, bytes]]]:
-    """Samples in order as (key, {ext: bytes}), grouped the way webdataset groups members."""
-    samples: list[tuple[str, dict[str, bytes]]] = []
-    for path in paths:
-        with tarfile.open(path) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                if not samples or samples[-1][0] != key:
-                    samples.append((key, {}))
-                samples[-1][1][ext] = tar.extractfile(member).read()
-    return samples
 
 
 def image_bytes(fmt: str, color: tuple[int, int, int] = (200, 30, 30)) -> bytes:

@@ -9,6 +9,8 @@ import tarfile
 from pathlib import Path
 from typing import Any
 
+from shardkit import read_shards
+
 RECIPE = Path(__file__).resolve().parents[2] / "recipes" / "clip-tiny.yaml"
 
 
@@ -27,19 +29,6 @@ def train_clip_tiny(sources: list[str], run: Path, steps: int = 3, batch_size: i
     return run
 
 
-def samples(shards: list[Path]) -> list[tuple[str, dict[str, bytes]]]:
-    """(key, {ext: bytes}) of every sample of the tars, in order."""
-    out: list[tuple[str, dict[str, bytes]]] = []
-    for shard in shards:
-        with tarfile.open(shard) as tar:
-            for member in tar.getmembers():
-                key, ext = member.name.split(".", 1)
-                if not out or out[-1][0] != key:
-                    out.append((key, {}))
-                out[-1][1][ext] = tar.extractfile(member).read()
-    return out
-
-
 def image_member(members: dict[str, bytes]) -> str:
     """The extension of a sample's image member."""
     return next(ext for ext in ("png", "jpg", "jpeg", "webp") if ext in members)
@@ -53,7 +42,7 @@ def write_wds_classification(info: Any, task: str, root: Path) -> Path:
     templates = [t.replace("{}", "{c}") for t in info.templates[task].read_text().splitlines() if t.strip()]
     (root / "test").mkdir(parents=True, exist_ok=True)
     with tarfile.open(root / "test" / "0.tar", "w") as tar:
-        for key, members in samples(info.eval_shards):
+        for key, members in read_shards(info.eval_shards):
             image = image_member(members)
             label = str(classes.index(json.loads(members["json"])[task])).encode()
             for ext, data in ((image, members[image]), ("cls", label)):

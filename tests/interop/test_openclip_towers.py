@@ -14,7 +14,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
-from clipbenchkit import RECIPE, image_member, samples
+from clipbenchkit import RECIPE, image_member
+from shardkit import read_shards
 
 import mmpt
 from mmpt.cli import main
@@ -26,7 +27,7 @@ TEXTS = ["a red circle on a blue background", "A Small GREEN square, top-left!",
 def _demo_images(demo: Any, n: int) -> list[Any]:
     from PIL import Image
 
-    return [Image.open(io.BytesIO(m[image_member(m)])).convert("RGB") for _, m in samples(demo.eval_shards)[:n]]
+    return [Image.open(io.BytesIO(m[image_member(m)])).convert("RGB") for _, m in read_shards(demo.eval_shards)[:n]]
 
 
 def test_clip_tiny_loads_in_openclip_with_the_same_embeddings(clip_tiny: Any, tmp_path: Path,
@@ -45,7 +46,7 @@ def test_clip_tiny_loads_in_openclip_with_the_same_embeddings(clip_tiny: Any, tm
                                         "resize_mode": "shortest", "fill_color": 0}
 
     # the tokenizer OpenCLIP picks for the folder gives mmpt's ids (cleaning, truncation keeping EOT, padding)
-    captions = [json.loads(m["json"])["captions"][0] for _, m in samples(clip_tiny.demo.eval_shards)[:16]]
+    captions = [json.loads(m["json"])["captions"][0] for _, m in read_shards(clip_tiny.demo.eval_shards)[:16]]
     ids, mask = tokenizer.encode(TEXTS + captions)
     assert torch.equal(open_clip.get_tokenizer(f"local-dir:{out}")(TEXTS + captions), ids)
 
