@@ -158,12 +158,9 @@ def resolve_precision(precision: str, device: torch.device) -> str:
         raise ConfigError(f"--precision {precision}: expected one of {', '.join(PRECISIONS)}")
     if precision != "auto":
         return precision
-    if device.type == "cuda":
-        return "bf16" if torch.cuda.is_bf16_supported() else "fp32"
-    if device.type == "cpu":
-        native = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
-        return "bf16" if any(f is not None and f() for f in native) else "fp32"
-    return "fp32"
+    from mmpt.nn.precision import native_bf16
+
+    return "bf16" if native_bf16(device) else "fp32"
 
 
 def _embed_batch(model: Any, modality: str, fields: dict[str, torch.Tensor], present: torch.Tensor,
